@@ -1,0 +1,168 @@
+"""What an architecture is: a config read from config.json / GGUF metadata, and tensor name tables."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgellm.errors import EdgeLLMError
+
+# Canonical tensor names. Per-layer ones live in one weight file per decoder layer.
+LAYER_NORMS = ("attn_norm", "ffn_norm")
+LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_gate", "ffn_up", "ffn_down")
+QKV_BIASES = ("attn_q_bias", "attn_k_bias", "attn_v_bias")
+GLOBALS = ("embed", "output_norm", "lm_head")
+
+# HF config.json keys that ModelConfig reads; everything else is kept in `extra`.
+_HF_KEYS = {
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "rope_parameters",
+    "rope_scaling", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "hidden_act",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Dimensions and hyper-parameters of a decoder-only transformer, independent of the source."""
+
+    arch: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float
+    norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    hidden_act: str = "silu"
+    rope_scaling: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise EdgeLLMError(
+                f"num_attention_heads {self.num_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_kv_heads}"
+            )
+        if self.hidden_act != "silu":
+            raise EdgeLLMError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ("default", "linear"):
+            raise EdgeLLMError(f"rope scaling {kind!r} is not supported yet (default, linear)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)
+
+
+def _rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
+    """rope_theta sits at top level (transformers 4.x) or under rope_parameters (5.x)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    theta = cfg.get("rope_theta", params.get("rope_theta"))
+    if theta is None:
+        theta = 10000.0
+    scaling = cfg.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling:
+        scaling = dict(scaling)
+        scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling.pop("type", None)
+        if scaling["rope_type"] == "default" and len(scaling) == 1:
+            scaling = None
+    return float(theta), scaling or None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture family: how its sources name tensors and which flags it sets."""
+
+    name: str
+    hf_layer: dict[str, str]  # canonical -> HF name with {L} for the layer index
+    hf_global: dict[str, str]
+    hf_ignored: tuple[str, ...]  # HF names (with {L}) deliberately dropped
+    gguf_layer: dict[str, str]
+    gguf_global: dict[str, str]
+    qkv_bias: bool  # q/k/v projections carry a bias
+    gguf_qk_permuted: bool  # llama.cpp's converter interleaved q/k rows for its rope
+
+    def layer_tensor_names(self, cfg: ModelConfig) -> tuple[str, ...]:
+        names = LAYER_NORMS + LAYER_LINEARS
+        return names + QKV_BIASES if cfg.qkv_bias else names
+
+    def expected_shape(self, name: str, cfg: ModelConfig) -> tuple[int, ...]:
+        d, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        shapes = {
+            "attn_norm": (d,), "ffn_norm": (d,), "output_norm": (d,),
+            "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_out": (d, q),
+            "attn_q_bias": (q,), "attn_k_bias": (kv,), "attn_v_bias": (kv,),
+            "ffn_gate": (i, d), "ffn_up": (i, d), "ffn_down": (d, i),
+            "embed": (v, d), "lm_head": (v, d),
+        }
+        return shapes[name]
+
+    def config_from_hf(self, cfg: dict) -> ModelConfig:
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            theta, scaling = _rope_from_hf(cfg)
+            if cfg.get("attention_bias") and not self.qkv_bias:
+                raise EdgeLLMError(f"{self.name} with attention_bias=true is not supported yet")
+            return ModelConfig(
+                arch=self.name,
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                vocab_size=int(cfg["vocab_size"]),
+                rope_theta=theta,
+                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=self.qkv_bias,
+                hidden_act=cfg.get("hidden_act", "silu"),
+                rope_scaling=scaling,
+                extra={k: v for k, v in cfg.items() if k not in _HF_KEYS},
+            )
+        except KeyError as e:
+            raise EdgeLLMError(f"config.json lacks the key {e.args[0]!r}") from None
+
+    def config_from_gguf(self, meta: dict[str, Any], vocab_size: int, tied: bool) -> ModelConfig:
+        a = self.name
+
+        def get(key, default=None):
+            value = meta.get(f"{a}.{key}", default)
+            if value is None:
+                raise EdgeLLMError(f"GGUF metadata lacks {a}.{key}")
+            return value
+
+        heads, hidden = int(get("attention.head_count")), int(get("embedding_length"))
+        scaling = None
+        if meta.get(f"{a}.rope.scaling.type") not in (None, "none"):
+            scaling = {"rope_type": meta[f"{a}.rope.scaling.type"],
+                       "factor": float(meta.get(f"{a}.rope.scaling.factor", 1.0))}
+        return ModelConfig(
+            arch=a,
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(get("attention.head_count_kv", heads)),
+            head_dim=int(get("attention.key_length", hidden // heads)),
+            vocab_size=vocab_size,
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(get("context_length", 2048)),
+            tie_word_embeddings=tied,
+            qkv_bias=self.qkv_bias,
+            rope_scaling=scaling,
+        )

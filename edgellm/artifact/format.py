@@ -1,0 +1,66 @@
+"""Artifact format constants and the manifest (see docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgellm.errors import EdgeLLMError
+
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
+TOKENIZER_FILE = "tokenizer.json"
+POST_FILE = "post.bin"
+ALIGNMENT = 64  # byte alignment of every tensor inside a weight file
+
+
+def layer_file(index: int) -> str:
+    return f"layer_{index:03d}.bin"
+
+
+@dataclass
+class Manifest:
+    """Everything the runtime needs to know about an artifact; written as manifest.json."""
+
+    format_version: int
+    producer: str
+    config: dict  # ModelConfig.to_dict()
+    weight_scheme: dict  # quantization of the decoder layers' linears, every parameter
+    post_scheme: dict  # quantization of the lm_head in the post part
+    kv_cache_len: int
+    prefill_len: int
+    hidden_state_type: str
+    tokenizer: dict  # file, bos_id, eos_ids, pad_id, add_bos, chat_template
+    source: dict
+    embedding: dict  # file, dtype, shape
+    layers: list[str]
+    post: str
+    files: dict[str, dict] = field(default_factory=dict)  # name -> size, sha256, tensors
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)
+
+    @classmethod
+    def read(cls, directory: Path) -> "Manifest":
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise EdgeLLMError(f"{directory} is not an edgellm artifact: no {MANIFEST_NAME}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EdgeLLMError(f"{path} is not valid JSON: {e}") from None
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version not in SUPPORTED_VERSIONS:
+            raise EdgeLLMError(
+                f"{path}: artifact format version {version!r} is not supported by this edgellm "
+                f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); rebuild the artifact"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - data.keys() - {"files"}
+        if missing:
+            raise EdgeLLMError(f"{path} lacks the fields {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in data.items() if k in names})

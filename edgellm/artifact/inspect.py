@@ -1,0 +1,36 @@
+"""A human-readable summary of an artifact (`edgellm inspect`)."""
+
+from __future__ import annotations
+
+from edgellm.artifact.reader import Artifact
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def describe(art: Artifact) -> str:
+    m, c = art.manifest, art.config
+    ws, ps = m.weight_scheme, m.post_scheme
+    group = lambda s: f" (group {s['group_size']})" if s.get("kind") == "int" else ""  # noqa: E731
+    tok = m.tokenizer
+    total = sum(f["size"] for f in m.files.values())
+    lines = [
+        f"artifact        {art.path}",
+        f"format          v{m.format_version}, {m.producer}",
+        f"architecture    {c.arch}: {c.num_layers} layers, hidden {c.hidden_size}, "
+        f"ffn {c.intermediate_size}, heads {c.num_heads}/{c.num_kv_heads} (q/kv), "
+        f"head_dim {c.head_dim}, vocab {c.vocab_size}",
+        f"rope            theta {c.rope_theta:g}, scaling {c.rope_scaling or 'none'}",
+        f"weights         {ws['name']}{group(ws)}; lm_head {ps['name']}{group(ps)}; "
+        f"tied embeddings: {c.tie_word_embeddings}",
+        f"hidden state    {m.hidden_state_type}; kv_cache_len {m.kv_cache_len}; "
+        f"prefill_len {m.prefill_len}",
+        f"tokens          bos {tok['bos_id']}, eos {tok['eos_ids']}, pad {tok['pad_id']}; "
+        f"chat template: {'yes' if tok.get('chat_template') else 'no'}",
+        f"source          {m.source.get('kind')}: {m.source.get('path')}",
+        f"files           {len(m.files)}, {_mb(total)} in all:",
+    ]
+    for name, f in m.files.items():
+        lines.append(f"  {name:42s} {_mb(f['size']):>12s}  sha256 {f['sha256'][:16]}…")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Open an artifact: check its manifest and files, and map its tensors without copying."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.arch.spec import ModelConfig
+from edgellm.artifact.format import Manifest
+from edgellm.errors import EdgeLLMError
+from edgellm.quant.schemes import scheme_from_dict
+
+NUMPY_DTYPES = {"uint8": np.uint8, "int8": np.int8, "bf16": np.uint16, "fp16": np.float16,
+                "fp32": np.float32}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A checked artifact directory; tensors come back as read-only views of mmapped files."""
+
+    path: Path
+    manifest: Manifest
+    config: ModelConfig
+
+    @property
+    def weight_scheme(self):
+        return scheme_from_dict(self.manifest.weight_scheme)
+
+    @property
+    def post_scheme(self):
+        return scheme_from_dict(self.manifest.post_scheme)
+
+    def tensors(self, file_name: str) -> dict[str, np.ndarray]:
+        """All tensors of one weight file, by name."""
+        mapped = np.memmap(self.path / file_name, dtype=np.uint8, mode="r")
+        out = {}
+        for name, t in self.manifest.files[file_name]["tensors"].items():
+            dtype = np.dtype(NUMPY_DTYPES[t["dtype"]])
+            count = int(np.prod(t["shape"], dtype=np.int64))
+            view = mapped[t["offset"]:t["offset"] + count * dtype.itemsize]
+            out[name] = view.view(dtype).reshape(t["shape"])
+        return out
+
+    def embedding(self) -> np.ndarray:
+        """The bf16 embedding table as uint16 bit patterns, [vocab, hidden], mmapped."""
+        e = self.manifest.embedding
+        return np.memmap(self.path / e["file"], dtype=np.uint16, mode="r", shape=tuple(e["shape"]))
+
+
+def load_artifact(path: str | Path, verify: bool = False) -> Artifact:
+    """Read and check an artifact; `verify` also compares every file's sha256."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EdgeLLMError(f"artifact directory {path} does not exist")
+    manifest = Manifest.read(path)
+    for name, info in manifest.files.items():
+        f = path / name
+        if not f.is_file():
+            raise EdgeLLMError(f"artifact file {f} is missing")
+        if f.stat().st_size != info["size"]:
+            raise EdgeLLMError(
+                f"artifact file {f} has {f.stat().st_size} bytes, the manifest says {info['size']}"
+            )
+        if verify and _sha256(f) != info["sha256"]:
+            raise EdgeLLMError(f"artifact file {f} does not match its sha256 in the manifest")
+    return Artifact(path, manifest, ModelConfig.from_dict(manifest.config))

@@ -1,0 +1,226 @@
+"""Compile a source checkpoint into an artifact directory, one tensor at a time.
+
+Everything is written to a temporary sibling directory that is renamed into place at the end,
+so an interrupted or failed build leaves nothing behind at the output path.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edgellm import __version__, dtypes
+from edgellm.arch.spec import LAYER_LINEARS
+from edgellm.artifact import format as fmt
+from edgellm.artifact.format import Manifest
+from edgellm.artifact.writer import TensorFileWriter, write_raw
+from edgellm.build.sources import Source, open_source
+from edgellm.errors import EdgeLLMError
+from edgellm.quant.schemes import get_scheme, worst_relative_error
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    kv_cache_len: int = 1023
+    prefill_len: int = 128
+    weight_type: str = "s8"
+    post_weight_type: str | None = None  # default: same as weight_type
+    group_size: int = 128
+    hidden_state_type: str = "bf16"
+    check_level: int = 0
+    check_prompt: str = "1+1="
+    force: bool = False
+
+    def __post_init__(self):
+        if self.kv_cache_len < 2:
+            raise EdgeLLMError(f"--kv-cache-len must be at least 2, not {self.kv_cache_len}")
+        if not 1 <= self.prefill_len <= self.kv_cache_len:
+            raise EdgeLLMError(f"--prefill-len must be between 1 and --kv-cache-len, "
+                               f"not {self.prefill_len}")
+        if self.hidden_state_type not in dtypes.HIDDEN_STATE_TYPES:
+            raise EdgeLLMError(f"--hidden-state-type must be one of "
+                               f"{', '.join(dtypes.HIDDEN_STATE_TYPES)}")
+        if self.check_level not in (0, 1, 2):
+            raise EdgeLLMError("--check-level must be 0, 1 or 2")
+
+
+def _log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _prepare_output(output: Path, force: bool) -> Path:
+    if output.exists() and not force:
+        raise EdgeLLMError(f"output path {output} exists (use --force to replace it)")
+    if not output.parent.is_dir():
+        raise EdgeLLMError(f"output directory's parent {output.parent} does not exist")
+    tmp = output.parent / f".{output.name}.tmp-build"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _commit(tmp: Path, output: Path):
+    """Move the finished build into place; an existing output (with --force) goes only now."""
+    if output.exists():
+        old = output.parent / f".{output.name}.old"
+        output.rename(old)
+        tmp.rename(output)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(output)
+
+
+class _LayerChecker:
+    """--check-level 1: each quantized layer against its float original on the same input."""
+
+    def __init__(self, source: Source, embed_bits: np.ndarray, token_ids: list[int], hidden: str):
+        self.cfg = source.config
+        self.hidden = hidden
+        self.h = dtypes.bf16_bits_to_fp32(embed_bits[token_ids])
+
+    def check(self, index: int, float_w: dict, quant_w: dict) -> float:
+        from edgellm.runtime.reference import decoder_layer
+
+        n = self.h.shape[0]
+        shape = (n, self.cfg.num_kv_heads, self.cfg.head_dim)
+        store = dtypes.STORAGE_DTYPE[self.hidden]
+        outs = []
+        for w in (float_w, quant_w):
+            k, v = np.zeros(shape, store), np.zeros(shape, store)
+            outs.append(decoder_layer(self.h, w, self.cfg, 0, k, v, self.hidden))
+        err = float(np.abs(outs[1] - outs[0]).max() / (np.abs(outs[0]).max() or 1.0))
+        self.h = outs[0]
+        return err
+
+
+def _write_layer(source: Source, index: int, path: Path, scheme, checker) -> tuple[dict, float]:
+    writer = TensorFileWriter(path)
+    float_w, quant_w, worst = {}, {}, 0.0
+    for name in source.spec.layer_tensor_names(source.config):
+        w = source.tensor(name, layer=index)
+        if name in LAYER_LINEARS:
+            parts = scheme.quantize(w)
+            for part, array in parts.items():
+                writer.add(f"{name}.{part}", array)
+            w_hat = scheme.dequantize(parts, w.shape[1])
+            worst = max(worst, worst_relative_error(w, w_hat))
+            quant_w[name] = w_hat
+        else:
+            writer.add(name, w.astype(np.float32))
+            quant_w[name] = w
+        if checker:
+            float_w[name] = w
+    if checker:
+        _log(f"  layer {index:3d}: worst weight error {worst:.2e}, "
+             f"layer output relative error {checker.check(index, float_w, quant_w):.2e}")
+    return writer.close(), worst
+
+
+def _write_post(source: Source, path: Path, scheme) -> tuple[dict, float]:
+    writer = TensorFileWriter(path)
+    writer.add("output_norm", source.tensor("output_norm"))
+    tied = source.config.tie_word_embeddings or not source.has("lm_head")
+    w = source.tensor("embed" if tied else "lm_head")
+    parts = scheme.quantize(w)
+    for part, array in parts.items():
+        writer.add(f"lm_head.{part}", array)
+    error = worst_relative_error(w, scheme.dequantize(parts, w.shape[1]))
+    return writer.close(), error
+
+
+def build(input_path: str | Path, output: str | Path, opts: BuildOptions,
+          on_source=None) -> Path:
+    """Compile `input_path` (HF dir or GGUF) into the artifact directory `output`."""
+    source = open_source(input_path)
+    if on_source:
+        on_source(source)
+    scheme = get_scheme(opts.weight_type, opts.group_size)
+    post_scheme = get_scheme(opts.post_weight_type or opts.weight_type, opts.group_size)
+    output = Path(output).absolute()
+    tmp = _prepare_output(output, opts.force)
+    try:
+        manifest = _build_into(source, tmp, opts, scheme, post_scheme)
+        (tmp / fmt.MANIFEST_NAME).write_text(manifest.to_json())
+        _commit(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if opts.check_level >= 2:
+        _run_check_prompt(output, opts.check_prompt)
+    return output
+
+
+def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_scheme) -> Manifest:
+    cfg = source.config
+    _log(f"building {cfg.arch}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+         f"vocab {cfg.vocab_size}, weights {scheme.name}, lm_head {post_scheme.name}")
+    tok = source.tokenizer()
+    (tmp / fmt.TOKENIZER_FILE).write_text(tok.tokenizer_json)
+    files: dict[str, dict] = {}
+
+    embed_bits = dtypes.fp32_to_bf16_bits(source.tensor("embed"))
+    files[fmt.EMBED_FILE] = write_raw(tmp / fmt.EMBED_FILE, embed_bits)
+    checker = None
+    if opts.check_level >= 1:
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_str(tok.tokenizer_json).encode(opts.check_prompt).ids or [0]
+        checker = _LayerChecker(source, embed_bits, ids, opts.hidden_state_type)
+    del embed_bits
+
+    layers = []
+    worst = 0.0
+    for i in tqdm(range(cfg.num_layers), desc="layers", unit="layer", file=sys.stderr,
+                  disable=None):
+        name = fmt.layer_file(i)
+        files[name], err = _write_layer(source, i, tmp / name, scheme, checker)
+        worst = max(worst, err)
+        layers.append(name)
+    files[fmt.POST_FILE], post_err = _write_post(source, tmp / fmt.POST_FILE, post_scheme)
+    _log(f"worst relative weight error: layers {worst:.2e}, lm_head {post_err:.2e}")
+
+    unused = source.unused_tensors()
+    if unused:
+        raise EdgeLLMError(f"source tensors not mapped by the {cfg.arch} spec: "
+                           f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
+    files[fmt.TOKENIZER_FILE] = _file_entry(tmp / fmt.TOKENIZER_FILE)
+    return Manifest(
+        format_version=fmt.FORMAT_VERSION,
+        producer=f"edgellm {__version__}",
+        config=cfg.to_dict(),
+        weight_scheme=scheme.to_dict(),
+        post_scheme=post_scheme.to_dict(),
+        kv_cache_len=opts.kv_cache_len,
+        prefill_len=opts.prefill_len,
+        hidden_state_type=opts.hidden_state_type,
+        tokenizer=tok.manifest_entry(fmt.TOKENIZER_FILE),
+        source={"kind": source.kind, "path": str(Path(source.path).absolute())},
+        embedding={"file": fmt.EMBED_FILE, "dtype": "bf16",
+                   "shape": [cfg.vocab_size, cfg.hidden_size]},
+        layers=layers,
+        post=fmt.POST_FILE,
+        files=files,
+    )
+
+
+def _file_entry(path: Path) -> dict:
+    import hashlib
+
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "tensors": {}}
+
+
+def _run_check_prompt(output: Path, prompt: str):
+    from edgellm.runtime.generator import Generator
+    from edgellm.runtime.sampler import SamplingConfig
+
+    gen = Generator.load(output)
+    result = gen.generate(gen.encode_chat([{"role": "user", "content": prompt}]),
+                          SamplingConfig(), max_new_tokens=32)
+    _log(f"check prompt {prompt!r} -> {result.text!r}")

@@ -1,0 +1,105 @@
+"""Build a Hugging Face `tokenizer.json` from a GGUF file's tokenizer metadata.
+
+Byte-level BPE vocabularies (`tokenizer.ggml.model = gpt2`) are stored in GGUF exactly as in
+tokenizer.json (byte-alphabet strings and "a b" merges); what GGUF names only by a label
+(`tokenizer.ggml.pre`) is the pre-tokenizer, which is rebuilt here from the same regexes the
+models' own tokenizer.json files use.
+"""
+
+from __future__ import annotations
+
+import json
+
+from edgellm.errors import EdgeLLMError
+
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _split_then_bytes(regex: str, normalizer: dict | None = None) -> tuple[dict | None, dict]:
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+    ]}
+    return normalizer, pre
+
+
+def _digits_then_gpt2() -> tuple[None, dict]:
+    return None, {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ]}
+
+
+def _gpt2() -> tuple[None, dict]:
+    return None, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}
+
+
+# tokenizer.ggml.pre -> (normalizer, pre_tokenizer) of the model's own tokenizer.json
+PRE_TOKENIZERS = {
+    "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT, {"type": "NFC"}),
+    "deepseek-r1-qwen": lambda: _split_then_bytes(_QWEN2_SPLIT, {"type": "NFC"}),
+    "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
+    "llama3": lambda: _split_then_bytes(_LLAMA3_SPLIT),
+    "smollm": _digits_then_gpt2,
+    "gpt-2": _gpt2,
+    "default": _gpt2,
+}
+
+# Llama-3's tokenizer.json looks whole words up in the vocab before applying merges.
+IGNORE_MERGES = {"llama-bpe", "llama3"}
+
+CONTROL, USER_DEFINED = 3, 4
+
+
+def _added_tokens(tokens: list[str], types: list[int]) -> list[dict]:
+    return [
+        {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": typ == CONTROL}
+        for i, (tok, typ) in enumerate(zip(tokens, types))
+        if typ in (CONTROL, USER_DEFINED)
+    ]
+
+
+def tokenizer_json_from_gguf(meta: dict) -> str:
+    """The tokenizer.json text for a GGUF's `tokenizer.ggml.*` metadata."""
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise EdgeLLMError(
+            f"GGUF tokenizer model {model!r} is not supported yet (supported: byte-level BPE 'gpt2')"
+        )
+    pre_name = meta.get("tokenizer.ggml.pre", "default")
+    if pre_name not in PRE_TOKENIZERS:
+        raise EdgeLLMError(
+            f"GGUF pre-tokenizer {pre_name!r} is not known; supported: {', '.join(PRE_TOKENIZERS)}"
+        )
+    normalizer, pre_tokenizer = PRE_TOKENIZERS[pre_name]()
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]
+    doc = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": _added_tokens(tokens, types),
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+            "ignore_merges": pre_name in IGNORE_MERGES,
+            "vocab": {tok: i for i, tok in enumerate(tokens)},
+            "merges": merges,
+        },
+    }
+    return json.dumps(doc, ensure_ascii=False)

@@ -1,0 +1,191 @@
+"""Checkpoint sources: a Hugging Face directory or a GGUF file, seen as canonical float32 tensors.
+
+A source knows its architecture, its ModelConfig and its tokenizer, hands out one tensor at a
+time by canonical name (`tensor("attn_q", layer=3)`), and at the end reports any source tensor
+that was neither used nor deliberately ignored, so a wrong mapping is an error, not a silent drop.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.arch import ArchSpec, ModelConfig, get_arch
+from edgellm.build import safetensors_io
+from edgellm.build.tokenizer_info import TokenizerInfo, from_gguf_metadata, from_hf_dir
+from edgellm.errors import EdgeLLMError
+
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{L\}", r"\d+") + "$")
+
+
+class Source:
+    """Common bookkeeping: which source tensors were consumed."""
+
+    kind = "?"
+    spec: ArchSpec
+    config: ModelConfig
+    path: Path
+
+    def _source_names(self) -> set[str]:
+        raise NotImplementedError
+
+    def _read(self, source_name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def _layer_map(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _global_map(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _ignored(self) -> tuple[str, ...]:
+        return ()
+
+    def has(self, name: str) -> bool:
+        return self._global_map()[name] in self._source_names()
+
+    def tensor(self, name: str, layer: int | None = None) -> np.ndarray:
+        """The canonical tensor `name` (of decoder layer `layer`) as float32, shape-checked."""
+        table = self._global_map() if layer is None else self._layer_map()
+        source_name = table[name].replace("{L}", str(layer))
+        if source_name not in self._source_names():
+            raise EdgeLLMError(f"{self.path}: tensor {source_name} not found in the source")
+        self._used.add(source_name)
+        array = self._read(source_name)
+        expected = self.spec.expected_shape(name, self.config)
+        if tuple(array.shape) != expected:
+            raise EdgeLLMError(
+                f"{self.path}: tensor {source_name} has shape {tuple(array.shape)}, "
+                f"expected {expected} from the config"
+            )
+        return array
+
+    def unused_tensors(self) -> list[str]:
+        ignored = [_template_regex(t) for t in self._ignored()]
+        return sorted(n for n in self._source_names() - self._used
+                      if not any(r.match(n) for r in ignored))
+
+
+class HFSource(Source):
+    """A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)."""
+
+    kind = "hf"
+
+    def __init__(self, path: Path):
+        self.path = path
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise EdgeLLMError(f"{path}: no config.json (not a Hugging Face model directory)")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise EdgeLLMError(f"{cfg_path} is not valid JSON: {e}") from None
+        self.spec = get_arch(str(raw.get("model_type")))
+        self.config = self.spec.config_from_hf(raw)
+        self.hf_config = raw
+        self._tensors = safetensors_io.open_checkpoint(path)
+        self._used: set[str] = set()
+        if self.config.tie_word_embeddings and self.spec.hf_global["lm_head"] in self._tensors:
+            self._used.add(self.spec.hf_global["lm_head"])  # a redundant copy of the tie
+
+    def _source_names(self):
+        return set(self._tensors)
+
+    def _read(self, source_name):
+        return self._tensors[source_name].as_float32()
+
+    def _layer_map(self):
+        return self.spec.hf_layer
+
+    def _global_map(self):
+        return self.spec.hf_global
+
+    def _ignored(self):
+        return self.spec.hf_ignored
+
+    def tokenizer(self) -> TokenizerInfo:
+        return from_hf_dir(self.path, self.hf_config)
+
+
+class GGUFSource(Source):
+    """A GGUF file: tensors dequantized with the `gguf` package, config from its metadata."""
+
+    kind = "gguf"
+
+    def __init__(self, path: Path):
+        import gguf
+
+        self.path = path
+        try:
+            self._reader = gguf.GGUFReader(path)
+        except Exception as e:  # gguf raises ValueError/IndexError/etc. on damaged files
+            raise EdgeLLMError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self._check_complete()
+        self.meta = {k: self._field(k) for k in self._reader.fields if not
+                     k.startswith("tokenizer.ggml.") or k.endswith("_id") or
+                     k in ("tokenizer.ggml.model", "tokenizer.ggml.pre",
+                           "tokenizer.ggml.add_bos_token")}
+        self._by_name = {t.name: t for t in self._reader.tensors}
+        self.spec = get_arch(str(self.meta.get("general.architecture")))
+        vocab = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        tied = self.spec.gguf_global["lm_head"] not in self._by_name
+        self.config = self.spec.config_from_gguf(self.meta, vocab, tied)
+        self._used: set[str] = set()
+
+    def _field(self, key):
+        try:
+            return self._reader.fields[key].contents()
+        except Exception:
+            return None
+
+    def _check_complete(self):
+        size = self.path.stat().st_size
+        for t in self._reader.tensors:
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise EdgeLLMError(f"{self.path}: truncated GGUF file (tensor {t.name} is cut off)")
+
+    def _source_names(self):
+        return set(self._by_name)
+
+    def _read(self, source_name):
+        import gguf
+
+        t = self._by_name[source_name]
+        array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        if self.spec.gguf_qk_permuted and source_name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = self.config.num_heads if "attn_q" in source_name else self.config.num_kv_heads
+            array = unpermute_rope_rows(array, heads)
+        return array
+
+    def _layer_map(self):
+        return self.spec.gguf_layer
+
+    def _global_map(self):
+        return self.spec.gguf_global
+
+    def tokenizer(self) -> TokenizerInfo:
+        return from_gguf_metadata(self._reader, self.meta)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row interleave, back to the HF rotate-half layout."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def open_source(path: str | Path) -> Source:
+    """A GGUF file or a HF directory, by what the path is (never by its name)."""
+    path = Path(path)
+    if path.is_dir():
+        return HFSource(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return GGUFSource(path)
+        raise EdgeLLMError(f"{path} is neither a GGUF file nor a Hugging Face model directory")
+    raise EdgeLLMError(f"input path {path} does not exist")

@@ -1,0 +1,1 @@
+"""Chat templates (rendered from the artifact) and, later, tool-call parsing."""

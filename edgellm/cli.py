@@ -1,0 +1,171 @@
+"""Command line: argument parsing only; each subcommand calls one function of the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edgellm.errors import EdgeLLMError
+from edgellm.quant.schemes import SCHEMES
+
+HIDDEN_TYPES = ("bf16", "fp16", "fp32")
+
+
+def _add_build(sub):
+    p = sub.add_parser("build", help="compile a HF directory or GGUF file into an artifact")
+    p.add_argument("input", nargs="?", help="HF model directory or .gguf file")
+    p.add_argument("-o", "--output", "--output_path", "--output-path", dest="output")
+    p.add_argument("--input_path", "--input-path", dest="input_path", help=argparse.SUPPRESS)
+    p.add_argument("--weight-type", "--weight_type", default="s8", choices=sorted(SCHEMES))
+    p.add_argument("--post-weight-type", "--post_weight_type", choices=sorted(SCHEMES),
+                   help="weight type of the lm_head (default: --weight-type)")
+    p.add_argument("--group-size", type=int, default=128, help="input channels per scale")
+    p.add_argument("--kv-cache-len", "--kv_cache_len", type=int, default=1023)
+    p.add_argument("--prefill-len", "--prefill_len", type=int, default=128)
+    p.add_argument("--hidden-state-type", "--hidden_state_type", default="bf16",
+                   choices=HIDDEN_TYPES)
+    p.add_argument("--model-config", "--model_config",
+                   help="vendor-style model config JSON; checked against the source's config")
+    p.add_argument("--check-level", "--check_level", type=int, default=0, choices=(0, 1, 2))
+    p.add_argument("--check-prompt", default="1+1=")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_build)
+
+
+def _add_sampling(p):
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--penalty-window", type=int, default=20)
+    p.add_argument("--seed", type=int)
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="answer one prompt with an artifact")
+    p.add_argument("artifact")
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--system", help="system message")
+    p.add_argument("--raw", action="store_true", help="no chat template: the prompt as is")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 first")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_run)
+
+
+def _add_misc(sub):
+    p = sub.add_parser("inspect", help="show an artifact's manifest")
+    p.add_argument("artifact")
+    p.add_argument("--verify", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("pull", help="download a known model into the cache, print its path")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("demo", help="pull + build (cached) + answer one prompt")
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_build(a) -> int:
+    from edgellm.build.builder import BuildOptions, build
+    from edgellm.build.vendor_config import check_vendor_config
+
+    source = a.input or a.input_path
+    if not source or not a.output:
+        raise EdgeLLMError("build needs an input (HF directory or .gguf) and -o OUTPUT")
+    opts = BuildOptions(kv_cache_len=a.kv_cache_len, prefill_len=a.prefill_len,
+                        weight_type=a.weight_type, post_weight_type=a.post_weight_type,
+                        group_size=a.group_size, hidden_state_type=a.hidden_state_type,
+                        check_level=a.check_level, check_prompt=a.check_prompt, force=a.force)
+    hook = (lambda src: check_vendor_config(a.model_config, src.config)) if a.model_config else None
+    out = build(source, a.output, opts, on_source=hook)
+    print(out)
+    return 0
+
+
+def _sampling(a):
+    from edgellm.runtime.sampler import SamplingConfig
+
+    return SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                          repetition_penalty=a.repetition_penalty,
+                          penalty_window=a.penalty_window, seed=a.seed)
+
+
+def cmd_run(a) -> int:
+    from edgellm.runtime.generator import Generator
+
+    sampling = _sampling(a)
+    gen = Generator.load(a.artifact, verify=a.verify)
+    if a.raw:
+        ids = gen.tokenizer.encode(a.prompt).ids
+    else:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
+                   [{"role": "user", "content": a.prompt}]
+        ids = gen.encode_chat(messages)
+    stream = None if a.json else (lambda piece: print(piece, end="", flush=True))
+    result = gen.generate(ids, sampling, a.max_new_tokens, on_text=stream)
+    if a.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print()
+        print(f"ttft: {result.ttft_ms:.2f} ms | prefill: {result.prompt_tokens} tokens, "
+              f"{result.prefill_tok_s:.2f} tok/s | decode: {len(result.token_ids)} tokens, "
+              f"{result.decode_tok_s:.2f} tok/s | stop: {result.stop_reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from edgellm.artifact.inspect import describe
+    from edgellm.artifact.reader import load_artifact
+
+    art = load_artifact(a.artifact, verify=a.verify)
+    print(art.manifest.to_json() if a.json else describe(art))
+    return 0
+
+
+def cmd_pull(a) -> int:
+    from edgellm.hub.pull import pull
+
+    print(pull(a.name))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from edgellm.demo import demo
+
+    return demo(a.model, a.prompt, a.max_new_tokens)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgellm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_build(sub)
+    _add_run(sub)
+    _add_misc(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeLLMError as e:
+        print(f"edgellm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgellm: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # disk full, permissions: the user's to fix, not a bug
+        print(f"edgellm: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

