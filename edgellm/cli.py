@@ -22,7 +22,8 @@ def _add_build(sub):
                    help="weight type of the lm_head (default: --weight-type)")
     p.add_argument("--group-size", type=int, default=128, help="input channels per scale")
     p.add_argument("--kv-cache-len", "--kv_cache_len", type=int, default=1023)
-    p.add_argument("--prefill-len", "--prefill_len", type=int, default=128)
+    p.add_argument("--prefill-len", "--prefill_len", type=int, default=None,
+                   help="tokens per prefill chunk (default: 128, or the KV cache length if less)")
     p.add_argument("--hidden-state-type", "--hidden_state_type", default="bf16",
                    choices=HIDDEN_TYPES)
     p.add_argument("--model-config", "--model_config",

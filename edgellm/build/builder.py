@@ -27,7 +27,7 @@ from edgellm.quant.schemes import get_scheme, worst_relative_error
 @dataclass(frozen=True)
 class BuildOptions:
     kv_cache_len: int = 1023
-    prefill_len: int = 128
+    prefill_len: int | None = None  # default: min(128, kv_cache_len)
     weight_type: str = "s8"
     post_weight_type: str | None = None  # default: same as weight_type
     group_size: int = 128
@@ -39,6 +39,8 @@ class BuildOptions:
     def __post_init__(self):
         if self.kv_cache_len < 2:
             raise EdgeLLMError(f"--kv-cache-len must be at least 2, not {self.kv_cache_len}")
+        if self.prefill_len is None:
+            object.__setattr__(self, "prefill_len", min(128, self.kv_cache_len))
         if not 1 <= self.prefill_len <= self.kv_cache_len:
             raise EdgeLLMError(f"--prefill-len must be between 1 and --kv-cache-len, "
                                f"not {self.prefill_len}")
@@ -158,6 +160,7 @@ def build(input_path: str | Path, output: str | Path, opts: BuildOptions,
 
 def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_scheme) -> Manifest:
     cfg = source.config
+    source.check_names()
     _log(f"building {cfg.arch}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
          f"vocab {cfg.vocab_size}, weights {scheme.name}, lm_head {post_scheme.name}")
     tok = source.tokenizer()
@@ -185,10 +188,7 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
     files[fmt.POST_FILE], post_err = _write_post(source, tmp / fmt.POST_FILE, post_scheme)
     _log(f"worst relative weight error: layers {worst:.2e}, lm_head {post_err:.2e}")
 
-    unused = source.unused_tensors()
-    if unused:
-        raise EdgeLLMError(f"source tensors not mapped by the {cfg.arch} spec: "
-                           f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
+    source.check_all_used()
     files[fmt.TOKENIZER_FILE] = _file_entry(tmp / fmt.TOKENIZER_FILE)
     return Manifest(
         format_version=fmt.FORMAT_VERSION,

@@ -65,10 +65,30 @@ class Source:
             )
         return array
 
-    def unused_tensors(self) -> list[str]:
+    def _expected_names(self) -> set[str]:
+        layer_map = self._layer_map()
+        names = {layer_map[n].replace("{L}", str(i))
+                 for n in self.spec.layer_tensor_names(self.config)
+                 for i in range(self.config.num_layers)}
+        return names | set(self._global_map().values())
+
+    def _unexplained(self, names: set[str]) -> list[str]:
         ignored = [_template_regex(t) for t in self._ignored()]
-        return sorted(n for n in self._source_names() - self._used
-                      if not any(r.match(n) for r in ignored))
+        return sorted(n for n in names if not any(r.match(n) for r in ignored))
+
+    def check_names(self) -> None:
+        """Before any work: every source tensor must be mapped or deliberately ignored."""
+        self._raise_if_unmapped(self._unexplained(self._source_names() - self._expected_names()))
+
+    def check_all_used(self) -> None:
+        """After the build: every source tensor was consumed or deliberately ignored."""
+        self._raise_if_unmapped(self._unexplained(self._source_names() - self._used))
+
+    def _raise_if_unmapped(self, names: list[str]) -> None:
+        if names:
+            more = " ..." if len(names) > 8 else ""
+            raise EdgeLLMError(f"{self.path}: source tensors not mapped by the "
+                               f"{self.spec.name} spec: {', '.join(names[:8])}{more}")
 
 
 class HFSource(Source):

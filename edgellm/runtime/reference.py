@@ -7,6 +7,8 @@ layers and in the KV cache).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from edgellm import dtypes
@@ -49,7 +51,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarr
     group = heads // kv_heads
     qg = q.reshape(n, kv_heads, group, hd).transpose(1, 2, 0, 3)  # [kvh, group, n, hd]
     kt = k.transpose(1, 2, 0)  # [kvh, hd, T]
-    scores = (qg @ kt[:, None]) / np.sqrt(hd)  # [kvh, group, n, T]
+    scores = (qg @ kt[:, None]) * np.float32(1.0 / math.sqrt(hd))  # [kvh, group, n, T]
     total = k.shape[0]
     future = np.arange(total)[None, :] > (pos + np.arange(n))[:, None]  # [n, T]
     scores = np.where(future, -np.inf, scores)
@@ -83,7 +85,7 @@ def decoder_layer(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
     v_cache[pos:pos + n] = dtypes.encode(v, hidden_type)
     keys = dtypes.decode(k_cache[:pos + n], hidden_type)
     values = dtypes.decode(v_cache[:pos + n], hidden_type)
-    h = h + attention(q, keys, values, pos) @ w["attn_out"].T
+    h = h + attention(q, keys, values, pos) @ w["attn_out"].T  # float32 throughout
     x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
     gate = x @ w["ffn_gate"].T
     h = h + ((gate / (1.0 + np.exp(-gate))) * (x @ w["ffn_up"].T)) @ w["ffn_down"].T

@@ -1,0 +1,69 @@
+"""Shared test helpers: tiny random HF checkpoints made from configs, and the CLI runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+TINY = dict(vocab_size=300, hidden_size=80, intermediate_size=200, num_hidden_layers=2,
+            num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=256,
+            rms_norm_eps=1e-6, rope_theta=10000.0)
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A small byte-level BPE tokenizer (trained here) with chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the capital of france is paris", "hello world " * 5], trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None,
+        "pad_token": "<|endoftext|>", "add_bos_token": False}))
+
+
+def make_tiny_model(directory: Path, arch: str, tied: bool, seed: int = 0, scale: float = 1.0,
+                    embed_boost: float = 0.0):
+    """A random-weight HF checkpoint (bf16 safetensors) of `arch`; returns the torch model
+    in float32 holding exactly the stored (bf16-representable) weights.
+
+    `embed_boost` adds a shared random component to the embedding and lm_head rows, which makes
+    the next-token distribution peaked like a trained model's (random logits are nearly tied)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
+    config = config_cls(**TINY, tie_word_embeddings=tied, initializer_range=0.02 * scale,
+                        eos_token_id=2, bos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02 * scale)  # biases and norms too, not just 0/1
+        shared = torch.randn_like(model.get_input_embeddings().weight) * 0.02 * embed_boost
+        model.get_input_embeddings().weight.add_(shared)
+        if not tied:
+            model.lm_head.weight.add_(shared)
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
+    write_tokenizer(directory)
+    return model.to(torch.float32).eval()
+
+
+def edgellm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
