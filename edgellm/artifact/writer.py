@@ -45,12 +45,16 @@ class TensorFileWriter:
         return {"size": self._offset, "sha256": self._sha.hexdigest(), "tensors": self.tensors}
 
 
-def write_raw(path: Path, array: np.ndarray, chunk_rows: int = 4096) -> dict:
-    """A headerless row-major file (the embedding table), written in chunks; returns size+sha256."""
+def write_raw(path: Path, array: np.ndarray, convert=None, chunk_rows: int = 4096) -> dict:
+    """A headerless row-major file (the embedding table), written in chunks of rows, each passed
+    through `convert` first; returns the file's size and sha256."""
     sha = hashlib.sha256()
+    size = 0
     with open(path, "wb") as f:
         for start in range(0, array.shape[0], chunk_rows):
-            block = memoryview(np.ascontiguousarray(array[start:start + chunk_rows])).cast("B")
+            rows = array[start:start + chunk_rows]
+            block = memoryview(np.ascontiguousarray(convert(rows) if convert else rows)).cast("B")
             f.write(block)
             sha.update(block)
-    return {"size": array.nbytes, "sha256": sha.hexdigest(), "tensors": {}}
+            size += len(block)
+    return {"size": size, "sha256": sha.hexdigest(), "tensors": {}}

@@ -21,7 +21,7 @@ from edgellm.artifact.format import Manifest
 from edgellm.artifact.writer import TensorFileWriter, write_raw
 from edgellm.build.sources import Source, open_source
 from edgellm.errors import EdgeLLMError
-from edgellm.quant.schemes import get_scheme, worst_relative_error
+from edgellm.quant.schemes import get_scheme, quantize_rows
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,10 @@ def _commit(tmp: Path, output: Path):
 class _LayerChecker:
     """--check-level 1: each quantized layer against its float original on the same input."""
 
-    def __init__(self, source: Source, embed_bits: np.ndarray, token_ids: list[int], hidden: str):
+    def __init__(self, source: Source, prompt_embeddings: np.ndarray, hidden: str):
         self.cfg = source.config
         self.hidden = hidden
-        self.h = dtypes.bf16_bits_to_fp32(embed_bits[token_ids])
+        self.h = dtypes.round_to(dtypes.bf16_bits_to_fp32(prompt_embeddings), hidden)
 
     def check(self, index: int, float_w: dict, quant_w: dict) -> float:
         from edgellm.runtime.reference import decoder_layer
@@ -107,12 +107,12 @@ def _write_layer(source: Source, index: int, path: Path, scheme, checker) -> tup
     for name in source.spec.layer_tensor_names(source.config):
         w = source.tensor(name, layer=index)
         if name in LAYER_LINEARS:
-            parts = scheme.quantize(w)
+            parts, error = quantize_rows(scheme, w)
             for part, array in parts.items():
                 writer.add(f"{name}.{part}", array)
-            w_hat = scheme.dequantize(parts, w.shape[1])
-            worst = max(worst, worst_relative_error(w, w_hat))
-            quant_w[name] = w_hat
+            worst = max(worst, error)
+            if checker:
+                quant_w[name] = scheme.dequantize(parts, w.shape[1])
         else:
             writer.add(name, w.astype(np.float32))
             quant_w[name] = w
@@ -129,10 +129,10 @@ def _write_post(source: Source, path: Path, scheme) -> tuple[dict, float]:
     writer.add("output_norm", source.tensor("output_norm"))
     tied = source.config.tie_word_embeddings or not source.has("lm_head")
     w = source.tensor("embed" if tied else "lm_head")
-    parts = scheme.quantize(w)
+    parts, error = quantize_rows(scheme, w)
+    del w
     for part, array in parts.items():
         writer.add(f"lm_head.{part}", array)
-    error = worst_relative_error(w, scheme.dequantize(parts, w.shape[1]))
     return writer.close(), error
 
 
@@ -167,15 +167,16 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
     (tmp / fmt.TOKENIZER_FILE).write_text(tok.tokenizer_json)
     files: dict[str, dict] = {}
 
-    embed_bits = dtypes.fp32_to_bf16_bits(source.tensor("embed"))
-    files[fmt.EMBED_FILE] = write_raw(tmp / fmt.EMBED_FILE, embed_bits)
+    embed = source.tensor("embed")
+    files[fmt.EMBED_FILE] = write_raw(tmp / fmt.EMBED_FILE, embed, dtypes.fp32_to_bf16_bits)
     checker = None
     if opts.check_level >= 1:
         from tokenizers import Tokenizer
 
         ids = Tokenizer.from_str(tok.tokenizer_json).encode(opts.check_prompt).ids or [0]
-        checker = _LayerChecker(source, embed_bits, ids, opts.hidden_state_type)
-    del embed_bits
+        checker = _LayerChecker(source, dtypes.fp32_to_bf16_bits(embed[ids]), opts.hidden_state_type)
+    del embed
+    tok.tokenizer_json = ""  # written above; free the large string
 
     layers = []
     worst = 0.0

@@ -176,7 +176,7 @@ class GGUFSource(Source):
         import gguf
 
         t = self._by_name[source_name]
-        array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        array = _dequantize_rows(t.data, t.tensor_type)
         if self.spec.gguf_qk_permuted and source_name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = self.config.num_heads if "attn_q" in source_name else self.config.num_kv_heads
             array = unpermute_rope_rows(array, heads)
@@ -190,6 +190,20 @@ class GGUFSource(Source):
 
     def tokenizer(self) -> TokenizerInfo:
         return from_gguf_metadata(self._reader, self.meta)
+
+
+def _dequantize_rows(data: np.ndarray, qtype, rows: int = 8192) -> np.ndarray:
+    """gguf's dequantize, a block of rows at a time: its temporaries are several times the
+    output, which for a 150k-row embedding would dominate the build's peak memory."""
+    import gguf
+
+    if data.ndim < 2 or data.shape[0] <= rows:
+        return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+    first = gguf.quants.dequantize(data[:1], qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), np.float32)
+    for start in range(0, data.shape[0], rows):
+        out[start:start + rows] = gguf.quants.dequantize(data[start:start + rows], qtype)
+    return out
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -133,3 +133,17 @@ def worst_relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
     """max |w - w_hat| / max |w|: the figure printed per tensor at build time."""
     scale = float(np.abs(w).max()) or 1.0
     return float(np.abs(w - w_hat).max()) / scale
+
+
+def quantize_rows(scheme, w: np.ndarray, rows: int = 4096) -> tuple[Parts, float]:
+    """scheme.quantize over blocks of rows (bounded temporaries for a 150k-row lm_head), and
+    the worst relative error of the result."""
+    chunks, worst_abs = [], 0.0
+    for start in range(0, w.shape[0], rows):
+        block = w[start:start + rows]
+        parts = scheme.quantize(block)
+        err = np.abs(block - scheme.dequantize(parts, w.shape[1])).max()
+        worst_abs = max(worst_abs, float(err))
+        chunks.append(parts)
+    joined = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    return joined, worst_abs / (float(np.abs(w).max()) or 1.0)

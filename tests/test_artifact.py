@@ -1,0 +1,80 @@
+"""Quantization references, the bf16 embedding file and the manifest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgellm.dtypes import bf16_bits_to_fp32, fp32_to_bf16_bits
+from edgellm.quant.schemes import get_scheme
+
+
+@pytest.mark.parametrize("name,bound", [("s8", 0.5 / 127), ("s4", 0.5 / 7)])
+@pytest.mark.parametrize("in_features", [128, 200, 77])
+def test_groupwise_roundtrip_error_is_half_a_step(name, bound, in_features):
+    scheme = get_scheme(name)
+    w = np.random.default_rng(0).normal(size=(33, in_features)).astype(np.float32)
+    parts = scheme.quantize(w)
+    groups = -(-in_features // 128)
+    assert parts["qweight"].shape == (33, groups, 128 * scheme.bits // 8)
+    assert parts["qweight"].dtype == np.uint8 and parts["scales"].shape == (33, groups)
+    w_hat = scheme.dequantize(parts, in_features)
+    assert w_hat.shape == w.shape
+    padded = np.zeros((33, groups * 128), np.float32)
+    padded[:, :in_features] = w
+    step = np.abs(padded.reshape(33, groups, 128)).max(-1, keepdims=True) / scheme.qmax
+    err = np.abs(padded - np.pad(w_hat, ((0, 0), (0, groups * 128 - in_features))))
+    assert (err.reshape(33, groups, 128) <= step * 0.5 + 1e-7).all()
+    assert np.abs(w - w_hat).max() / np.abs(w).max() <= bound + 1e-6
+
+
+def test_s8_layout_is_offset_binary_like_matmulnbits():
+    w = np.zeros((1, 128), np.float32)
+    w[0, 0], w[0, 1] = 1.0, -1.0
+    parts = get_scheme("s8").quantize(w)
+    assert parts["qweight"][0, 0, :3].tolist() == [255, 1, 128]  # 127+128, -127+128, 0+128
+    assert parts["scales"][0, 0] == pytest.approx(1 / 127)
+
+
+def test_s4_packs_low_nibble_first():
+    w = np.zeros((1, 128), np.float32)
+    w[0, 0], w[0, 1] = 7.0, -7.0
+    byte = get_scheme("s4").quantize(w)["qweight"][0, 0, 0]
+    assert byte & 0x0F == 15 and byte >> 4 == 1  # 7+8 low, -7+8 high
+
+
+def test_bf16_rounds_to_nearest_even():
+    x = np.array([1.0, 1.00390625, 1.01171875, 1.0 + 2**-8 + 2**-20, -2.5, np.inf],
+                 dtype=np.float32)
+    # 1+2^-8 is a tie -> even (1.0); 1+3*2^-8 tie -> even (1+2^-6); just above a tie rounds up
+    expected = np.array([1.0, 1.0, 1.015625, 1.0078125, -2.5, np.inf], dtype=np.float32)
+    np.testing.assert_array_equal(bf16_bits_to_fp32(fp32_to_bf16_bits(x)), expected)
+
+
+@pytest.mark.slow
+def test_qwen_embedding_file_is_vendor_sized_and_exact(qwen_s8, qwen_gguf):
+    import gguf
+
+    emb = qwen_s8 / "model.embed_tokens.weight.bfloat16.bin"
+    assert emb.stat().st_size == 151936 * 896 * 2 == 272_269_312
+    table = np.fromfile(emb, dtype=np.uint16).reshape(151936, 896)
+    t = next(t for t in gguf.GGUFReader(qwen_gguf).tensors if t.name == "token_embd.weight")
+    rows = gguf.quants.dequantize(t.data[1000:1010], t.tensor_type)
+    np.testing.assert_array_equal(table[1000:1010], fp32_to_bf16_bits(rows))
+
+
+@pytest.mark.slow
+def test_manifest_records_what_the_runtime_needs(qwen_s8):
+    m = json.loads((qwen_s8 / "manifest.json").read_text())
+    assert list(m)[0] == "format_version"
+    assert m["weight_scheme"] == {"name": "s8", "bits": 8, "group_size": 128, "kind": "int",
+                                  "symmetric": True, "zero_point": 128, "scale_dtype": "fp32",
+                                  "layout": "MatMulNBits"}
+    assert m["config"]["arch"] == "qwen2" and m["config"]["num_layers"] == 24
+    assert m["config"]["tie_word_embeddings"] is False  # this GGUF stores lm_head apart
+    assert 151645 in m["tokenizer"]["eos_ids"] and 151643 in m["tokenizer"]["eos_ids"]
+    assert m["tokenizer"]["chat_template"].startswith("{%- if tools %}")
+    assert len(m["layers"]) == 24 and all(f in m["files"] for f in m["layers"])
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())

@@ -1,0 +1,102 @@
+"""Sampler, streaming text and the run command on a tiny artifact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from edgellm.runtime.generator import Generator, TextStream
+from edgellm.runtime.sampler import Sampler, SamplingConfig
+from helpers import edgellm, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    from edgellm.build.builder import BuildOptions, build
+
+    src = tmp_path_factory.mktemp("src") / "hf"
+    make_tiny_model(src, "llama", tied=True, scale=3.0, embed_boost=20.0)
+    return build(src, tmp_path_factory.mktemp("art") / "a",
+                 BuildOptions(kv_cache_len=64, prefill_len=8))
+
+
+def test_greedy_takes_argmax():
+    logits = np.array([0.1, 3.0, 2.9, -1.0])
+    assert Sampler(SamplingConfig())(logits, []) == 1
+
+
+def test_repetition_penalty_moves_off_a_repeated_token():
+    logits = np.array([0.1, 3.0, 2.9, -1.0])
+    s = Sampler(SamplingConfig(repetition_penalty=1.2))
+    assert s(logits, [1]) == 2  # 3.0 / 1.2 = 2.5 < 2.9
+    assert s(logits, [1] + [0] * 20) == 1  # token 1 left the window of 20
+
+
+def test_top_k_1_is_greedy_and_seed_reproduces():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=1000)
+    assert Sampler(SamplingConfig(temperature=1.0, top_k=1, seed=5))(logits, []) == logits.argmax()
+    draws = [[Sampler(SamplingConfig(temperature=1.0, seed=7))(logits, []) for _ in range(5)]
+             for _ in range(2)]
+    assert draws[0] == draws[1]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    s = Sampler(SamplingConfig(temperature=1.0, top_p=0.7, seed=0))
+    assert {s(logits, []) for _ in range(200)} == {0, 1}
+
+
+def test_sampling_frequencies_follow_temperature():
+    logits = np.log(np.array([0.6, 0.4]))
+    s = Sampler(SamplingConfig(temperature=1.0, seed=1))
+    share = np.mean([s(logits, []) == 0 for _ in range(4000)])
+    assert abs(share - 0.6) < 0.03
+
+
+def test_stream_never_splits_a_utf8_character(smol_gguf):
+    from edgellm.build.sources import GGUFSource
+
+    tok = Tokenizer.from_str(GGUFSource(smol_gguf).tokenizer().tokenizer_json)
+    text = "naïve 東京 🦙🚀 done"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_generate_is_deterministic_and_stops_at_length(tiny_artifact):
+    gen = Generator.load(tiny_artifact)
+    ids = gen.encode_chat([{"role": "user", "content": "hello world"}])
+    a = gen.generate(ids, SamplingConfig(temperature=0.8, seed=3), max_new_tokens=6)
+    b = gen.generate(ids, SamplingConfig(temperature=0.8, seed=3), max_new_tokens=6)
+    assert a.token_ids == b.token_ids
+    assert len(a.token_ids) == 6 or a.stop_reason == "eos"
+
+
+def test_generation_stops_when_the_kv_cache_is_full(tiny_artifact):
+    gen = Generator.load(tiny_artifact)
+    ids = list(range(3, 3 + 60))  # 60 of 64 positions
+    result = gen.generate(ids, SamplingConfig(), max_new_tokens=50)
+    assert result.stop_reason in ("kv_cache_full", "eos")
+    if result.stop_reason == "kv_cache_full":
+        assert len(result.token_ids) == 64 - 60 + 1  # the last token needs no cache slot
+
+
+def test_run_json_has_the_promised_keys(tiny_artifact):
+    done = edgellm("run", tiny_artifact, "-p", "hello", "--max-new-tokens", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert set(out) >= {"text", "token_ids", "prompt_tokens", "ttft_ms", "prefill_tok_s",
+                        "decode_tok_s"}
+    assert out["prompt_tokens"] > 0 and len(out["token_ids"]) <= 5
+
+
+def test_run_prints_stats(tiny_artifact):
+    done = edgellm("run", tiny_artifact, "-p", "hello", "--max-new-tokens", "3")
+    assert done.returncode == 0, done.stderr
+    assert "ttft:" in done.stderr and "decode:" in done.stderr and "tok/s" in done.stderr
