@@ -15,7 +15,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 TINY = dict(vocab_size=300, hidden_size=80, intermediate_size=200, num_hidden_layers=2,
             num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=256,
-            rms_norm_eps=1e-6, rope_theta=10000.0)
+            rms_norm_eps=1e-6, rope_theta=50000.0)
 
 
 def write_tokenizer(directory: Path) -> None:
@@ -61,7 +61,9 @@ def make_tiny_model(directory: Path, arch: str, tied: bool, seed: int = 0, scale
     directory.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(directory, safe_serialization=True)
     write_tokenizer(directory)
-    return model.to(torch.float32).eval()
+    # reload rather than cast back: casting would also round the rope inv_freq buffer to bf16
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
 
 
 def edgellm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -113,6 +113,8 @@ class ArchSpec:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
             theta, scaling = _rope_from_hf(cfg)
+            if cfg.get("use_sliding_window"):
+                raise EdgeLLMError(f"{self.name} with use_sliding_window=true is not supported yet")
             if cfg.get("attention_bias") and not self.qkv_bias:
                 raise EdgeLLMError(f"{self.name} with attention_bias=true is not supported yet")
             return ModelConfig(

@@ -89,7 +89,19 @@ def _open_pytorch_bin(files: list[Path]) -> dict:
 
 def open_checkpoint(directory: Path) -> dict:
     """name -> lazy tensor for every weight file of a HF checkpoint directory."""
-    files = sorted(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names the files (stray ones are ignored)
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise EdgeLLMError(f"{index} is not a valid safetensors index") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise EdgeLLMError(f"{directory}: weight files named in the index are missing: "
+                               f"{', '.join(missing)}")
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         bins = sorted(directory.glob("pytorch_model*.bin"))
         if bins:
