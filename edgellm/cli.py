@@ -44,8 +44,24 @@ def _add_sampling(p):
     p.add_argument("--seed", type=int)
 
 
+def _add_engine(p):
+    p.add_argument("--engine", default="auto", choices=("auto", "ort", "numpy"),
+                   help="ort: ONNX Runtime graphs (default when the artifact has them); "
+                        "numpy: the reference engine")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated ONNX Runtime execution providers "
+                        "(default CPUExecutionProvider)")
+
+
+def _engine_opts(a) -> dict:
+    providers = a.providers.split(",") if a.providers else None
+    return {"engine": a.engine, "threads": a.threads, "providers": providers}
+
+
 def _add_run(sub):
     p = sub.add_parser("run", help="answer one prompt with an artifact")
+    _add_engine(p)
     p.add_argument("artifact")
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--system", help="system message")
@@ -103,7 +119,7 @@ def cmd_run(a) -> int:
     from edgellm.runtime.generator import Generator
 
     sampling = _sampling(a)
-    gen = Generator.load(a.artifact, verify=a.verify)
+    gen = Generator.load(a.artifact, verify=a.verify, **_engine_opts(a))
     if a.raw:
         ids = gen.tokenizer.encode(a.prompt).ids
     else:

@@ -123,7 +123,7 @@ def test_unknown_manifest_version(tiny_artifact, tmp_path):
     shutil.copytree(tiny_artifact, art)
     manifest = json.loads((art / "manifest.json").read_text())
     (art / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
-    _fails_cleanly(edgellm("run", art, "-p", "hi"), "version 99", "supports 1")
+    _fails_cleanly(edgellm("run", art, "-p", "hi"), "version 99", "supports 2")
 
 
 def test_not_an_artifact(tmp_path):

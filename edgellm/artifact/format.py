@@ -9,12 +9,13 @@ from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 MANIFEST_NAME = "manifest.json"
 EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
 TOKENIZER_FILE = "tokenizer.json"
 POST_FILE = "post.bin"
+POST_GRAPH = "post.onnx"
 ALIGNMENT = 64  # byte alignment of every tensor inside a weight file
 
 
@@ -39,6 +40,7 @@ class Manifest:
     embedding: dict  # file, dtype, shape
     layers: list[str]
     post: str
+    graphs: dict  # ONNX Runtime graphs: engine, layers, post ({} when there are none)
     files: dict[str, dict] = field(default_factory=dict)  # name -> size, sha256, tensors
 
     def to_json(self) -> str:

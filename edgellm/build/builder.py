@@ -192,6 +192,7 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
 
     source.check_all_used()
     files[fmt.TOKENIZER_FILE] = _file_entry(tmp / fmt.TOKENIZER_FILE)
+    graphs = _emit_graphs(tmp, cfg, files, layers, scheme, post_scheme, opts)
     return Manifest(
         format_version=fmt.FORMAT_VERSION,
         producer=f"edgellm {__version__}",
@@ -207,8 +208,32 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
                    "shape": [cfg.vocab_size, cfg.hidden_size]},
         layers=layers,
         post=fmt.POST_FILE,
+        graphs=graphs,
         files=files,
     )
+
+
+def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_scheme,
+                 opts: BuildOptions) -> dict:
+    """ONNX graphs over the weight files, for the ONNX Runtime engine (integer schemes only)."""
+    from edgellm.onnx import graphs as og
+
+    if not (og.supports(scheme.to_dict()) and og.supports(post_scheme.to_dict())):
+        _log(f"no ONNX graphs for weight type {scheme.name}/{post_scheme.name}: "
+             "the numpy engine will run this artifact")
+        return {}
+    names = []
+    for layer in layers:
+        name = layer.replace(".bin", ".onnx")
+        og.layer_graph(tmp / name, cfg, layer, files[layer]["tensors"], scheme.to_dict(),
+                       opts.kv_cache_len, opts.hidden_state_type)
+        names.append(name)
+    og.post_graph(tmp / fmt.POST_GRAPH, cfg, fmt.POST_FILE, files[fmt.POST_FILE]["tensors"],
+                  post_scheme.to_dict())
+    for name in [*names, fmt.POST_GRAPH]:
+        files[name] = _file_entry(tmp / name)
+    return {"engine": "onnxruntime", "layers": names, "post": fmt.POST_GRAPH,
+            "kv_cache_dtype": "fp32", "activation": "fp32, int8 inside MatMulNBits"}
 
 
 def _file_entry(path: Path) -> dict:

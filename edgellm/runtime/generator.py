@@ -52,21 +52,48 @@ class TextStream:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
+ENGINES = ("auto", "ort", "numpy")
+
+
+def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = None,
+                providers: list[str] | None = None):
+    """`ort` (ONNX Runtime graphs), `numpy` (the reference), or `auto`: ort when the artifact
+    has graphs."""
+    if engine not in ENGINES:
+        raise EdgeLLMError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if engine == "numpy" or (engine == "auto" and not artifact.manifest.graphs):
+        if threads:
+            _limit_blas_threads(threads)
+        return NumpyEngine(artifact)
+    from edgellm.runtime.ort_engine import OrtEngine
+
+    return OrtEngine(artifact, threads=threads, providers=providers)
+
+
+def _limit_blas_threads(threads: int):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(threads)
+
+
 class Generator:
     """An artifact ready to chat: engine, tokenizer, chat template and stop tokens."""
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, engine: str = "auto", threads: int | None = None,
+                 providers: list[str] | None = None):
         self.artifact = artifact
         tok = artifact.manifest.tokenizer
         self.tokenizer = Tokenizer.from_file(str(artifact.path / tok["file"]))
         self.eos_ids = set(tok["eos_ids"])
         self.template = ChatTemplate(tok["chat_template"], tok["bos_token"], tok["eos_token"]) \
             if tok.get("chat_template") else None
-        self.engine = NumpyEngine(artifact)
+        self.engine = make_engine(artifact, engine, threads, providers)
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = False) -> "Generator":
-        return cls(load_artifact(path, verify=verify))
+    def load(cls, path: str | Path, verify: bool = False, **engine_opts) -> "Generator":
+        return cls(load_artifact(path, verify=verify), **engine_opts)
 
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
         if self.template is None:  # a base model: plain text, with the tokenizer's own specials

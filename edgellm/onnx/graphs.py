@@ -1,0 +1,155 @@
+"""Emit the per-layer ONNX graphs, their weights referenced in place inside the layer files.
+
+Each initializer is ONNX "external data" pointing at the tensor's offset in layer_NNN.bin, so the
+weights are stored once. Ops are ONNX Runtime contrib ops where ORT has fast CPU kernels:
+MatMulNBits (8/4-bit weights in the artifact's layout, accuracy_level 4), SimplifiedLayerNorm /
+SkipSimplifiedLayerNormalization (RMSNorm), GroupQueryAttention (rotary + KV cache updated in place).
+
+Layer graph, for n new tokens:
+    hidden [1, n, D] fp32, past_key / past_value [1, kv_heads, kv_cache_len, head_dim] fp32,
+    seqlens_k [1] int32 (= tokens in the cache after this call - 1), total_seq_len [] int32
+    -> hidden_out [1, n, D], present_key / present_value (bound to the past buffers)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgellm.arch.spec import LAYER_LINEARS, ModelConfig
+from edgellm.runtime.reference import rope_tables
+
+MS = "com.microsoft"
+_ONNX_TYPES = {"uint8": TensorProto.UINT8, "fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16,
+               "bf16": TensorProto.BFLOAT16, "int8": TensorProto.INT8}
+_ITEMSIZE = {"uint8": 1, "int8": 1, "fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _external(name: str, info: dict, file_name: str, shape=None) -> TensorProto:
+    """An initializer whose bytes live at `info['offset']` of `file_name` (same directory)."""
+    t = TensorProto()
+    t.name = name
+    t.data_type = _ONNX_TYPES[info["dtype"]]
+    dims = list(shape if shape is not None else info["shape"])
+    t.dims.extend(dims)
+    length = int(np.prod(info["shape"], dtype=np.int64)) * _ITEMSIZE[info["dtype"]]
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", file_name), ("offset", str(info["offset"])),
+                       ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+class _GraphBuilder:
+    def __init__(self, tensors: dict[str, dict], file_name: str, scheme: dict):
+        self.tensors, self.file_name, self.scheme = tensors, file_name, scheme
+        self.nodes: list = []
+        self.inits: list = []
+
+    def weight(self, name: str, shape=None) -> str:
+        self.inits.append(_external(name, self.tensors[name], self.file_name, shape))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs):
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}",
+                                           domain=domain, **attrs))
+        return outputs[0]
+
+    def matmul(self, x: str, linear: str, out: str, bias: str | None = None) -> str:
+        """x @ W.T with W in MatMulNBits layout (qweight [N, blocks, blob], scales [N*blocks])."""
+        q = self.tensors[f"{linear}.qweight"]
+        n, blocks = q["shape"][0], q["shape"][1]
+        bits, group = self.scheme["bits"], self.scheme["group_size"]
+        k = self.in_features[linear]
+        inputs = [self.weight(f"{linear}.qweight"),
+                  self.weight(f"{linear}.scales", shape=[n * blocks])]
+        if bias:
+            inputs += ["", "", self.weight(bias)]  # zero_points, g_idx absent
+        return self.node("MatMulNBits", [x, *inputs], [out], domain=MS, K=k, N=n, bits=bits,
+                         block_size=group, accuracy_level=4)
+
+
+def _value(name, dtype, shape):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _save(graph_nodes, inits, inputs, outputs, path: Path, name: str):
+    graph = helper.make_graph(graph_nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(MS, 1)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+def _in_features(cfg: ModelConfig) -> dict[str, int]:
+    d, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+    return {"attn_q": d, "attn_k": d, "attn_v": d, "attn_out": q, "ffn_gate": d, "ffn_up": d,
+            "ffn_down": cfg.intermediate_size, "lm_head": d}
+
+
+def layer_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, scheme: dict,
+                kv_cache_len: int, hidden_type: str) -> None:
+    g = _GraphBuilder(tensors, file_name, scheme)
+    g.in_features = _in_features(cfg)
+    bias = (lambda n: f"{n}_bias") if cfg.qkv_bias else (lambda n: None)
+    x = g.node("SimplifiedLayerNormalization", ["hidden", g.weight("attn_norm")], ["x"],
+               epsilon=cfg.norm_eps, axis=-1)
+    q = g.matmul(x, "attn_q", "q", bias("attn_q"))
+    k = g.matmul(x, "attn_k", "k", bias("attn_k"))
+    v = g.matmul(x, "attn_v", "v", bias("attn_v"))
+    cos, sin = rope_tables(cfg, np.arange(kv_cache_len))
+    g.inits += [helper.make_tensor("cos_cache", TensorProto.FLOAT, cos.shape, cos.ravel()),
+                helper.make_tensor("sin_cache", TensorProto.FLOAT, sin.shape, sin.ravel())]
+    attn = g.node("GroupQueryAttention",
+                  [q, k, v, "past_key", "past_value", "seqlens_k", "total_seq_len",
+                   "cos_cache", "sin_cache"],
+                  ["attn", "present_key", "present_value"], domain=MS,
+                  num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1,
+                  rotary_interleaved=0)
+    o = g.matmul(attn, "attn_out", "o")
+    g.node("SkipSimplifiedLayerNormalization", [o, "hidden", g.weight("ffn_norm")],
+           ["x2", "", "", "h2"], domain=MS, epsilon=cfg.norm_eps)
+    gate = g.matmul("x2", "ffn_gate", "gate")
+    up = g.matmul("x2", "ffn_up", "up")
+    g.node("Sigmoid", [gate], ["gate_sig"])
+    g.node("Mul", [gate, "gate_sig"], ["gate_act"])
+    g.node("Mul", ["gate_act", up], ["act"])
+    down = g.matmul("act", "ffn_down", "down")
+    out = "hidden_out"
+    if hidden_type == "bf16":  # the hidden state handed to the next layer is bf16, as the vendor's
+        g.node("Add", ["h2", down], ["h_sum"])
+        g.node("Cast", ["h_sum"], ["h_bf16"], to=TensorProto.BFLOAT16)
+        g.node("Cast", ["h_bf16"], [out], to=TensorProto.FLOAT)
+    else:
+        g.node("Add", ["h2", down], [out])
+    cache = [1, cfg.num_kv_heads, kv_cache_len, cfg.head_dim]
+    f = TensorProto.FLOAT
+    inputs = [_value("hidden", f, [1, "n", cfg.hidden_size]), _value("past_key", f, cache),
+              _value("past_value", f, cache), _value("seqlens_k", TensorProto.INT32, [1]),
+              _value("total_seq_len", TensorProto.INT32, [])]
+    outputs = [_value(out, f, [1, "n", cfg.hidden_size]), _value("present_key", f, cache),
+               _value("present_value", f, cache)]
+    _save(g.nodes, g.inits, inputs, outputs, path, path.stem)
+
+
+def post_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, scheme: dict) -> None:
+    """hidden [1, n, D] -> logits [1, n, vocab]: final RMSNorm + lm_head."""
+    g = _GraphBuilder(tensors, file_name, scheme)
+    g.in_features = _in_features(cfg)
+    x = g.node("SimplifiedLayerNormalization", ["hidden", g.weight("output_norm")], ["x"],
+               epsilon=cfg.norm_eps, axis=-1)
+    g.matmul(x, "lm_head", "logits")
+    f = TensorProto.FLOAT
+    _save(g.nodes, g.inits, [_value("hidden", f, [1, "n", cfg.hidden_size])],
+          [_value("logits", f, [1, "n", cfg.vocab_size])], path, path.stem)
+
+
+def supports(scheme: dict) -> bool:
+    return scheme.get("kind") == "int"
+
+
+__all__ = ["layer_graph", "post_graph", "supports", "LAYER_LINEARS"]
