@@ -30,21 +30,44 @@ def _reference_tokens(gguf_path, prompt_ids: list[int]) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-@pytest.mark.parametrize("gguf,artifact", [("qwen_gguf", "qwen_s8"), ("smol_gguf", "smol_s8")])
-def test_greedy_tokens_equal_float32_reference(gguf, artifact, request):
-    gen = Generator.load(request.getfixturevalue(artifact))
+@pytest.fixture(scope="module")
+def reference_cache():
+    return {}
+
+
+# SmolLM2 on the ORT engine is left out: its first greedy token is a near tie (logits 34.47 vs
+# 34.06 in float32) and the int8 activations inside MatMulNBits (accuracy_level 4) move its
+# logits by up to 5% of the largest, which flips it; see docs/PERFORMANCE.md and the test below.
+@pytest.mark.parametrize("gguf,artifact,engine", [("qwen_gguf", "qwen_s8", "numpy"),
+                                                  ("qwen_gguf", "qwen_s8", "ort"),
+                                                  ("smol_gguf", "smol_s8", "numpy")])
+def test_greedy_tokens_equal_float32_reference(gguf, artifact, engine, request, reference_cache):
+    gen = Generator.load(request.getfixturevalue(artifact), engine=engine)
     ids = gen.encode_chat([{"role": "user", "content": GOLDEN_PROMPT}])
     ours = gen.generate(ids, SamplingConfig(), max_new_tokens=N_TOKENS).token_ids
-    reference = _reference_tokens(request.getfixturevalue(gguf), ids)
+    if gguf not in reference_cache:
+        reference_cache[gguf] = _reference_tokens(request.getfixturevalue(gguf), ids)
+    reference = reference_cache[gguf]
     reference = [t for t in reference if t not in gen.eos_ids]
     assert len(ours) == len(reference) == N_TOKENS
     assert ours == reference
 
 
+@pytest.mark.parametrize("engine", ["numpy", "ort"])
 @pytest.mark.parametrize("artifact", ["qwen_s8", "smol_s8"])
-def test_capital_of_france_is_paris(artifact, request):
-    gen = Generator.load(request.getfixturevalue(artifact))
+def test_capital_of_france_is_paris(artifact, engine, request):
+    gen = Generator.load(request.getfixturevalue(artifact), engine=engine)
     ids = gen.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     result = gen.generate(ids, SamplingConfig(), max_new_tokens=40)
     assert "Paris" in result.text
     assert result.stop_reason == "eos"
+
+
+def test_smollm2_ort_logits_stay_close_to_the_reference_engine(smol_s8):
+    import numpy as np
+
+    engines = {e: Generator.load(smol_s8, engine=e) for e in ("numpy", "ort")}
+    ids = engines["numpy"].encode_chat([{"role": "user", "content": GOLDEN_PROMPT}])
+    ref, ours = (engines[e].engine.forward(ids, 0) for e in ("numpy", "ort"))
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.06  # measured 4.9%
+    assert ours.argmax() in np.argsort(-ref)[:2]

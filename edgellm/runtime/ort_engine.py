@@ -130,4 +130,4 @@ class OrtEngine:
         for session, binding in zip(self.layers, layers):
             session.run_with_iobinding(binding)
         self.post.run_with_iobinding(post)
-        return self._logits[0, 0]
+        return self._logits[0, 0].copy()  # the buffer is reused by the next step

@@ -1,0 +1,73 @@
+"""The ONNX Runtime engine against the numpy reference: each layer graph, then whole models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgellm import dtypes
+from edgellm.artifact.reader import load_artifact
+from edgellm.build.builder import BuildOptions, build
+from edgellm.runtime import reference
+from edgellm.runtime.engine import NumpyEngine
+from edgellm.runtime.ort_engine import OrtEngine
+from helpers import make_tiny_model
+
+pytest.importorskip("onnxruntime")
+
+# (arch, tied, weight type, hidden): odd shapes come from helpers.TINY (hidden 80, ffn 200,
+# 5 query heads over 1 kv head, head_dim 16): the last weight group of every row is padded
+CASES = [("qwen2", False, "s8", "bf16"), ("llama", True, "s8", "fp32"),
+         ("qwen2", True, "s4", "fp32"), ("llama", False, "s4", "bf16")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(map(str, c)))
+def engines(request, tmp_path_factory):
+    arch, tied, weight_type, hidden = request.param
+    tmp = tmp_path_factory.mktemp("ort")
+    make_tiny_model(tmp / "hf", arch, tied, scale=3.0, embed_boost=20.0)
+    out = build(tmp / "hf", tmp / "art", BuildOptions(kv_cache_len=80, prefill_len=16,
+                                                      weight_type=weight_type,
+                                                      hidden_state_type=hidden))
+    art = load_artifact(out)
+    return OrtEngine(art, threads=1), NumpyEngine(art), weight_type
+
+
+def test_each_layer_graph_matches_the_reference_layer(engines):
+    ort_engine, np_engine, weight_type = engines
+    cfg = np_engine.config
+    rng = np.random.default_rng(0)
+    bound = 0.02 if weight_type == "s8" else 0.05  # int8 activations inside MatMulNBits
+    for i, session in enumerate(ort_engine.layers):
+        kv = np.zeros((80, cfg.num_kv_heads, cfg.head_dim), np.float32)
+        past = np.zeros((1, cfg.num_kv_heads, 80, cfg.head_dim), np.float32)
+        k_ref, v_ref, k_ort, v_ort = kv.copy(), kv.copy(), past.copy(), past.copy()
+        pos = 0
+        for n in (7, 1, 3, 1):  # a prompt, then decode and a second chunk over the cache
+            h = rng.normal(size=(n, cfg.hidden_size)).astype(np.float32)
+            expected = reference.decoder_layer(h, np_engine.layers[i], cfg, pos, k_ref, v_ref,
+                                               "fp32")
+            got, k_ort, v_ort = session.run(None, {
+                "hidden": h[None], "past_key": k_ort, "past_value": v_ort,
+                "seqlens_k": np.array([pos + n - 1], np.int32),
+                "total_seq_len": np.array(pos + n, np.int32)})
+            expected = dtypes.round_to(expected, np_engine.hidden_type)
+            err = np.abs(got[0] - expected).max() / np.abs(expected).max()
+            assert err < bound, (i, pos, err)
+            keys = k_ort[0, :, :pos + n].transpose(1, 0, 2)
+            np.testing.assert_allclose(keys, k_ref[:pos + n], atol=2e-2 * np.abs(k_ref).max())
+            pos += n
+
+
+def test_model_logits_match_the_reference(engines):
+    ort_engine, np_engine, weight_type = engines
+    ids = list(np.random.default_rng(3).integers(0, 300, 40))
+    logits = {}
+    for name, engine in (("ort", ort_engine), ("numpy", np_engine)):
+        rows = [engine.forward(ids[:16], 0, all_logits=True),
+                engine.forward(ids[16:30], 16, all_logits=True)]
+        rows += [engine.forward([t], p)[None] for p, t in enumerate(ids[30:], start=30)]
+        logits[name] = np.concatenate(rows)
+    ours, ref = logits["ort"], logits["numpy"]
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= (1.0 if weight_type == "s8" else 0.95)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < (0.02 if weight_type == "s8" else 0.1)
