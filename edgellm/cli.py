@@ -79,6 +79,15 @@ def _add_misc(sub):
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("bench", help="measure prefill / decode speed, TTFT and memory")
+    p.add_argument("artifact")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object of medians")
+    _add_engine(p)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("pull", help="download a known model into the cache, print its path")
     p.add_argument("name")
     p.set_defaults(func=cmd_pull)
@@ -144,6 +153,14 @@ def cmd_inspect(a) -> int:
 
     art = load_artifact(a.artifact, verify=a.verify)
     print(art.manifest.to_json() if a.json else describe(art))
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from edgellm.bench import bench, markdown
+
+    result = bench(a.artifact, a.prompt_tokens, a.gen_tokens, a.repeats, **_engine_opts(a))
+    print(json.dumps(result) if a.json else markdown(result))
     return 0
 
 

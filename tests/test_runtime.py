@@ -100,3 +100,18 @@ def test_run_prints_stats(tiny_artifact):
     done = edgellm("run", tiny_artifact, "-p", "hello", "--max-new-tokens", "3")
     assert done.returncode == 0, done.stderr
     assert "ttft:" in done.stderr and "decode:" in done.stderr and "tok/s" in done.stderr
+
+
+def test_bench_json_has_the_promised_keys(tiny_artifact):
+    done = edgellm("bench", tiny_artifact, "--prompt-tokens", "16", "--gen-tokens", "8",
+                   "--repeats", "1", "--threads", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert {"prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "threads",
+            "weight_type"} <= set(out)
+    assert out["threads"] == 1 and out["weight_type"] == "s8" and out["decode_tok_s"] > 0
+
+
+def test_bench_refuses_lengths_over_the_kv_cache(tiny_artifact):
+    done = edgellm("bench", tiny_artifact, "--prompt-tokens", "60", "--gen-tokens", "8")
+    assert done.returncode == 1 and "exceeds the artifact's KV cache of 64" in done.stderr

@@ -1,0 +1,121 @@
+"""edgellm s8 vs llama.cpp Q8_0 on the same model, threads and lengths, in one run.
+
+    pip install llama-cpp-python==0.3.36   # builds llama.cpp from source (about 10-20 min)
+    python benchmarks/compare_llamacpp.py --threads 2
+
+Both sides start from the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF that `edgellm pull` fetches:
+llama.cpp re-quantizes it to Q8_0 with its own quantize API, edgellm builds an s8 artifact.
+Also prints the read-bandwidth roofline measured here: the decode speed no engine can beat when
+it reads every weight byte once per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.bench import bench
+from edgellm.build.builder import BuildOptions, build
+from edgellm.hub.pull import DEFAULT_MODEL, cache_dir, pull
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s for summing a buffer much larger than the caches, split over `threads`."""
+    data = np.ones(int(gib * 2**30) // 8, np.float64)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, data.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def weight_bytes_per_token(artifact: Path) -> int:
+    """Bytes of the layers' linear weights and the lm_head: what one decode step reads."""
+    files = json.loads((artifact / "manifest.json").read_text())["files"]
+    total = 0
+    for name, f in files.items():
+        if name.endswith(".bin") and name != "model.embed_tokens.weight.bfloat16.bin":
+            total += f["size"]
+    return total
+
+
+def llama_cpp_q8(gguf: Path) -> Path:
+    import llama_cpp
+
+    out = cache_dir() / "models" / (gguf.stem + ".Q8_0.gguf")
+    if not out.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.allow_requantize = True
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), params) != 0:
+            sys.exit("llama.cpp quantize failed")
+    return out
+
+
+def bench_llama_cpp(gguf: Path, threads: int, prompt_tokens: int, gen_tokens: int,
+                    repeats: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf), n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads,
+                n_threads_batch=threads, n_batch=prompt_tokens, verbose=False)
+    prompt = (llm.tokenize(b"The edge device reads every weight once per token. ", False)
+              * prompt_tokens)[:prompt_tokens]
+    prefill, decode = [], []
+    for _ in range(repeats + 1):  # the first pass warms up
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        prefill.append(time.perf_counter() - t)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t = time.perf_counter()
+        for _ in range(gen_tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        decode.append((gen_tokens - 1) / (time.perf_counter() - t))
+    return {"prefill_tok_s": round(prompt_tokens / statistics.median(prefill[1:]), 2),
+            "decode_tok_s": round(statistics.median(decode[1:]), 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+
+    gguf = pull(DEFAULT_MODEL)
+    artifact = cache_dir() / "artifacts" / f"{DEFAULT_MODEL}-s8"
+    if not (artifact / "manifest.json").is_file():
+        build(gguf, artifact, BuildOptions(force=True))
+    q8 = llama_cpp_q8(gguf)
+
+    bw = read_bandwidth(a.threads)
+    per_token = weight_bytes_per_token(artifact)
+    ours = bench(str(artifact), a.prompt_tokens, a.gen_tokens, a.repeats, threads=a.threads)
+    theirs = bench_llama_cpp(q8, a.threads, a.prompt_tokens, a.gen_tokens, a.repeats)
+
+    print(f"model {DEFAULT_MODEL}, {a.threads} threads, prompt {a.prompt_tokens}, "
+          f"generate {a.gen_tokens}, median of {a.repeats}")
+    print(f"read bandwidth {bw:.1f} GB/s; s8 weights read per token {per_token / 1e9:.3f} GB; "
+          f"roofline {bw * 1e9 / per_token:.1f} tok/s")
+    print("| engine | prefill tok/s | decode tok/s |")
+    print("|---|---|---|")
+    print(f"| edgellm s8 (ORT) | {ours['prefill_tok_s']:.1f} | {ours['decode_tok_s']:.1f} |")
+    print(f"| llama.cpp Q8_0 | {theirs['prefill_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} |")
+    print(f"| ratio | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x "
+          f"| {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

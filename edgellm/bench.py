@@ -1,0 +1,82 @@
+"""`edgellm bench`: the seed's performance table, re-measured on this machine for one artifact."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import numpy as np
+
+from edgellm.errors import EdgeLLMError
+
+_TEXT = ("The edge device reads every weight once per generated token, so decoding speed is set "
+         "by memory bandwidth, while the prompt is processed as matrix products. ")
+
+
+def parameter_count(cfg) -> int:
+    d, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
+        cfg.num_kv_heads * cfg.head_dim
+    layer = d * (q + 2 * kv) + q * d + 3 * d * i + 2 * d + (q + 2 * kv if cfg.qkv_bias else 0)
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
+    return cfg.vocab_size * d + cfg.num_layers * layer + d + head
+
+
+def _prompt_ids(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(_TEXT, add_special_tokens=False).ids
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def _one_pass(gen, prompt: list[int], gen_tokens: int) -> tuple[float, float, float]:
+    """(prefill seconds, ttft seconds, decode tok/s): greedy, never stopping early."""
+    t0 = time.perf_counter()
+    logits = gen.prefill(prompt)
+    t_prefill = time.perf_counter()
+    token = int(np.argmax(logits))
+    t_first = time.perf_counter()
+    for pos in range(len(prompt), len(prompt) + gen_tokens - 1):
+        token = int(np.argmax(gen.engine.forward([token], pos)))
+    t_end = time.perf_counter()
+    return t_prefill - t0, t_first - t0, (gen_tokens - 1) / max(t_end - t_first, 1e-9)
+
+
+def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
+          engine: str = "auto", threads: int | None = None,
+          providers: list[str] | None = None) -> dict:
+    from edgellm.runtime.generator import Generator
+
+    gen = Generator.load(artifact, engine=engine, threads=threads, providers=providers)
+    if prompt_tokens + gen_tokens > gen.engine.kv_cache_len:
+        raise EdgeLLMError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} "
+                           f"exceeds the artifact's KV cache of {gen.engine.kv_cache_len}")
+    if prompt_tokens < 1 or gen_tokens < 2:
+        raise EdgeLLMError("bench needs --prompt-tokens >= 1 and --gen-tokens >= 2")
+    prompt = _prompt_ids(gen.tokenizer, prompt_tokens)
+    _one_pass(gen, prompt[:8], 4)  # warm-up: sessions, thread pool, prepacked weights
+    runs = [_one_pass(gen, prompt, gen_tokens) for _ in range(repeats)]
+    m = gen.artifact.manifest
+    return {
+        "model": m.source.get("path", "").rsplit("/", 1)[-1],
+        "params": parameter_count(gen.artifact.config),
+        "weight_type": m.weight_scheme["name"],
+        "engine": type(gen.engine).__name__,
+        "threads": threads,
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "repeats": repeats,
+        "prefill_tok_s": round(prompt_tokens / statistics.median(r[0] for r in runs), 2),
+        "ttft_ms": round(statistics.median(r[1] for r in runs) * 1000, 2),
+        "decode_tok_s": round(statistics.median(r[2] for r in runs), 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def markdown(r: dict) -> str:
+    return "\n".join([
+        "| model | params | weight type | engine | threads | prefill tok/s | decode tok/s "
+        "| TTFT | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['weight_type']} | {r['engine']} "
+        f"| {r['threads'] or 'all'} | {r['prefill_tok_s']:.1f} ({r['prompt_tokens']} tokens) "
+        f"| {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB |",
+    ])
