@@ -96,6 +96,7 @@ def _add_misc(sub):
     p.add_argument("--model", default=None)
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    _add_engine(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -174,7 +175,7 @@ def cmd_pull(a) -> int:
 def cmd_demo(a) -> int:
     from edgellm.demo import demo
 
-    return demo(a.model, a.prompt, a.max_new_tokens)
+    return demo(a.model, a.prompt, a.max_new_tokens, **_engine_opts(a))
 
 
 def parser() -> argparse.ArgumentParser:

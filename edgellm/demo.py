@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
+from edgellm.artifact.format import FORMAT_VERSION, MANIFEST_NAME
 from edgellm.hub.pull import DEFAULT_MODEL, cache_dir, pull
 
 
-def demo(model: str | None, prompt: str, max_new_tokens: int) -> int:
+def cached_artifact(name: str) -> Path:
+    """The s8 artifact of a known model in the cache, (re)built when missing or outdated."""
     from edgellm.build.builder import BuildOptions, build
+
+    gguf = pull(name)
+    artifact = cache_dir() / "artifacts" / f"{name}-s8"
+    manifest = artifact / MANIFEST_NAME
+    if not manifest.is_file() or \
+            json.loads(manifest.read_text()).get("format_version") != FORMAT_VERSION:
+        print(f"building {artifact} (once) ...", file=sys.stderr)
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        build(gguf, artifact, BuildOptions(kv_cache_len=1023, force=True))
+    return artifact
+
+
+def demo(model: str | None, prompt: str, max_new_tokens: int, **engine_opts) -> int:
     from edgellm.runtime.generator import Generator
     from edgellm.runtime.sampler import SamplingConfig
 
     name = model or DEFAULT_MODEL
-    gguf = pull(name)
-    artifact = cache_dir() / "artifacts" / f"{name}-s8"
-    if not (artifact / "manifest.json").is_file():
-        print(f"building {artifact} (once) ...", file=sys.stderr)
-        artifact.parent.mkdir(parents=True, exist_ok=True)
-        build(gguf, artifact, BuildOptions(kv_cache_len=1023, force=True))
-    gen = Generator.load(artifact)
+    gen = Generator.load(cached_artifact(name), **engine_opts)
     print(f"> {prompt}")
     result = gen.generate(gen.encode_chat([{"role": "user", "content": prompt}]),
                           SamplingConfig(), max_new_tokens,
                           on_text=lambda piece: print(piece, end="", flush=True))
     print()
-    print(f"[{name} s8] ttft {result.ttft_ms:.0f} ms, prefill {result.prefill_tok_s:.1f} tok/s "
-          f"({result.prompt_tokens} tokens), decode {result.decode_tok_s:.1f} tok/s "
-          f"({len(result.token_ids)} tokens; numpy reference engine)")
+    print(f"[{name} s8, {type(gen.engine).__name__}] ttft {result.ttft_ms:.0f} ms, prefill "
+          f"{result.prefill_tok_s:.1f} tok/s ({result.prompt_tokens} tokens), decode "
+          f"{result.decode_tok_s:.1f} tok/s ({len(result.token_ids)} tokens)")
     return 0

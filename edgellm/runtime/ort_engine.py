@@ -33,6 +33,9 @@ def _session_options(ort, threads: int | None):
     _use_global_thread_pool(ort, threads)
     so = ort.SessionOptions()
     so.use_per_session_threads = False
+    # no arena: prefill's large activations would stay reserved (measured: RSS 884 -> 667 MB
+    # for the 0.5B model after a 128-token prefill, decode speed unchanged)
+    so.enable_cpu_mem_arena = False
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return so
