@@ -88,6 +88,16 @@ def _add_misc(sub):
     _add_engine(p)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page")
+    p.add_argument("artifact")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--model-name", default=None, help="name served (default: directory name)")
+    p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
+    _add_engine(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("pull", help="download a known model into the cache, print its path")
     p.add_argument("name")
     p.set_defaults(func=cmd_pull)
@@ -162,6 +172,13 @@ def cmd_bench(a) -> int:
 
     result = bench(a.artifact, a.prompt_tokens, a.gen_tokens, a.repeats, **_engine_opts(a))
     print(json.dumps(result) if a.json else markdown(result))
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from edgellm.server.app import serve
+
+    serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, **_engine_opts(a))
     return 0
 
 

@@ -115,3 +115,28 @@ def test_bench_json_has_the_promised_keys(tiny_artifact):
 def test_bench_refuses_lengths_over_the_kv_cache(tiny_artifact):
     done = edgellm("bench", tiny_artifact, "--prompt-tokens", "60", "--gen-tokens", "8")
     assert done.returncode == 1 and "exceeds the artifact's KV cache of 64" in done.stderr
+
+
+@pytest.mark.parametrize("engine", ["numpy", "ort"])
+def test_kv_reuse_across_turns_gives_the_same_tokens(tiny_artifact, engine):
+    gen = Generator.load(tiny_artifact, engine=engine)
+    first = [{"role": "user", "content": "hello world"}]
+    answer = gen.generate(gen.encode_chat(first), SamplingConfig(), 5, reuse_cache=True)
+    second = first + [{"role": "assistant", "content": answer.text},
+                      {"role": "user", "content": "the capital"}]
+    ids = gen.encode_chat(second)
+    reused = gen.generate(ids, SamplingConfig(), 6, reuse_cache=True)
+    fresh = Generator.load(tiny_artifact, engine=engine).generate(ids, SamplingConfig(), 6)
+    assert reused.reused_tokens >= len(gen.encode_chat(first)) - 1
+    assert reused.token_ids == fresh.token_ids
+
+
+def test_stop_strings_cut_text_and_stream(smol_s8):
+    gen = Generator.load(smol_s8)
+    ids = gen.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    full = gen.generate(ids, SamplingConfig(), 20).text
+    assert "Paris" in full
+    pieces = []
+    cut = gen.generate(ids, SamplingConfig(), 20, stop=("Paris",), on_text=pieces.append)
+    assert cut.stop_reason == "stop"
+    assert cut.text == full[:full.index("Paris")] == "".join(pieces)

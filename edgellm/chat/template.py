@@ -37,6 +37,7 @@ class ChatTemplate:
             self._template = env.from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise EdgeLLMError(f"the model's chat template does not parse: {e}") from None
+        self.source = source
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True,

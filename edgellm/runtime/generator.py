@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,12 +24,13 @@ class GenerationResult:
     ttft_ms: float
     prefill_tok_s: float
     decode_tok_s: float
-    stop_reason: str  # "eos" | "length" | "kv_cache_full"
-    timings: dict = field(default_factory=dict)
+    stop_reason: str  # "eos" | "length" | "stop" | "cancelled" | "kv_cache_full"
+    reused_tokens: int = 0  # prompt tokens whose K/V came from the previous call
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in ("text", "token_ids", "prompt_tokens", "ttft_ms",
-                                               "prefill_tok_s", "decode_tok_s", "stop_reason")}
+                                               "prefill_tok_s", "decode_tok_s", "stop_reason",
+                                               "reused_tokens")}
 
 
 class TextStream:
@@ -90,6 +91,7 @@ class Generator:
         self.template = ChatTemplate(tok["chat_template"], tok["bos_token"], tok["eos_token"]) \
             if tok.get("chat_template") else None
         self.engine = make_engine(artifact, engine, threads, providers)
+        self.cached_ids: list[int] = []  # tokens whose K/V sit at positions 0.. of the cache
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = False, **engine_opts) -> "Generator":
@@ -113,51 +115,88 @@ class Generator:
             raise EdgeLLMError("the prompt is empty")
 
     def prefill(self, ids: list[int], pos: int = 0):
-        """Feed ids in chunks of prefill_len; logits of the last position."""
+        """Feed ids at positions pos.. in chunks of prefill_len; logits of the last position."""
         step = self.engine.prefill_len
         logits = None
+        del self.cached_ids[pos:]
         for start in range(0, len(ids), step):
-            logits = self.engine.forward(ids[start:start + step], pos + start)
+            chunk = ids[start:start + step]
+            logits = self.engine.forward(chunk, pos + start)
+            self.cached_ids.extend(chunk)
         return logits
 
+    def reusable_prefix(self, prompt_ids: list[int]) -> int:
+        """How many leading prompt tokens already sit in the KV cache (at most all but one:
+        the last prompt token must run to give the first logits)."""
+        n = 0
+        for a, b in zip(self.cached_ids, prompt_ids[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    @staticmethod
+    def _emit(text: str, emitted: int, stop: tuple[str, ...], on_text) -> int:
+        """Hand out text[emitted:], holding back a tail that may be the start of a stop string."""
+        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=0)
+        end = len(text) - hold
+        if end > emitted:
+            on_text(text[emitted:end])
+        return max(end, emitted)
+
     def generate(self, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int = 256,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                 on_text: Callable[[str], None] | None = None, reuse_cache: bool = False,
+                 stop: tuple[str, ...] = (), cancelled: Callable[[], bool] | None = None
+                 ) -> GenerationResult:
+        """Sample up to max_new_tokens after prompt_ids. With reuse_cache, the prompt's prefix
+        that the previous call left in the KV cache is not computed again."""
         self._check_fits(len(prompt_ids))
         sampler, stream = Sampler(sampling), TextStream(self.tokenizer)
         history = list(prompt_ids)
+        reused = self.reusable_prefix(prompt_ids) if reuse_cache else 0
         t0 = time.perf_counter()
-        logits = self.prefill(prompt_ids)
+        logits = self.prefill(prompt_ids[reused:], reused)
         t_prefill = time.perf_counter()
         pos, generated, reason = len(prompt_ids), [], "length"
-        t_first, decode_calls = None, 0
+        t_first, decode_calls, text, emitted = None, 0, "", 0
         while len(generated) < max_new_tokens:
             token = sampler(logits, history)
-            if t_first is None:
-                t_first = time.perf_counter()
+            t_first = t_first or time.perf_counter()
             if token in self.eos_ids:
                 reason = "eos"
                 break
             generated.append(token)
             history.append(token)
-            piece = stream.push(token)
-            if piece and on_text:
-                on_text(piece)
-            if len(generated) >= max_new_tokens:
+            text += stream.push(token)
+            cut = min((text.index(s) for s in stop if s in text), default=None)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+            if on_text:
+                emitted = self._emit(text, emitted, stop if cut is None else (), on_text)
+            if cut is not None or len(generated) >= max_new_tokens:
+                break
+            if cancelled and cancelled():
+                reason = "cancelled"
                 break
             if pos >= self.engine.kv_cache_len:
                 reason = "kv_cache_full"
                 break
             logits = self.engine.forward([token], pos)
+            self.cached_ids.append(token)
             pos, decode_calls = pos + 1, decode_calls + 1
+        if on_text and emitted < len(text):
+            on_text(text[emitted:])
         t_end = time.perf_counter()
         t_first = t_first or t_end
-        decode_time = t_end - t_first
+        n_prefilled = len(prompt_ids) - reused
         return GenerationResult(
-            text=stream.text(),
+            text=text,
             token_ids=generated,
             prompt_tokens=len(prompt_ids),
             ttft_ms=round((t_first - t0) * 1000, 2),
-            prefill_tok_s=round(len(prompt_ids) / max(t_prefill - t0, 1e-9), 2),
-            decode_tok_s=round(decode_calls / decode_time, 2) if decode_calls else 0.0,
+            prefill_tok_s=round(n_prefilled / max(t_prefill - t0, 1e-9), 2),
+            decode_tok_s=round(decode_calls / (t_end - t_first), 2) if decode_calls else 0.0,
             stop_reason=reason,
+            reused_tokens=reused,
         )

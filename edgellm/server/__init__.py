@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server (FastAPI on uvicorn) and the web chat page."""

@@ -1,0 +1,335 @@
+"""The OpenAI-compatible API: one model, requests served in order through a bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edgellm.chat.tools import forced_prefix, messages_for_template, parse_tool_calls
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.generator import GenerationResult, Generator
+from edgellm.runtime.sampler import SamplingConfig
+from edgellm.server.schemas import ChatRequest, CompletionRequest
+
+STATIC = Path(__file__).parent / "static"
+FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length",
+          "kv_cache_full": "length"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers
+
+
+def error_body(message: str, kind: str, code=None, param=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass
+class Served:
+    """The model and its one-at-a-time generation slot."""
+
+    gen: Generator
+    name: str
+    max_queue: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: int = 0  # admitted requests (running + waiting)
+    metrics: dict = field(default_factory=lambda: {
+        "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
+        "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
+        "prefix_cache_reused_tokens_total": 0, "last_decode_tok_s": 0.0, "last_ttft_ms": 0.0})
+
+    def admit(self):
+        if self.pending > self.max_queue:
+            self.metrics["rejected_total"] += 1
+            raise APIError(429, "the server is busy; retry shortly", "rate_limit_error",
+                           "queue_full", headers={"Retry-After": "1"})
+        self.pending += 1
+        self.metrics["requests_total"] += 1
+
+    def record(self, r: GenerationResult):
+        m = self.metrics
+        m["prompt_tokens_total"] += r.prompt_tokens
+        m["completion_tokens_total"] += len(r.token_ids)
+        m["prefix_cache_hits_total"] += r.reused_tokens > 0
+        m["prefix_cache_reused_tokens_total"] += r.reused_tokens
+        m["last_decode_tok_s"], m["last_ttft_ms"] = r.decode_tok_s, r.ttft_ms
+
+
+def _sampling(req) -> SamplingConfig:
+    if req.n != 1:
+        raise APIError(400, "only n=1 is supported", code="unsupported_value", param="n")
+    if req.presence_penalty or req.frequency_penalty:
+        raise APIError(400, "presence_penalty and frequency_penalty are not supported; "
+                            "edgellm has repetition_penalty", code="unsupported_value")
+    extra = req.model_extra or {}
+    try:
+        return SamplingConfig(temperature=1.0 if req.temperature is None else req.temperature,
+                              top_p=req.top_p or 1.0, seed=req.seed,
+                              top_k=int(extra.get("top_k", 0)),
+                              repetition_penalty=float(extra.get("repetition_penalty", 1.0)))
+    except (EdgeLLMError, TypeError, ValueError) as e:
+        raise APIError(400, str(e), code="invalid_value") from None
+
+
+def _stops(req) -> tuple[str, ...]:
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4:
+        raise APIError(400, "at most 4 stop sequences", param="stop")
+    return tuple(s for s in stops if s)
+
+
+def _check_model(served: Served, name: str):
+    if name != served.name:
+        raise APIError(404, f"the model {name!r} does not exist; this server has "
+                            f"{served.name!r}", code="model_not_found", param="model")
+
+
+def _encode_chat(served: Served, req: ChatRequest) -> tuple[list[int], str, list[dict]]:
+    """Prompt ids, the forced start of the answer (tool_choice), and the active tools."""
+    gen = served.gen
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = req.tool_choice or ("auto" if tools else "none")
+    if choice != "none" and not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names an unknown function {name!r}",
+                           param="tool_choice")
+    active = tools if choice != "none" else []
+    messages = messages_for_template([m.model_dump(exclude_none=True) for m in req.messages])
+    if gen.template is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions")
+    if active and "tools" not in gen.template.source:
+        raise APIError(400, "this model's chat template does not render tools", param="tools")
+    try:
+        text = gen.template.render(messages, add_generation_prompt=True, tools=active or None)
+    except EdgeLLMError as e:
+        raise APIError(400, str(e)) from None
+    prefix = forced_prefix(choice, active) if active else ""
+    ids = gen.tokenizer.encode(text + prefix, add_special_tokens=False).ids
+    return ids, prefix, active
+
+
+def _check_context(served: Served, ids: list[int]):
+    limit = served.gen.engine.kv_cache_len
+    if len(ids) >= limit:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context holds "
+                            f"{limit}", code="context_length_exceeded", param="messages")
+
+
+async def _generate(served: Served, ids, sampling, max_tokens, stop, on_text=None,
+                    cancel: threading.Event | None = None) -> GenerationResult:
+    """Run one admitted request in the worker thread; its queue place is freed however it ends."""
+    cancel = cancel or threading.Event()
+    limit = served.gen.engine.kv_cache_len
+
+    def work():
+        with served.lock:
+            return served.gen.generate(ids, sampling, min(max_tokens or limit, limit - len(ids)),
+                                       on_text=on_text, reuse_cache=True, stop=stop,
+                                       cancelled=cancel.is_set)
+
+    try:
+        _check_context(served, ids)
+        result = await asyncio.get_running_loop().run_in_executor(None, work)
+    finally:
+        served.pending -= 1
+    served.record(result)
+    return result
+
+
+def _usage(r: GenerationResult) -> dict:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids),
+            "total_tokens": r.prompt_tokens + len(r.token_ids)}
+
+
+def _chat_message(r: GenerationResult, prefix: str, tools: list[dict]) -> tuple[dict, str]:
+    if not tools:
+        return {"role": "assistant", "content": r.text}, FINISH[r.stop_reason]
+    parsed = parse_tool_calls(prefix + r.text, tools)
+    if parsed.calls:
+        return ({"role": "assistant", "content": parsed.content or None,
+                 "tool_calls": parsed.calls}, "tool_calls")
+    message = {"role": "assistant", "content": prefix + r.text}
+    if parsed.error:
+        message["tool_call_error"] = parsed.error  # reported, not passed on as a call
+    return message, FINISH[r.stop_reason]
+
+
+def _chunk(cid: str, model: str, delta: dict, finish=None, **extra) -> str:
+    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _stream_chat(served: Served, req: ChatRequest, ids, prefix, tools, sampling, stop):
+    cid, queue = f"chatcmpl-{uuid.uuid4().hex}", asyncio.Queue()
+    loop, cancel = asyncio.get_running_loop(), threading.Event()
+    live = not tools  # tool answers are parsed whole, then sent
+    on_text = (lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)) if live else None
+    task = asyncio.ensure_future(_generate(served, ids, sampling,
+                                           req.max_completion_tokens or req.max_tokens, stop,
+                                           on_text, cancel))
+    task.add_done_callback(lambda _: queue.put_nowait(None))
+
+    async def events():
+        try:
+            yield _chunk(cid, served.name, {"role": "assistant", "content": ""})
+            while (piece := await queue.get()) is not None:
+                yield _chunk(cid, served.name, {"content": piece})
+            result = task.result()
+            message, finish = _chat_message(result, prefix, tools)
+            if not live:
+                delta = {k: v for k, v in message.items() if k != "role"}
+                if delta.get("tool_calls"):
+                    delta["tool_calls"] = [{"index": i, **c}
+                                           for i, c in enumerate(delta["tool_calls"])]
+                yield _chunk(cid, served.name, delta)
+            yield _chunk(cid, served.name, {}, finish)
+            if (req.stream_options or {}).get("include_usage"):
+                body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                        "model": served.name, "choices": [], "usage": _usage(result)}
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(error_body(e.message, e.kind, e.code, e.param))}\n\n"
+        finally:
+            cancel.set()  # a client that went away stops its generation
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _add_routes(app: FastAPI, served: Served):
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model",
+                                            "created": 0, "owned_by": "edgellm"}]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        lines = [f"edgellm_{k} {v}" for k, v in served.metrics.items()]
+        lines.append(f"edgellm_queue_depth {served.pending}")
+        return "\n".join(lines) + "\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        _check_model(served, req.model)
+        sampling, stop = _sampling(req), _stops(req)
+        ids, prefix, tools = _encode_chat(served, req)
+        _check_context(served, ids)
+        served.admit()
+        if req.stream:
+            return await _stream_chat(served, req, ids, prefix, tools, sampling, stop)
+        result = await _generate(served, ids, sampling,
+                                 req.max_completion_tokens or req.max_tokens, stop)
+        message, finish = _chat_message(result, prefix, tools)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                "created": int(time.time()), "model": served.name,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": _usage(result)}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        _check_model(served, req.model)
+        if req.stream:
+            raise APIError(400, "streaming is not supported on /v1/completions; use "
+                                "/v1/chat/completions", param="stream")
+        sampling, stop = _sampling(req), _stops(req)
+        ids = served.gen.tokenizer.encode(req.prompt).ids
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        _check_context(served, ids)
+        served.admit()
+        result = await _generate(served, ids, sampling, req.max_tokens, stop)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": served.name,
+                "choices": [{"index": 0, "text": result.text, "logprobs": None,
+                             "finish_reason": FINISH[result.stop_reason]}],
+                "usage": _usage(result)}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+
+def _add_error_handlers(app: FastAPI):
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(error_body(e.message, e.kind, e.code, e.param), e.status,
+                            headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = "invalid JSON body" if first.get("type") == "json_invalid" else \
+            f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+        param = None if first.get("type") == "json_invalid" else where
+        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request",
+                                       param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), e.status_code)
+
+
+def _add_guards(app: FastAPI, api_key: str | None, max_body: int):
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key and request.url.path not in ("/health", "/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return JSONResponse(error_body("missing or wrong API key",
+                                               "authentication_error", "invalid_api_key"), 401)
+        length = request.headers.get("content-length")
+        if length and (not length.isdigit() or int(length) > max_body):
+            return JSONResponse(error_body(f"request body over {max_body} bytes",
+                                           "invalid_request_error", "body_too_large"), 413)
+        if request.method == "POST" and not length:
+            body = await request.body()  # chunked upload: measure what came
+            if len(body) > max_body:
+                return JSONResponse(error_body(f"request body over {max_body} bytes",
+                                               "invalid_request_error", "body_too_large"), 413)
+        return await call_next(request)
+
+
+def create_app(gen: Generator, model_name: str, api_key: str | None = None,
+               max_queue: int = 8, max_body: int = 1 << 20) -> FastAPI:
+    """The ASGI app serving `gen` as `model_name`."""
+    app = FastAPI(title="edgellm", version="0.1.0")
+    served = Served(gen, model_name, max_queue)
+    app.state.served = served
+    _add_routes(app, served)
+    _add_error_handlers(app)
+    _add_guards(app, api_key, max_body)
+    return app
+
+
+def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
+          max_queue: int, **engine_opts) -> None:
+    import uvicorn
+
+    gen = Generator.load(artifact, **engine_opts)
+    name = model_name or Path(artifact).name
+    uvicorn.run(create_app(gen, name, api_key, max_queue), host=host, port=port,
+                log_level="warning")

@@ -1,0 +1,220 @@
+"""A real server on loopback, spoken to with the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from edgellm.runtime.generator import Generator
+from edgellm.server.app import create_app
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+pytestmark = pytest.mark.slow
+
+MODEL = "qwen-test"
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _start(app):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def generator(qwen_s8):
+    return Generator.load(qwen_s8, threads=2)
+
+
+@pytest.fixture(scope="module")
+def server(generator):
+    app = create_app(generator, MODEL, max_queue=4, max_body=64 * 1024)
+    srv, thread, url = _start(app)
+    yield url, app
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def _post(url, body: bytes, headers=None) -> tuple[int, dict, dict]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    with urllib.request.urlopen(server[0] + "/health") as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_plain_chat_with_real_usage(client, generator):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(generator.encode_chat(QUESTION))
+    assert r.usage.completion_tokens == len(generator.tokenizer.encode(
+        r.choices[0].message.content, add_special_tokens=False).ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_stream_equals_plain(client):
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
+                                                 stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_max_tokens_and_stop(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
+                                       stop=["Paris"])
+    assert r.choices[0].finish_reason == "stop"
+    assert "Paris" not in r.choices[0].message.content
+    assert r.choices[0].message.content.startswith("The capital of France is")
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_tool_call_round_trip(client, choice):
+    messages = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                       tool_choice=choice, temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    messages += [r.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id,
+                  "content": json.dumps({"temperature_c": 18, "sky": "cloudy"})}]
+    final = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                           tool_choice="none", temperature=0)
+    assert final.choices[0].message.tool_calls is None
+    assert "18" in final.choices[0].message.content
+
+
+def test_named_tool_choice_streams_a_call(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Rome?"}], tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0,
+        stream=True)
+    calls = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments)["city"] == "Rome"
+
+
+def test_full_queue_answers_429(client, server):
+    served = server[1].state.served
+    served.pending = served.max_queue + 1  # as if that many requests were in line
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            client.chat.completions.create(model=MODEL, messages=QUESTION)
+        assert e.value.response.headers["retry-after"] == "1"
+    finally:
+        served.pending = 0
+    assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
+
+
+def test_disconnect_cancels_generation(server):
+    url, app = server
+    served = app.state.served
+    before = served.metrics["completion_tokens_total"]
+    body = json.dumps({"model": MODEL, "stream": True, "max_tokens": 400, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Count from 1 to 500."}]})
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        r.readline(), r.readline(), r.readline()
+    for _ in range(100):
+        if served.pending == 0:
+            break
+        time.sleep(0.1)
+    assert served.pending == 0
+    assert served.metrics["completion_tokens_total"] - before < 300
+
+
+@pytest.mark.parametrize("body,status,words", [
+    (b"{not json", 400, "invalid JSON"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "temperature": "hot"}).encode(), 400,
+     "temperature"),
+    (json.dumps({"model": MODEL, "messages": "hi"}).encode(), 400, "messages"),
+    (json.dumps({"model": "gpt-9", "messages": QUESTION}).encode(), 404, "gpt-9"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "n": 2}).encode(), 400, "n=1"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "presence_penalty": 1}).encode(), 400,
+     "presence_penalty"),
+    (json.dumps({"model": MODEL, "messages": [
+        {"role": "user", "content": "word " * 600}]}).encode(), 400, "context"),
+    (json.dumps({"model": MODEL, "messages": [
+        {"role": "user", "content": "x" * 70_000}]}).encode(), 413, "body over"),
+])
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, client, body,
+                                                                     status, words):
+    code, payload, _ = _post(server[0] + "/v1/chat/completions", body)
+    assert code == status
+    assert set(payload["error"]) >= {"message", "type", "param", "code"}
+    assert words in payload["error"]["message"]
+    assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1)
+
+
+def test_api_key_guards_every_route_but_health(generator):
+    srv, thread, url = _start(create_app(generator, MODEL, api_key="s3cret"))
+    try:
+        with urllib.request.urlopen(url + "/health") as r:
+            assert r.status == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            code, payload, _ = _post(url + "/v1/chat/completions", b"{}", headers)
+            assert code == 401 and payload["error"]["type"] == "authentication_error"
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in ok.models.list().data] == [MODEL]
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_prefix_cache_skips_the_shared_prompt(client, server):
+    served = server[1].state.served
+    system = {"role": "system", "content": "You are a terse assistant. " * 20}
+    first = [system, {"role": "user", "content": "Name a color."}]
+    client.chat.completions.create(model=MODEL, messages=first, temperature=0, max_tokens=4)
+    hits = served.metrics["prefix_cache_hits_total"]
+    reused = served.metrics["prefix_cache_reused_tokens_total"]
+    second = [system, {"role": "user", "content": "Name a fruit."}]
+    client.chat.completions.create(model=MODEL, messages=second, temperature=0, max_tokens=4)
+    assert served.metrics["prefix_cache_hits_total"] == hits + 1
+    assert served.metrics["prefix_cache_reused_tokens_total"] - reused > 100
+
+
+def test_metrics_are_prometheus_text(server):
+    with urllib.request.urlopen(server[0] + "/metrics") as r:
+        text = r.read().decode()
+    assert "edgellm_requests_total " in text and "edgellm_queue_depth 0" in text
