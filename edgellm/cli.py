@@ -88,6 +88,13 @@ def _add_misc(sub):
     _add_engine(p)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("chat", help="talk to an artifact in the terminal (KV cache kept)")
+    p.add_argument("artifact")
+    p.add_argument("--system", help="system message")
+    _add_sampling(p)
+    _add_engine(p)
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page")
     p.add_argument("artifact")
     p.add_argument("--host", default="127.0.0.1")
@@ -172,6 +179,16 @@ def cmd_bench(a) -> int:
 
     result = bench(a.artifact, a.prompt_tokens, a.gen_tokens, a.repeats, **_engine_opts(a))
     print(json.dumps(result) if a.json else markdown(result))
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from edgellm.chat.repl import ChatLoop
+    from edgellm.runtime.generator import Generator
+
+    sampling = _sampling(a)
+    gen = Generator.load(a.artifact, **_engine_opts(a))
+    ChatLoop(gen, sampling, a.max_new_tokens, a.system).run()
     return 0
 
 

@@ -1,0 +1,104 @@
+"""`edgellm chat`: a terminal conversation that keeps its KV cache across turns."""
+
+from __future__ import annotations
+
+import sys
+
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.generator import GenerationResult, Generator
+from edgellm.runtime.sampler import SamplingConfig
+
+HELP = "commands: /reset, /system TEXT, /stats, /exit (Ctrl-C stops an answer)"
+
+
+def _stats(r: GenerationResult) -> str:
+    return (f"[ttft {r.ttft_ms:.0f} ms | prefill {r.prompt_tokens - r.reused_tokens} new tokens "
+            f"({r.reused_tokens} reused), {r.prefill_tok_s:.1f} tok/s | decode "
+            f"{len(r.token_ids)} tokens, {r.decode_tok_s:.1f} tok/s]")
+
+
+class ChatLoop:
+    def __init__(self, gen: Generator, sampling: SamplingConfig, max_new_tokens: int,
+                 system: str | None = None, out=sys.stdout):
+        self.gen, self.sampling, self.max_new_tokens, self.out = gen, sampling, max_new_tokens, out
+        self.system = system
+        self.messages: list[dict] = []
+        self.last: GenerationResult | None = None
+
+    def say(self, text: str = "", end: str = "\n"):
+        print(text, end=end, file=self.out, flush=True)
+
+    def _head(self) -> list[dict]:
+        return [{"role": "system", "content": self.system}] if self.system else []
+
+    def _fit(self) -> list[int]:
+        """Prompt ids of the conversation, dropping the oldest turns if it would overflow."""
+        room = min(self.max_new_tokens, self.gen.engine.kv_cache_len // 4)
+        dropped = 0
+        while True:
+            ids = self.gen.encode_chat(self._head() + self.messages)
+            if len(ids) + room <= self.gen.engine.kv_cache_len or len(self.messages) <= 1:
+                break
+            self.messages = self.messages[2:]  # the oldest user turn and its answer
+            dropped += 1
+        if dropped:
+            self.say(f"[the conversation outgrew the {self.gen.engine.kv_cache_len}-token KV "
+                     f"cache: dropped the {dropped} oldest turn(s), kept the system prompt]")
+        return ids
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; False means leave."""
+        name, _, arg = line.partition(" ")
+        if name == "/exit":
+            return False
+        if name == "/reset":
+            self.messages = []
+            self.say("[conversation cleared]")
+        elif name == "/system":
+            self.system, self.messages = arg.strip() or None, []
+            self.say("[system prompt set, conversation cleared]")
+        elif name == "/stats":
+            self.say(_stats(self.last) if self.last else "[no answer yet]")
+        else:
+            self.say(HELP)
+        return True
+
+    def turn(self, text: str):
+        self.messages.append({"role": "user", "content": text})
+        try:
+            ids = self._fit()
+            pieces: list[str] = []
+
+            def show(piece):
+                pieces.append(piece)
+                self.say(piece, end="")
+
+            try:
+                self.last = self.gen.generate(ids, self.sampling, self.max_new_tokens,
+                                              on_text=show, reuse_cache=True)
+                answer = self.last.text
+                self.say()
+                self.say(_stats(self.last))
+            except KeyboardInterrupt:
+                answer = "".join(pieces)
+                self.say("\n[stopped]")
+            self.messages.append({"role": "assistant", "content": answer})
+        except EdgeLLMError as e:
+            self.messages.pop()
+            self.say(f"[error: {e}]")
+
+    def run(self, read=input):
+        self.say(HELP)
+        while True:
+            try:
+                line = read("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                self.say()
+                return
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            self.turn(line)

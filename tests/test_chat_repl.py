@@ -1,0 +1,72 @@
+"""`edgellm chat`: commands, KV reuse across turns, overflow handling, Ctrl-C."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+
+from edgellm.chat.repl import ChatLoop
+from edgellm.runtime.generator import Generator
+from edgellm.runtime.sampler import SamplingConfig
+from helpers import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from edgellm.build.builder import BuildOptions, build
+
+    src = tmp_path_factory.mktemp("src") / "hf"
+    make_tiny_model(src, "qwen2", tied=False, scale=3.0, embed_boost=20.0)
+    return build(src, tmp_path_factory.mktemp("art") / "a",
+                 BuildOptions(kv_cache_len=96, prefill_len=16))
+
+
+def _run(artifact, lines, max_new_tokens=4, system=None):
+    out = io.StringIO()
+    loop = ChatLoop(Generator.load(artifact), SamplingConfig(), max_new_tokens, system, out)
+    feed = iter(lines)
+    loop.run(read=lambda prompt: next(feed))
+    return loop, out.getvalue()
+
+
+def test_second_turn_reuses_the_cache_and_commands_work(tiny):
+    loop, out = _run(tiny, ["hello world", "the capital", "/stats", "/system be brief",
+                            "paris", "/reset", "/exit"])
+    assert "(0 reused)" in out
+    second = out.split("[ttft")[2]
+    reused = int(second.split("(")[1].split(" reused")[0])
+    assert reused > 10
+    assert "[system prompt set, conversation cleared]" in out and "[conversation cleared]" in out
+    assert loop.messages == []
+
+
+def test_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(tiny):
+    lines = [f"hello world number {i} " * 3 for i in range(6)] + ["/exit"]
+    loop, out = _run(tiny, lines, system="sys")
+    assert "dropped the" in out and "kept the system prompt" in out
+    assert "[error" not in out
+    ids = loop.gen.encode_chat(loop._head() + loop.messages)
+    assert len(ids) <= 96
+
+
+def test_a_single_message_over_the_cache_is_an_error_not_a_crash(tiny):
+    _, out = _run(tiny, ["word " * 200, "/exit"])
+    assert "[error:" in out and "KV cache" in out
+
+
+def test_ctrl_c_stops_the_answer_but_not_the_chat(tiny):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "edgellm.cli", "chat", str(tiny),
+                                           "--max-new-tokens", "100000", "--engine", "numpy"],
+                          encoding="utf-8", timeout=60)
+    child.expect("you> ")
+    child.sendline("hello world " * 4)
+    child.expect(r"\S")  # the answer is streaming (or already done: the cache is 96 long)
+    child.sendintr()
+    child.expect("you> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
