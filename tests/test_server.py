@@ -218,3 +218,32 @@ def test_metrics_are_prometheus_text(server):
     with urllib.request.urlopen(server[0] + "/metrics") as r:
         text = r.read().decode()
     assert "edgellm_requests_total " in text and "edgellm_queue_depth 0" in text
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def test_web_page_streams_an_answer_in_chromium(server):
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium package")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.goto(server[0] + "/")
+        page.fill("#input", "What is the capital of France?")
+        page.click("#send")
+        page.wait_for_function(
+            "document.querySelector('.assistant') && "
+            "document.querySelector('#send').disabled === false && "
+            "document.querySelector('.assistant').textContent.length > 0", timeout=60_000)
+        answer = page.text_content(".assistant")
+        stats = page.text_content("#stats")
+        browser.close()
+    assert "Paris" in answer
+    assert "TTFT" in stats

@@ -65,24 +65,22 @@ class ChatLoop:
 
     def turn(self, text: str):
         self.messages.append({"role": "user", "content": text})
+        pieces: list[str] = []
+
+        def show(piece):
+            pieces.append(piece)
+            self.say(piece, end="")
+
         try:
             ids = self._fit()
-            pieces: list[str] = []
-
-            def show(piece):
-                pieces.append(piece)
-                self.say(piece, end="")
-
-            try:
-                self.last = self.gen.generate(ids, self.sampling, self.max_new_tokens,
-                                              on_text=show, reuse_cache=True)
-                answer = self.last.text
-                self.say()
-                self.say(_stats(self.last))
-            except KeyboardInterrupt:
-                answer = "".join(pieces)
-                self.say("\n[stopped]")
-            self.messages.append({"role": "assistant", "content": answer})
+            self.last = self.gen.generate(ids, self.sampling, self.max_new_tokens,
+                                          on_text=show, reuse_cache=True)
+            self.say()
+            self.say(_stats(self.last))
+            self.messages.append({"role": "assistant", "content": self.last.text})
+        except KeyboardInterrupt:  # stop this answer, keep what was said, stay in the chat
+            self.say("\n[stopped]")
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
         except EdgeLLMError as e:
             self.messages.pop()
             self.say(f"[error: {e}]")
