@@ -140,3 +140,25 @@ def test_stop_strings_cut_text_and_stream(smol_s8):
     cut = gen.generate(ids, SamplingConfig(), 20, stop=("Paris",), on_text=pieces.append)
     assert cut.stop_reason == "stop"
     assert cut.text == full[:full.index("Paris")] == "".join(pieces)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "ort"])
+def test_prefix_cache_slots_serve_alternating_conversations(tiny_artifact, engine):
+    from edgellm.runtime.prefix_cache import PrefixCache, common_prefix
+
+    gen = Generator.load(tiny_artifact, engine=engine)
+    cache = PrefixCache(gen, slots=2, min_gain=4)
+    convo = {name: [{"role": "system", "content": f"{name} system " * 3}] for name in "AB"}
+
+    def ask(name, text):
+        ids = gen.encode_chat(convo[name] + [{"role": "user", "content": text}])
+        cache.prepare(ids)
+        return ids, gen.generate(ids, SamplingConfig(), 3, reuse_cache=True)
+
+    first_ids, _ = ask("A", "hello")
+    ask("B", "world")
+    ids, result = ask("A", "paris")  # A's prefix comes back from its slot
+    shared = common_prefix(first_ids, ids)
+    assert shared > 30 and cache.swaps == 1 and result.reused_tokens == shared
+    fresh = Generator.load(tiny_artifact, engine=engine).generate(ids, SamplingConfig(), 3)
+    assert result.token_ids == fresh.token_ids

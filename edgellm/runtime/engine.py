@@ -61,3 +61,11 @@ class NumpyEngine:
             h = h[-1:]
         logits = reference.post(h, self.post_weights, self.config)
         return logits if all_logits else logits[0]
+
+    def kv_snapshot(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the first n cache positions of every layer."""
+        return self.k_cache[:, :n].copy(), self.v_cache[:, :n].copy()
+
+    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray]) -> None:
+        k, v = snapshot
+        self.k_cache[:, :k.shape[1]], self.v_cache[:, :v.shape[1]] = k, v

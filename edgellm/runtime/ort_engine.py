@@ -63,12 +63,12 @@ class OrtEngine:
                                                  providers=providers)
         self.layers = [load(name) for name in m.graphs["layers"]]
         self.post = load(m.graphs["post"])
-        shape = (1, cfg.num_kv_heads, m.kv_cache_len, cfg.head_dim)
-        # kv: per layer [1, kv_heads, kv_cache_len, head_dim] fp32, updated in place by GQA
-        self.k_cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32)
-                        for _ in self.layers]
-        self.v_cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32)
-                        for _ in self.layers]
+        shape = (len(self.layers), 1, cfg.num_kv_heads, m.kv_cache_len, cfg.head_dim)
+        # kv: [layers, 1, kv_heads, kv_cache_len, head_dim] fp32; each layer's slice is wrapped
+        # (not copied) as an OrtValue that GQA updates in place
+        self.k_np, self.v_np = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.k_cache = [ort.OrtValue.ortvalue_from_numpy(k) for k in self.k_np]
+        self.v_cache = [ort.OrtValue.ortvalue_from_numpy(v) for v in self.v_np]
         self._seqlens = np.zeros(1, np.int32)  # seqlens_k: tokens in cache after the call - 1
         self._total = np.zeros((), np.int32)  # total_seq_len
         self._decode = self._decode_bindings()
@@ -134,3 +134,12 @@ class OrtEngine:
             session.run_with_iobinding(binding)
         self.post.run_with_iobinding(post)
         return self._logits[0, 0].copy()  # the buffer is reused by the next step
+
+    def kv_snapshot(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the first n cache positions of every layer."""
+        return self.k_np[:, :, :, :n].copy(), self.v_np[:, :, :, :n].copy()
+
+    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray]) -> None:
+        k, v = snapshot
+        n = k.shape[3]
+        self.k_np[:, :, :, :n], self.v_np[:, :, :, :n] = k, v

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgellm.chat.tools import forced_prefix, messages_for_template, parse_tool_calls
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.generator import GenerationResult, Generator
+from edgellm.runtime.prefix_cache import PrefixCache
 from edgellm.runtime.sampler import SamplingConfig
 from edgellm.server.schemas import ChatRequest, CompletionRequest
 
@@ -47,6 +48,7 @@ class Served:
     max_queue: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: int = 0  # admitted requests (running + waiting)
+    prefix_cache: PrefixCache | None = None
     metrics: dict = field(default_factory=lambda: {
         "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
         "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
@@ -140,6 +142,7 @@ async def _generate(served: Served, ids, sampling, max_tokens, stop, on_text=Non
 
     def work():
         with served.lock:
+            served.prefix_cache.prepare(ids)
             return served.gen.generate(ids, sampling, min(max_tokens or limit, limit - len(ids)),
                                        on_text=on_text, reuse_cache=True, stop=stop,
                                        cancelled=cancel.is_set)
@@ -230,6 +233,7 @@ def _add_routes(app: FastAPI, served: Served):
     async def metrics():
         lines = [f"edgellm_{k} {v}" for k, v in served.metrics.items()]
         lines.append(f"edgellm_queue_depth {served.pending}")
+        lines.append(f"edgellm_prefix_cache_slot_swaps_total {served.prefix_cache.swaps}")
         return "\n".join(lines) + "\n"
 
     @app.post("/v1/chat/completions")
@@ -314,10 +318,10 @@ def _add_guards(app: FastAPI, api_key: str | None, max_body: int):
 
 
 def create_app(gen: Generator, model_name: str, api_key: str | None = None,
-               max_queue: int = 8, max_body: int = 1 << 20) -> FastAPI:
+               max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4) -> FastAPI:
     """The ASGI app serving `gen` as `model_name`."""
     app = FastAPI(title="edgellm", version="0.1.0")
-    served = Served(gen, model_name, max_queue)
+    served = Served(gen, model_name, max_queue, prefix_cache=PrefixCache(gen, cache_slots))
     app.state.served = served
     _add_routes(app, served)
     _add_error_handlers(app)
