@@ -102,6 +102,11 @@ def _add_misc(sub):
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="name served (default: directory name)")
     p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
+    p.add_argument("--upstream", default=None,
+                   help="OpenAI-compatible base URL (…/v1) answering other models and prompts "
+                        "over the local context")
+    p.add_argument("--upstream-key", default=None)
+    p.add_argument("--upstream-model", default=None, help="model name to send upstream")
     _add_engine(p)
     p.set_defaults(func=cmd_serve)
 
@@ -194,8 +199,11 @@ def cmd_chat(a) -> int:
 
 def cmd_serve(a) -> int:
     from edgellm.server.app import serve
+    from edgellm.server.upstream import Upstream
 
-    serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, **_engine_opts(a))
+    upstream = Upstream(a.upstream, a.upstream_key, a.upstream_model) if a.upstream else None
+    serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
+          **_engine_opts(a))
     return 0
 
 

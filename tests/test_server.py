@@ -247,3 +247,44 @@ def test_web_page_streams_an_answer_in_chromium(server):
         browser.close()
     assert "Paris" in answer
     assert "TTFT" in stats
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory):
+    """A stand-in for a cloud server: another edgellm on loopback, tiny model, long context."""
+    from edgellm.build.builder import BuildOptions, build
+    from helpers import make_tiny_model
+
+    tmp = tmp_path_factory.mktemp("cloud")
+    make_tiny_model(tmp / "hf", "qwen2", tied=False)
+    art = build(tmp / "hf", tmp / "art", BuildOptions(kv_cache_len=2048))
+    srv, thread, url = _start(create_app(Generator.load(art, threads=1), "cloud-model"))
+    yield url
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_upstream_answers_other_models_and_long_prompts(generator, cloud):
+    from edgellm.server.upstream import Upstream
+
+    edge = create_app(generator, MODEL, upstream=Upstream(cloud + "/v1", model="cloud-model"))
+    srv, thread, url = _start(edge)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        local = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=QUESTION, temperature=0, max_tokens=3)
+        assert local.headers["x-edgellm-served-by"] == "local"
+        long_prompt = [{"role": "user", "content": "word " * 600}]  # over the edge's 512
+        far = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=long_prompt, max_tokens=2)
+        assert far.headers["x-edgellm-served-by"] == "upstream"
+        assert far.headers["x-edgellm-forward-reason"] == "context"
+        assert far.parse().usage.prompt_tokens > 512
+        stream = client.chat.completions.with_raw_response.create(
+            model="other-model", messages=QUESTION, max_tokens=2, stream=True)
+        assert stream.headers["x-edgellm-served-by"] == "upstream"
+        chunks = list(stream.parse())
+        assert chunks[-1].model == "cloud-model"  # relayed as server-sent events
+    finally:
+        srv.should_exit = True
+        thread.join(10)

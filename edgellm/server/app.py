@@ -21,6 +21,7 @@ from edgellm.runtime.generator import GenerationResult, Generator
 from edgellm.runtime.prefix_cache import PrefixCache
 from edgellm.runtime.sampler import SamplingConfig
 from edgellm.server.schemas import ChatRequest, CompletionRequest
+from edgellm.server.upstream import SERVED_BY, Upstream
 
 STATIC = Path(__file__).parent / "static"
 FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length",
@@ -49,6 +50,7 @@ class Served:
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: int = 0  # admitted requests (running + waiting)
     prefix_cache: PrefixCache | None = None
+    upstream: Upstream | None = None
     metrics: dict = field(default_factory=lambda: {
         "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
         "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
@@ -219,6 +221,10 @@ async def _stream_chat(served: Served, req: ChatRequest, ids, prefix, tools, sam
                              headers={"Cache-Control": "no-cache"})
 
 
+def _body(req) -> dict:
+    return req.model_dump(exclude_unset=True, exclude_none=True)
+
+
 def _add_routes(app: FastAPI, served: Served):
     @app.get("/health")
     async def health():
@@ -238,9 +244,13 @@ def _add_routes(app: FastAPI, served: Served):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
+        if served.upstream and req.model != served.name:
+            return await served.upstream.forward("/chat/completions", _body(req), "model")
         _check_model(served, req.model)
         sampling, stop = _sampling(req), _stops(req)
         ids, prefix, tools = _encode_chat(served, req)
+        if served.upstream and len(ids) >= served.gen.engine.kv_cache_len:
+            return await served.upstream.forward("/chat/completions", _body(req), "context")
         _check_context(served, ids)
         served.admit()
         if req.stream:
@@ -255,6 +265,8 @@ def _add_routes(app: FastAPI, served: Served):
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
+        if served.upstream and req.model != served.name:
+            return await served.upstream.forward("/completions", _body(req), "model")
         _check_model(served, req.model)
         if req.stream:
             raise APIError(400, "streaming is not supported on /v1/completions; use "
@@ -300,6 +312,12 @@ def _add_error_handlers(app: FastAPI):
 
 def _add_guards(app: FastAPI, api_key: str | None, max_body: int):
     @app.middleware("http")
+    async def served_by(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault(SERVED_BY, "local")
+        return response
+
+    @app.middleware("http")
     async def guard(request: Request, call_next):
         if api_key and request.url.path not in ("/health", "/"):
             if request.headers.get("authorization") != f"Bearer {api_key}":
@@ -318,10 +336,12 @@ def _add_guards(app: FastAPI, api_key: str | None, max_body: int):
 
 
 def create_app(gen: Generator, model_name: str, api_key: str | None = None,
-               max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4) -> FastAPI:
-    """The ASGI app serving `gen` as `model_name`."""
+               max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4,
+               upstream: Upstream | None = None) -> FastAPI:
+    """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`)."""
     app = FastAPI(title="edgellm", version="0.1.0")
-    served = Served(gen, model_name, max_queue, prefix_cache=PrefixCache(gen, cache_slots))
+    served = Served(gen, model_name, max_queue, prefix_cache=PrefixCache(gen, cache_slots),
+                    upstream=upstream)
     app.state.served = served
     _add_routes(app, served)
     _add_error_handlers(app)
@@ -330,10 +350,10 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
 
 
 def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
-          max_queue: int, **engine_opts) -> None:
+          max_queue: int, upstream: Upstream | None = None, **engine_opts) -> None:
     import uvicorn
 
     gen = Generator.load(artifact, **engine_opts)
     name = model_name or Path(artifact).name
-    uvicorn.run(create_app(gen, name, api_key, max_queue), host=host, port=port,
-                log_level="warning")
+    uvicorn.run(create_app(gen, name, api_key, max_queue, upstream=upstream), host=host,
+                port=port, log_level="warning")
