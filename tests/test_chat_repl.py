@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import sys
 import time
 
@@ -67,7 +68,10 @@ def test_ctrl_c_stops_the_answer_but_not_the_chat(tmp_path):
     art = build(tmp_path / "hf", tmp_path / "long", BuildOptions(kv_cache_len=4096))
     child = pexpect.spawn(sys.executable, ["-m", "edgellm.cli", "chat", str(art),
                                            "--max-new-tokens", "100000", "--engine", "numpy"],
-                          encoding="utf-8", timeout=60)
+                          encoding="utf-8", timeout=60,
+                          # as from a terminal: a runner started in the background (`cmd &`)
+                          # passes SIGINT down ignored, and Python then keeps it ignored
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("you> ")
     child.sendline("hello world")
     child.expect("hello world\r\n")  # the echo; the answer (mostly blank pieces) follows

@@ -133,6 +133,26 @@ def test_named_tool_choice_streams_a_call(client):
     assert json.loads(calls[0].function.arguments)["city"] == "Rome"
 
 
+def test_required_call_is_valid_even_off_topic(client):
+    """With tool_choice=required the call is decoded under the schema's grammar."""
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a joke about cats."}],
+        tools=TOOLS, tool_choice="required", temperature=1.5, seed=3)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_langchain_agent_calls_a_tool(server):
+    """An agent framework pointed at edgellm: LangChain's ChatOpenAI with a bound tool."""
+    import langchain_openai
+    llm = langchain_openai.ChatOpenAI(base_url=server[0] + "/v1", api_key="unused", model=MODEL,
+                                      temperature=0, max_retries=0)
+    reply = llm.bind_tools(TOOLS).invoke("What is the weather in Paris right now?")
+    assert reply.tool_calls[0]["name"] == "get_weather"
+    assert reply.tool_calls[0]["args"] == {"city": "Paris"}
+
+
 def test_full_queue_answers_429(client, server):
     served = server[1].state.served
     served.pending = served.max_queue + 1  # as if that many requests were in line

@@ -147,10 +147,11 @@ class Generator:
 
     def generate(self, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int = 256,
                  on_text: Callable[[str], None] | None = None, reuse_cache: bool = False,
-                 stop: tuple[str, ...] = (), cancelled: Callable[[], bool] | None = None
-                 ) -> GenerationResult:
+                 stop: tuple[str, ...] = (), cancelled: Callable[[], bool] | None = None,
+                 mask=None) -> GenerationResult:
         """Sample up to max_new_tokens after prompt_ids. With reuse_cache, the prompt's prefix
-        that the previous call left in the KV cache is not computed again."""
+        that the previous call left in the KV cache is not computed again. `mask` (a
+        chat.constrained.TokenMask) limits each step to the tokens its grammar allows."""
         self._check_fits(len(prompt_ids))
         sampler, stream = Sampler(sampling), TextStream(self.tokenizer)
         history = list(prompt_ids)
@@ -161,8 +162,12 @@ class Generator:
         pos, generated, reason = len(prompt_ids), [], "length"
         t_first, decode_calls, text, emitted = None, 0, "", 0
         while len(generated) < max_new_tokens:
+            if mask is not None:
+                logits = mask.apply(logits)
             token = sampler(logits, history)
             t_first = t_first or time.perf_counter()
+            if mask is not None:
+                mask.advance(token)
             if token in self.eos_ids:
                 reason = "eos"
                 break

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edgellm.chat.constrained import ToolCallGrammar, TokenMask
 from edgellm.chat.tools import forced_prefix, messages_for_template, parse_tool_calls
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.generator import GenerationResult, Generator
@@ -51,6 +52,7 @@ class Served:
     pending: int = 0  # admitted requests (running + waiting)
     prefix_cache: PrefixCache | None = None
     upstream: Upstream | None = None
+    grammar: ToolCallGrammar | None = None  # built on the first forced tool call
     metrics: dict = field(default_factory=lambda: {
         "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
         "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
@@ -63,6 +65,21 @@ class Served:
                            "queue_full", headers={"Retry-After": "1"})
         self.pending += 1
         self.metrics["requests_total"] += 1
+
+    def tool_call_mask(self, prefix: str, tools: list[dict]) -> TokenMask | None:
+        """With tool_choice required or named (a non-empty forced prefix), a mask that keeps
+        the rest of the call valid JSON for the function's parameter schema."""
+        if not prefix:
+            return None
+        if self.grammar is None:
+            gen = self.gen
+            self.grammar = ToolCallGrammar(gen.tokenizer.to_str(),
+                                           gen.artifact.manifest.config["vocab_size"],
+                                           sorted(gen.eos_ids))
+        try:
+            return self.grammar.mask_after(prefix, tools)
+        except EdgeLLMError as e:
+            raise APIError(400, str(e), param="tools") from None
 
     def record(self, r: GenerationResult):
         m = self.metrics
@@ -137,7 +154,8 @@ def _check_context(served: Served, ids: list[int]):
 
 
 async def _generate(served: Served, ids, sampling, max_tokens, stop, on_text=None,
-                    cancel: threading.Event | None = None) -> GenerationResult:
+                    cancel: threading.Event | None = None, mask: TokenMask | None = None
+                    ) -> GenerationResult:
     """Run one admitted request in the worker thread; its queue place is freed however it ends."""
     cancel = cancel or threading.Event()
     limit = served.gen.engine.kv_cache_len
@@ -147,7 +165,7 @@ async def _generate(served: Served, ids, sampling, max_tokens, stop, on_text=Non
             served.prefix_cache.prepare(ids)
             return served.gen.generate(ids, sampling, min(max_tokens or limit, limit - len(ids)),
                                        on_text=on_text, reuse_cache=True, stop=stop,
-                                       cancelled=cancel.is_set)
+                                       cancelled=cancel.is_set, mask=mask)
 
     try:
         _check_context(served, ids)
@@ -183,14 +201,15 @@ def _chunk(cid: str, model: str, delta: dict, finish=None, **extra) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _stream_chat(served: Served, req: ChatRequest, ids, prefix, tools, sampling, stop):
+async def _stream_chat(served: Served, req: ChatRequest, ids, prefix, tools, sampling, stop,
+                       mask: TokenMask | None):
     cid, queue = f"chatcmpl-{uuid.uuid4().hex}", asyncio.Queue()
     loop, cancel = asyncio.get_running_loop(), threading.Event()
     live = not tools  # tool answers are parsed whole, then sent
     on_text = (lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)) if live else None
     task = asyncio.ensure_future(_generate(served, ids, sampling,
                                            req.max_completion_tokens or req.max_tokens, stop,
-                                           on_text, cancel))
+                                           on_text, cancel, mask))
     task.add_done_callback(lambda _: queue.put_nowait(None))
 
     async def events():
@@ -252,11 +271,13 @@ def _add_routes(app: FastAPI, served: Served):
         if served.upstream and len(ids) >= served.gen.engine.kv_cache_len:
             return await served.upstream.forward("/chat/completions", _body(req), "context")
         _check_context(served, ids)
+        mask = await asyncio.get_running_loop().run_in_executor(None, served.tool_call_mask,
+                                                                prefix, tools)
         served.admit()
         if req.stream:
-            return await _stream_chat(served, req, ids, prefix, tools, sampling, stop)
+            return await _stream_chat(served, req, ids, prefix, tools, sampling, stop, mask)
         result = await _generate(served, ids, sampling,
-                                 req.max_completion_tokens or req.max_tokens, stop)
+                                 req.max_completion_tokens or req.max_tokens, stop, mask=mask)
         message, finish = _chat_message(result, prefix, tools)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": served.name,
