@@ -27,7 +27,9 @@ def _add_build(sub):
     p.add_argument("--hidden-state-type", "--hidden_state_type", default="bf16",
                    choices=HIDDEN_TYPES)
     p.add_argument("--model-config", "--model_config",
-                   help="vendor-style model config JSON; checked against the source's config")
+                   help="the vendor's model-config JSON; its fields override the source's config")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="build even when the model looks too large for this machine's RAM")
     p.add_argument("--check-level", "--check_level", type=int, default=0, choices=(0, 1, 2))
     p.add_argument("--check-prompt", default="1+1=")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -77,6 +79,8 @@ def _add_misc(sub):
     p.add_argument("artifact")
     p.add_argument("--verify", action="store_true")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument("--vendor-config", action="store_true",
+                   help="print the vendor's model-config JSON for this artifact")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="measure prefill / decode speed, TTFT and memory")
@@ -124,7 +128,6 @@ def _add_misc(sub):
 
 def cmd_build(a) -> int:
     from edgellm.build.builder import BuildOptions, build
-    from edgellm.build.vendor_config import check_vendor_config
 
     source = a.input or a.input_path
     if not source or not a.output:
@@ -132,9 +135,9 @@ def cmd_build(a) -> int:
     opts = BuildOptions(kv_cache_len=a.kv_cache_len, prefill_len=a.prefill_len,
                         weight_type=a.weight_type, post_weight_type=a.post_weight_type,
                         group_size=a.group_size, hidden_state_type=a.hidden_state_type,
-                        check_level=a.check_level, check_prompt=a.check_prompt, force=a.force)
-    hook = (lambda src: check_vendor_config(a.model_config, src.config)) if a.model_config else None
-    out = build(source, a.output, opts, on_source=hook)
+                        check_level=a.check_level, check_prompt=a.check_prompt, force=a.force,
+                        memory_check=not a.no_memory_check, model_config=a.model_config)
+    out = build(source, a.output, opts)
     print(out)
     return 0
 
@@ -175,7 +178,12 @@ def cmd_inspect(a) -> int:
     from edgellm.artifact.reader import load_artifact
 
     art = load_artifact(a.artifact, verify=a.verify)
-    print(art.manifest.to_json() if a.json else describe(art))
+    if a.vendor_config:
+        from edgellm.build.vendor_config import vendor_config
+
+        print(json.dumps(vendor_config(art.config, art.path.name), indent=2))
+    else:
+        print(art.manifest.to_json() if a.json else describe(art))
     return 0
 
 

@@ -18,6 +18,9 @@ TINY = dict(vocab_size=300, hidden_size=80, intermediate_size=200, num_hidden_la
             rms_norm_eps=1e-6, rope_theta=50000.0)
 
 
+MINICPM = {"scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 16}
+
+
 def write_tokenizer(directory: Path) -> None:
     """A small byte-level BPE tokenizer (trained here) with chat special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -35,18 +38,25 @@ def write_tokenizer(directory: Path) -> None:
 
 
 def make_tiny_model(directory: Path, arch: str, tied: bool, seed: int = 0, scale: float = 1.0,
-                    embed_boost: float = 0.0):
+                    embed_boost: float = 0.0, **config):
     """A random-weight HF checkpoint (bf16 safetensors) of `arch`; returns the torch model
     in float32 holding exactly the stored (bf16-representable) weights.
 
     `embed_boost` adds a shared random component to the embedding and lm_head rows, which makes
     the next-token distribution peaked like a trained model's (random logits are nearly tied)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config
 
-    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch]
-    config = config_cls(**TINY, tie_word_embeddings=tied, initializer_range=0.02 * scale,
-                        eos_token_id=2, bos_token_id=None, pad_token_id=0)
+    if arch == "minicpm":  # not in transformers: a llama checkpoint with MiniCPM's config
+        model = make_tiny_model(directory, "llama", tied, seed, scale, embed_boost, **config)
+        cfg = json.loads((directory / "config.json").read_text())
+        cfg.update(model_type="minicpm", architectures=["MiniCPMForCausalLM"], **MINICPM)
+        (directory / "config.json").write_text(json.dumps(cfg))
+        return model  # computes llama's logits, not MiniCPM's (see test_parity)
+    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "phi3": Phi3Config}[arch]
+    config = config_cls(**{**TINY, **config}, tie_word_embeddings=tied,
+                        initializer_range=0.02 * scale, eos_token_id=2, bos_token_id=None,
+                        pad_token_id=0)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():

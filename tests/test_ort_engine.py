@@ -11,21 +11,45 @@ from edgellm.build.builder import BuildOptions, build
 from edgellm.runtime import reference
 from edgellm.runtime.engine import NumpyEngine
 from edgellm.runtime.ort_engine import OrtEngine
+import test_parity
 from helpers import make_tiny_model
 
 pytest.importorskip("onnxruntime")
 
-# (arch, tied, weight type, hidden): odd shapes come from helpers.TINY (hidden 80, ffn 200,
-# 5 query heads over 1 kv head, head_dim 16): the last weight group of every row is padded
-CASES = [("qwen2", False, "s8", "bf16"), ("llama", True, "s8", "fp32"),
-         ("qwen2", True, "s4", "fp32"), ("llama", False, "s4", "bf16")]
+# (arch, tied, weight type, hidden, config overrides): odd shapes come from helpers.TINY
+# (hidden 80, ffn 200, 5 query heads over 1 kv head, head_dim 16): the last weight group of every
+# row is padded. Then the head sizes and query/kv group ratios of the seed's models: head_dim 64
+# (TinyLlama, Qwen2-0.5B; GQA 8 and 7), 80 (MiniCPM-2B, no GQA), 96 (Phi-3-mini), 128 (Qwen2-1.5B,
+# Llama-3-8B; GQA 6 and 4).
+CASES = [
+    ("qwen2", False, "s8", "bf16", {}), ("llama", True, "s8", "fp32", {}),
+    ("qwen2", True, "s4", "fp32", {}), ("llama", False, "s4", "bf16", {}),
+    ("llama", True, "s8", "bf16", dict(num_attention_heads=8, num_key_value_heads=1, head_dim=64)),
+    ("qwen2", True, "s8", "bf16", dict(num_attention_heads=7, num_key_value_heads=1, head_dim=64)),
+    ("minicpm", True, "s8", "bf16", dict(num_attention_heads=2, num_key_value_heads=2,
+                                         head_dim=80)),
+    ("phi3", False, "s8", "bf16", dict(hidden_size=192, num_attention_heads=2,
+                                       num_key_value_heads=2)),  # head_dim 96
+    ("qwen2", False, "s8", "bf16", dict(num_attention_heads=4, num_key_value_heads=1,
+                                        head_dim=128)),
+    ("llama", True, "s8", "bf16", dict(num_attention_heads=8, num_key_value_heads=2,
+                                       head_dim=128, **test_parity.LLAMA3_ROPE)),
+    ("phi3", False, "s8", "bf16", test_parity.PHI3_LONGROPE),
+]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(map(str, c)))
+def _case_id(c) -> str:
+    arch, tied, weight_type, hidden, config = c
+    heads = f"-h{config.get('num_attention_heads', 5)}/{config.get('num_key_value_heads', 1)}"
+    extra = "".join(f"-{k}" for k in ("head_dim", "rope_scaling") if k in config)
+    return f"{arch}-{weight_type}-{hidden}{'-tied' if tied else ''}{heads}{extra}"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=_case_id)
 def engines(request, tmp_path_factory):
-    arch, tied, weight_type, hidden = request.param
+    arch, tied, weight_type, hidden, config = request.param
     tmp = tmp_path_factory.mktemp("ort")
-    make_tiny_model(tmp / "hf", arch, tied, scale=3.0, embed_boost=20.0)
+    make_tiny_model(tmp / "hf", arch, tied, scale=3.0, embed_boost=20.0, **config)
     out = build(tmp / "hf", tmp / "art", BuildOptions(kv_cache_len=80, prefill_len=16,
                                                       weight_type=weight_type,
                                                       hidden_state_type=hidden))
@@ -69,5 +93,13 @@ def test_model_logits_match_the_reference(engines):
         rows += [engine.forward([t], p)[None] for p, t in enumerate(ids[30:], start=30)]
         logits[name] = np.concatenate(rows)
     ours, ref = logits["ort"], logits["numpy"]
-    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= (1.0 if weight_type == "s8" else 0.95)
-    assert np.abs(ours - ref).max() / np.abs(ref).max() < (0.02 if weight_type == "s8" else 0.1)
+    agree = ours.argmax(-1) == ref.argmax(-1)
+    # top-1 agrees wherever the reference's lead is over 1% of the largest logit (closer is a
+    # tie within the int8-activation error: seen on the Phi-3 longrope case at 0.2%)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > 0.01 * np.abs(ref).max()
+    assert agree[decisive].all() if weight_type == "s8" else agree.mean() >= 0.95
+    assert agree.mean() >= 0.95
+    # int8 activations inside MatMulNBits: measured 0.3-2.2% of the largest logit for s8 over
+    # these cases (the most on hidden 192)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < (0.03 if weight_type == "s8" else 0.1)

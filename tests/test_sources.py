@@ -72,5 +72,70 @@ def test_vendor_config_that_disagrees_is_refused(tmp_path):
     (tmp_path / "qwen.json").write_text(json.dumps({"num_hidden_layers": 24}))
     done = edgellm("build", tmp_path / "hf", "-o", tmp_path / "out",
                    "--model_config", tmp_path / "qwen.json")
-    assert done.returncode == 1 and "num_hidden_layers is 24" in done.stderr
+    assert done.returncode == 1, done.stderr
+    assert "(24 layers) calls for tensors the source lacks: model.layers.10." in done.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "qwen.json").write_text(json.dumps({"model_type": "llama"}))
+    done = edgellm("build", tmp_path / "hf", "-o", tmp_path / "out",
+                   "--model_config", tmp_path / "qwen.json")
+    assert done.returncode == 1 and "model_type 'llama' does not match" in done.stderr
+
+
+def test_vendor_config_overrides_and_round_trips(tmp_path):
+    """inspect --vendor-config prints the vendor JSON; fed back as --model-config it rebuilds
+    the same config; an overriding field (here rope theta) lands in the artifact."""
+    make_tiny_model(tmp_path / "hf", "qwen2", tied=True)
+    assert edgellm("build", tmp_path / "hf", "-o", tmp_path / "a").returncode == 0
+    shown = edgellm("inspect", tmp_path / "a", "--vendor-config")
+    vendor = json.loads(shown.stdout)
+    assert vendor["model_type"] == "qwen" and vendor["num_hidden_layers"] == 2
+    assert vendor["max_position_embedings"] == 256 and vendor["norm_type"] == "rms_norm"
+    vendor["rope_theta_base"] = 1e6
+    (tmp_path / "v.json").write_text(json.dumps(vendor))
+    done = edgellm("build", tmp_path / "hf", "-o", tmp_path / "b", "--model_config",
+                   tmp_path / "v.json")
+    assert done.returncode == 0, done.stderr
+    a, b = (json.loads((tmp_path / d / "manifest.json").read_text())["config"] for d in "ab")
+    assert b["rope_theta"] == 1e6 and {**a, "rope_theta": 1e6} == b
+
+
+def test_phi3_sliding_window_is_honoured_or_refused(tmp_path):
+    make_tiny_model(tmp_path / "hf", "phi3", tied=False, sliding_window=64)
+    done = edgellm("build", tmp_path / "hf", "-o", tmp_path / "long", "--kv-cache-len", "96")
+    assert done.returncode == 1
+    assert "exceeds this model's attention window of 64 positions" in done.stderr
+    assert not (tmp_path / "long").exists()
+    # a cache no longer than the window: every position sees all of its past, as in the window
+    done = edgellm("build", tmp_path / "hf", "-o", tmp_path / "ok", "--kv-cache-len", "64")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_model_too_large_for_the_machine_is_refused_with_the_numbers(tmp_path, monkeypatch):
+    from edgellm.build import memory
+    from edgellm.build.builder import BuildOptions, build
+    from edgellm.errors import EdgeLLMError
+
+    make_tiny_model(tmp_path / "hf", "qwen2", tied=False)
+    monkeypatch.setattr(memory, "machine_memory", lambda: (100 * 2**20, 50 * 2**20))
+    with pytest.raises(EdgeLLMError, match=r"needs about 0\.2 GB of RAM to run as s8 .* "
+                                           r"this machine has 0\.1 GB"):
+        build(tmp_path / "hf", tmp_path / "out", BuildOptions())
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(memory, "machine_memory", lambda: (100 * 2**30, 100 * 2**20))
+    with pytest.raises(EdgeLLMError, match=r"building this model takes about 0\.3 GB"):
+        build(tmp_path / "hf", tmp_path / "out", BuildOptions())
+    assert build(tmp_path / "hf", tmp_path / "out", BuildOptions(memory_check=False)).is_dir()
+
+
+def test_the_seed_models_fit_this_machine():
+    """The estimate for the largest seed model, Llama-3-8B as s8 (configs from its config.json)."""
+    from edgellm.arch import get_arch
+    from edgellm.build.memory import footprint
+    from edgellm.quant.schemes import get_scheme
+
+    cfg = get_arch("llama").config_from_hf(dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0))
+    need = footprint(cfg, get_scheme("s8"), get_scheme("s8"), 1023)
+    assert 7.5e9 < need.layer_weights + need.post_weights < 8.7e9  # 8.03B params at ~1.03 B each
+    assert need.kv_cache == 2 * 32 * 1023 * 8 * 128 * 4

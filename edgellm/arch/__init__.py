@@ -1,10 +1,11 @@
 """Architecture registry: each supported family is data (an ArchSpec), looked up by name."""
 
 from edgellm.arch.spec import ArchSpec, ModelConfig
-from edgellm.arch import llama, qwen2
+from edgellm.arch import llama, minicpm, phi3, qwen2
 from edgellm.errors import EdgeLLMError
 
-ARCHITECTURES: dict[str, ArchSpec] = {spec.name: spec for spec in (qwen2.SPEC, llama.SPEC)}
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.name: spec for spec in (qwen2.SPEC, llama.SPEC, phi3.SPEC, minicpm.SPEC)}
 
 
 def get_arch(name: str) -> ArchSpec:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from edgellm.arch import rope
 from edgellm.errors import EdgeLLMError
 
 # Canonical tensor names. Per-layer ones live in one weight file per decoder layer.
@@ -19,6 +20,7 @@ _HF_KEYS = {
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "rope_parameters",
     "rope_scaling", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "hidden_act",
+    "partial_rotary_factor",
 }
 
 
@@ -41,6 +43,13 @@ class ModelConfig:
     qkv_bias: bool
     hidden_act: str = "silu"
     rope_scaling: dict | None = None
+    rotary_dim: int | None = None  # None: the whole head (partial rotary otherwise)
+    # MiniCPM's scalars (1.0 elsewhere): embeddings times embed_scale, each residual branch
+    # (attention, MLP) times residual_scale, the final normed hidden state times logit_scale.
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0
+    sliding_window: int | None = None  # attention window (Phi-3); builds refuse a longer context
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -52,8 +61,24 @@ class ModelConfig:
         if self.hidden_act != "silu":
             raise EdgeLLMError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         kind = (self.rope_scaling or {}).get("rope_type", "default")
-        if kind not in ("default", "linear"):
-            raise EdgeLLMError(f"rope scaling {kind!r} is not supported yet (default, linear)")
+        if kind not in rope.SUPPORTED:
+            raise EdgeLLMError(f"rope scaling {kind!r} is not supported yet "
+                               f"({', '.join(rope.SUPPORTED)})")
+        needs = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings"),
+                 "longrope": ("long_factor", "short_factor", "original_max_position_embeddings"),
+                 "linear": ("factor",)}.get(kind, ())
+        missing = [k for k in needs if self.rope_scaling.get(k) is None]
+        if missing:
+            raise EdgeLLMError(f"rope scaling {kind!r} lacks {', '.join(missing)}")
+        dim = rope.rotary_dim(self)
+        if dim % 2 or dim > self.head_dim:
+            raise EdgeLLMError(f"rotary dimension {dim} must be even and at most head_dim "
+                               f"{self.head_dim}")
+        for key in ("long_factor", "short_factor") if kind == "longrope" else ():
+            if len(self.rope_scaling[key]) != dim // 2:
+                raise EdgeLLMError(f"rope {key} has {len(self.rope_scaling[key])} entries, "
+                                   f"expected rotary_dim / 2 = {dim // 2}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,20 +88,28 @@ class ModelConfig:
         return cls(**d)
 
 
-def _rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
-    """rope_theta sits at top level (transformers 4.x) or under rope_parameters (5.x)."""
+def _rope_from_hf(cfg: dict) -> tuple[float, dict | None, float]:
+    """(theta, scaling, partial_rotary_factor). rope_theta sits at top level (transformers 4.x)
+    or under rope_parameters (5.x); so may partial_rotary_factor."""
     params = dict(cfg.get("rope_parameters") or {})
     theta = cfg.get("rope_theta", params.get("rope_theta"))
     if theta is None:
         theta = 10000.0
-    scaling = cfg.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    partial = float(cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0)))
+    scaling = cfg.get("rope_scaling") or {k: v for k, v in params.items()
+                                          if k not in ("rope_theta", "partial_rotary_factor")}
     if scaling:
-        scaling = dict(scaling)
-        scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling.pop("type", None)
+        scaling = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
+        kind = scaling.pop("type", None)
+        scaling["rope_type"] = scaling.get("rope_type", kind or "default")
+        if scaling["rope_type"] == "su":  # Phi-3's early name for longrope
+            scaling["rope_type"] = "longrope"
+        if scaling["rope_type"] in ("longrope", "llama3"):
+            scaling.setdefault("original_max_position_embeddings",
+                               cfg.get("original_max_position_embeddings"))
         if scaling["rope_type"] == "default" and len(scaling) == 1:
             scaling = None
-    return float(theta), scaling or None
+    return float(theta), scaling or None, partial
 
 
 @dataclass(frozen=True)
@@ -91,6 +124,13 @@ class ArchSpec:
     gguf_global: dict[str, str]
     qkv_bias: bool  # q/k/v projections carry a bias
     gguf_qk_permuted: bool  # llama.cpp's converter interleaved q/k rows for its rope
+    # fused source tensor (with {L}) -> the canonical tensors stacked in its rows, in order
+    hf_fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    gguf_fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    tie_default: bool = False  # tie_word_embeddings when config.json does not say
+    # config.json -> further ModelConfig fields (MiniCPM's scales, Phi-3's sliding window)
+    hf_extra: Callable[[dict], dict] | None = None
+    gguf_extra: Callable[[dict], dict] | None = None  # the same from GGUF metadata
 
     def layer_tensor_names(self, cfg: ModelConfig) -> tuple[str, ...]:
         names = LAYER_NORMS + LAYER_LINEARS
@@ -108,15 +148,21 @@ class ArchSpec:
         }
         return shapes[name]
 
+    def fused_shape(self, parts: tuple[str, ...], cfg: ModelConfig) -> tuple[int, int]:
+        shapes = [self.expected_shape(p, cfg) for p in parts]
+        return sum(s[0] for s in shapes), shapes[0][1]
+
     def config_from_hf(self, cfg: dict) -> ModelConfig:
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
-            theta, scaling = _rope_from_hf(cfg)
+            theta, scaling, partial = _rope_from_hf(cfg)
             if cfg.get("use_sliding_window"):
                 raise EdgeLLMError(f"{self.name} with use_sliding_window=true is not supported yet")
             if cfg.get("attention_bias") and not self.qkv_bias:
                 raise EdgeLLMError(f"{self.name} with attention_bias=true is not supported yet")
+            head_dim = int(cfg.get("head_dim") or hidden // heads)
+            rotary = int(head_dim * partial)
             return ModelConfig(
                 arch=self.name,
                 hidden_size=hidden,
@@ -124,19 +170,23 @@ class ArchSpec:
                 num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                head_dim=head_dim,
                 vocab_size=int(cfg["vocab_size"]),
                 rope_theta=theta,
                 norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", self.tie_default)),
                 qkv_bias=self.qkv_bias,
                 hidden_act=cfg.get("hidden_act", "silu"),
                 rope_scaling=scaling,
+                rotary_dim=rotary if rotary != head_dim else None,
                 extra={k: v for k, v in cfg.items() if k not in _HF_KEYS},
+                **(self.hf_extra(cfg) if self.hf_extra else {}),
             )
         except KeyError as e:
             raise EdgeLLMError(f"config.json lacks the key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise EdgeLLMError(f"config.json has a value of the wrong type: {e}") from None
 
     def config_from_gguf(self, meta: dict[str, Any], vocab_size: int, tied: bool) -> ModelConfig:
         a = self.name
@@ -148,6 +198,8 @@ class ArchSpec:
             return value
 
         heads, hidden = int(get("attention.head_count")), int(get("embedding_length"))
+        head_dim = int(get("attention.key_length", hidden // heads))
+        rotary = int(get("rope.dimension_count", head_dim))
         scaling = None
         if meta.get(f"{a}.rope.scaling.type") not in (None, "none"):
             scaling = {"rope_type": meta[f"{a}.rope.scaling.type"],
@@ -159,7 +211,7 @@ class ArchSpec:
             num_layers=int(get("block_count")),
             num_heads=heads,
             num_kv_heads=int(get("attention.head_count_kv", heads)),
-            head_dim=int(get("attention.key_length", hidden // heads)),
+            head_dim=head_dim,
             vocab_size=vocab_size,
             rope_theta=float(get("rope.freq_base", 10000.0)),
             norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
@@ -167,4 +219,7 @@ class ArchSpec:
             tie_word_embeddings=tied,
             qkv_bias=self.qkv_bias,
             rope_scaling=scaling,
+            rotary_dim=rotary if rotary != head_dim else None,
+            **(self.gguf_extra({k[len(a) + 1:]: v for k, v in meta.items()
+                                if k.startswith(a + ".")}) if self.gguf_extra else {}),
         )

@@ -19,7 +19,9 @@ from edgellm.arch.spec import LAYER_LINEARS
 from edgellm.artifact import format as fmt
 from edgellm.artifact.format import Manifest
 from edgellm.artifact.writer import TensorFileWriter, write_raw
+from edgellm.build.memory import check_fits
 from edgellm.build.sources import Source, open_source
+from edgellm.build.vendor_config import apply_vendor_config, read_vendor_config
 from edgellm.errors import EdgeLLMError
 from edgellm.fileutil import sha256_file
 from edgellm.quant.schemes import get_scheme, quantize_rows
@@ -36,6 +38,8 @@ class BuildOptions:
     check_level: int = 0
     check_prompt: str = "1+1="
     force: bool = False
+    memory_check: bool = True  # refuse, before any work, a model this machine cannot hold
+    model_config: str | None = None  # the vendor's model-config JSON, overriding the source's
 
     def __post_init__(self):
         if self.kv_cache_len < 2:
@@ -82,16 +86,17 @@ def _commit(tmp: Path, output: Path):
 class _LayerChecker:
     """--check-level 1: each quantized layer against its float original on the same input."""
 
-    def __init__(self, source: Source, prompt_embeddings: np.ndarray, hidden: str):
+    def __init__(self, source: Source, prompt_embeddings: np.ndarray, hidden: str,
+                 kv_cache_len: int):
         self.cfg = source.config
-        self.hidden = hidden
-        self.h = dtypes.round_to(dtypes.bf16_bits_to_fp32(prompt_embeddings), hidden)
+        self.hidden, self.kv_cache_len = hidden, kv_cache_len
+        rows = dtypes.bf16_bits_to_fp32(prompt_embeddings) * np.float32(self.cfg.embed_scale)
+        self.h = dtypes.round_to(rows, hidden)
 
     def check(self, index: int, float_w: dict, quant_w: dict) -> float:
         from edgellm.runtime.reference import decoder_layer
 
-        n = self.h.shape[0]
-        shape = (n, self.cfg.num_kv_heads, self.cfg.head_dim)
+        shape = (self.kv_cache_len, self.cfg.num_kv_heads, self.cfg.head_dim)
         store = dtypes.STORAGE_DTYPE[self.hidden]
         outs = []
         for w in (float_w, quant_w):
@@ -137,14 +142,17 @@ def _write_post(source: Source, path: Path, scheme) -> tuple[dict, float]:
     return writer.close(), error
 
 
-def build(input_path: str | Path, output: str | Path, opts: BuildOptions,
-          on_source=None) -> Path:
+def build(input_path: str | Path, output: str | Path, opts: BuildOptions) -> Path:
     """Compile `input_path` (HF dir or GGUF) into the artifact directory `output`."""
     source = open_source(input_path)
-    if on_source:
-        on_source(source)
+    if opts.model_config:
+        vendor = read_vendor_config(opts.model_config)
+        source.config = apply_vendor_config(vendor, source.config)
     scheme = get_scheme(opts.weight_type, opts.group_size)
     post_scheme = get_scheme(opts.post_weight_type or opts.weight_type, opts.group_size)
+    _check_context(source.config, opts)
+    if opts.memory_check:
+        check_fits(source.config, scheme, post_scheme, opts.kv_cache_len, opts.hidden_state_type)
     output = Path(output).absolute()
     tmp = _prepare_output(output, opts.force)
     try:
@@ -157,6 +165,14 @@ def build(input_path: str | Path, output: str | Path, opts: BuildOptions,
     if opts.check_level >= 2:
         _run_check_prompt(output, opts.check_prompt)
     return output
+
+
+def _check_context(cfg, opts: BuildOptions):
+    if cfg.sliding_window and opts.kv_cache_len > cfg.sliding_window:
+        raise EdgeLLMError(
+            f"--kv-cache-len {opts.kv_cache_len} exceeds this model's attention window of "
+            f"{cfg.sliding_window} positions (sliding-window attention is not implemented); "
+            f"build with --kv-cache-len {cfg.sliding_window} or less")
 
 
 def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_scheme) -> Manifest:
@@ -175,7 +191,8 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
         from tokenizers import Tokenizer
 
         ids = Tokenizer.from_str(tok.tokenizer_json).encode(opts.check_prompt).ids or [0]
-        checker = _LayerChecker(source, dtypes.fp32_to_bf16_bits(embed[ids]), opts.hidden_state_type)
+        checker = _LayerChecker(source, dtypes.fp32_to_bf16_bits(embed[ids]),
+                                opts.hidden_state_type, opts.kv_cache_len)
     del embed
     tok.tokenizer_json = ""  # written above; free the large string
 
@@ -221,6 +238,10 @@ def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_sc
     if not (og.supports(scheme.to_dict()) and og.supports(post_scheme.to_dict())):
         _log(f"no ONNX graphs for weight type {scheme.name}/{post_scheme.name}: "
              "the numpy engine will run this artifact")
+        return {}
+    if og.unsupported_shape(cfg):
+        _log(f"no ONNX graphs for {og.unsupported_shape(cfg)}: the numpy engine will run this "
+             "artifact")
         return {}
     names = []
     for layer in layers:

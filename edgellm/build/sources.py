@@ -49,15 +49,24 @@ class Source:
     def has(self, name: str) -> bool:
         return self._global_map()[name] in self._source_names()
 
+    def _fused_map(self) -> dict[str, tuple[str, ...]]:
+        return {}
+
     def tensor(self, name: str, layer: int | None = None) -> np.ndarray:
         """The canonical tensor `name` (of decoder layer `layer`) as float32, shape-checked."""
+        if layer is not None:
+            for template, parts in self._fused_map().items():
+                if name in parts:
+                    return self._split(name, template.replace("{L}", str(layer)), parts)
         table = self._global_map() if layer is None else self._layer_map()
-        source_name = table[name].replace("{L}", str(layer))
+        return self._load(table[name].replace("{L}", str(layer)),
+                          self.spec.expected_shape(name, self.config))
+
+    def _load(self, source_name: str, expected: tuple[int, ...]) -> np.ndarray:
         if source_name not in self._source_names():
             raise EdgeLLMError(f"{self.path}: tensor {source_name} not found in the source")
         self._used.add(source_name)
         array = self._read(source_name)
-        expected = self.spec.expected_shape(name, self.config)
         if tuple(array.shape) != expected:
             raise EdgeLLMError(
                 f"{self.path}: tensor {source_name} has shape {tuple(array.shape)}, "
@@ -65,11 +74,23 @@ class Source:
             )
         return array
 
+    def _split(self, name: str, source_name: str, parts: tuple[str, ...]) -> np.ndarray:
+        """Rows of a fused tensor (e.g. Phi-3's qkv_proj = q | k | v); the fused tensor is read
+        once for all its parts."""
+        cached_name, fused = getattr(self, "_fused_cache", (None, None))
+        if cached_name != source_name:
+            fused = self._load(source_name, self.spec.fused_shape(parts, self.config))
+            self._fused_cache = (source_name, fused)
+        rows = [self.spec.expected_shape(p, self.config)[0] for p in parts]
+        start = sum(rows[:parts.index(name)])
+        return np.ascontiguousarray(fused[start:start + rows[parts.index(name)]])
+
     def _expected_names(self) -> set[str]:
-        layer_map = self._layer_map()
-        names = {layer_map[n].replace("{L}", str(i))
-                 for n in self.spec.layer_tensor_names(self.config)
-                 for i in range(self.config.num_layers)}
+        layer_map, fused = self._layer_map(), self._fused_map()
+        in_fused = {p for parts in fused.values() for p in parts}
+        templates = [layer_map[n] for n in self.spec.layer_tensor_names(self.config)
+                     if n not in in_fused] + list(fused)
+        names = {t.replace("{L}", str(i)) for t in templates for i in range(self.config.num_layers)}
         return names | set(self._global_map().values())
 
     def _unexplained(self, names: set[str]) -> list[str]:
@@ -77,8 +98,17 @@ class Source:
         return sorted(n for n in names if not any(r.match(n) for r in ignored))
 
     def check_names(self) -> None:
-        """Before any work: every source tensor must be mapped or deliberately ignored."""
+        """Before any work: every source tensor must be mapped or deliberately ignored, and
+        every tensor the config implies must be there."""
         self._raise_if_unmapped(self._unexplained(self._source_names() - self._expected_names()))
+        expected = self._expected_names()
+        if self.config.tie_word_embeddings:
+            expected.discard(self._global_map()["lm_head"])
+        missing = sorted(expected - self._source_names())
+        if missing:
+            more = " ..." if len(missing) > 4 else ""
+            raise EdgeLLMError(f"{self.path}: the config ({self.config.num_layers} layers) calls "
+                               f"for tensors the source lacks: {', '.join(missing[:4])}{more}")
 
     def check_all_used(self) -> None:
         """After the build: every source tensor was consumed or deliberately ignored."""
@@ -121,6 +151,9 @@ class HFSource(Source):
 
     def _layer_map(self):
         return self.spec.hf_layer
+
+    def _fused_map(self):
+        return self.spec.hf_fused
 
     def _global_map(self):
         return self.spec.hf_global
@@ -184,6 +217,9 @@ class GGUFSource(Source):
 
     def _layer_map(self):
         return self.spec.gguf_layer
+
+    def _fused_map(self):
+        return self.spec.gguf_fused
 
     def _global_map(self):
         return self.spec.gguf_global

@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgellm.arch.spec import LAYER_LINEARS, ModelConfig
-from edgellm.runtime.reference import rope_tables
+from edgellm.arch.rope import rope_tables
 
 MS = "com.microsoft"
 _ONNX_TYPES = {"uint8": TensorProto.UINT8, "fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16,
@@ -58,6 +58,14 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}",
                                            domain=domain, **attrs))
         return outputs[0]
+
+    def scaled(self, x: str, scale: float) -> str:
+        """x * scale (MiniCPM's residual and logit scales); nothing when the scale is 1."""
+        if scale == 1.0:
+            return x
+        const = f"scale_{len(self.inits)}"
+        self.inits.append(helper.make_tensor(const, TensorProto.FLOAT, [], [scale]))
+        return self.node("Mul", [x, const], [f"{x}_scaled"])
 
     def matmul(self, x: str, linear: str, out: str, bias: str | None = None) -> str:
         """x @ W.T with W in MatMulNBits layout (qweight [N, blocks, blob], scales [N*blocks])."""
@@ -101,7 +109,7 @@ def layer_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sch
     q = g.matmul(x, "attn_q", "q", bias("attn_q"))
     k = g.matmul(x, "attn_k", "k", bias("attn_k"))
     v = g.matmul(x, "attn_v", "v", bias("attn_v"))
-    cos, sin = rope_tables(cfg, np.arange(kv_cache_len))
+    cos, sin = rope_tables(cfg, np.arange(kv_cache_len), kv_cache_len)
     g.inits += [helper.make_tensor("cos_cache", TensorProto.FLOAT, cos.shape, cos.ravel()),
                 helper.make_tensor("sin_cache", TensorProto.FLOAT, sin.shape, sin.ravel())]
     attn = g.node("GroupQueryAttention",
@@ -110,7 +118,7 @@ def layer_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sch
                   ["attn", "present_key", "present_value"], domain=MS,
                   num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1,
                   rotary_interleaved=0)
-    o = g.matmul(attn, "attn_out", "o")
+    o = g.scaled(g.matmul(attn, "attn_out", "o"), cfg.residual_scale)
     g.node("SkipSimplifiedLayerNormalization", [o, "hidden", g.weight("ffn_norm")],
            ["x2", "", "", "h2"], domain=MS, epsilon=cfg.norm_eps)
     gate = g.matmul("x2", "ffn_gate", "gate")
@@ -118,7 +126,7 @@ def layer_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sch
     g.node("Sigmoid", [gate], ["gate_sig"])
     g.node("Mul", [gate, "gate_sig"], ["gate_act"])
     g.node("Mul", ["gate_act", up], ["act"])
-    down = g.matmul("act", "ffn_down", "down")
+    down = g.scaled(g.matmul("act", "ffn_down", "down"), cfg.residual_scale)
     out = "hidden_out"
     if hidden_type == "bf16":  # the hidden state handed to the next layer is bf16, as the vendor's
         g.node("Add", ["h2", down], ["h_sum"])
@@ -142,7 +150,7 @@ def post_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sche
     g.in_features = _in_features(cfg)
     x = g.node("SimplifiedLayerNormalization", ["hidden", g.weight("output_norm")], ["x"],
                epsilon=cfg.norm_eps, axis=-1)
-    g.matmul(x, "lm_head", "logits")
+    g.matmul(g.scaled(x, cfg.logit_scale), "lm_head", "logits")
     f = TensorProto.FLOAT
     _save(g.nodes, g.inits, [_value("hidden", f, [1, "n", cfg.hidden_size])],
           [_value("logits", f, [1, "n", cfg.vocab_size])], path, path.stem)
@@ -150,6 +158,14 @@ def post_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sche
 
 def supports(scheme: dict) -> bool:
     return scheme.get("kind") == "int"
+
+
+def unsupported_shape(cfg: ModelConfig) -> str | None:
+    """Why ORT's GroupQueryAttention cannot run this model's attention, or None."""
+    half = (cfg.rotary_dim or cfg.head_dim) // 2
+    if half % 8:
+        return (f"rotary dimension {2 * half} (GroupQueryAttention needs a multiple of 16)")
+    return None
 
 
 __all__ = ["layer_graph", "post_graph", "supports", "LAYER_LINEARS"]

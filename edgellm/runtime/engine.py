@@ -22,6 +22,12 @@ def _dequantize_file(tensors: dict[str, np.ndarray], scheme, linears: tuple[str,
     return out
 
 
+def embedding_rows(table: np.ndarray, tokens: np.ndarray, cfg) -> np.ndarray:
+    """Rows of the bf16 embedding table as float32, times the model's embed_scale (MiniCPM)."""
+    rows = dtypes.bf16_bits_to_fp32(table[tokens])
+    return rows * np.float32(cfg.embed_scale) if cfg.embed_scale != 1.0 else rows
+
+
 class NumpyEngine:
     """forward(tokens, pos) over a preallocated KV cache; the reference every engine must match.
 
@@ -45,7 +51,7 @@ class NumpyEngine:
         self.v_cache = np.zeros(shape, store)
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        return dtypes.round_to(dtypes.bf16_bits_to_fp32(self.embed[tokens]), self.hidden_type)
+        return dtypes.round_to(embedding_rows(self.embed, tokens, self.config), self.hidden_type)
 
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions pos.. ; logits [vocab] of the last one (or [n, vocab])."""

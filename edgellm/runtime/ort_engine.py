@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgellm import dtypes
 from edgellm.artifact.reader import Artifact
 from edgellm.errors import EdgeLLMError
+from edgellm.runtime.engine import embedding_rows
 
 
 _GLOBAL_POOL: list[int | None] = []  # the threads of the process-wide pool, once created
@@ -100,7 +100,7 @@ class OrtEngine:
         return layers, post
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        return dtypes.bf16_bits_to_fp32(self.embed[tokens])
+        return embedding_rows(self.embed, tokens, self.config)
 
     def _check(self, pos: int, n: int):
         if pos + n > self.kv_cache_len:

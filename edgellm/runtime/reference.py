@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from edgellm import dtypes
+from edgellm.arch.rope import rope_tables
 from edgellm.arch.spec import ModelConfig
 
 
@@ -20,24 +21,13 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(variance + eps) * weight
 
 
-def rope_tables(cfg: ModelConfig, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin: [n, head_dim/2] for absolute positions (rotate-half convention)."""
-    half = cfg.head_dim // 2
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2 / cfg.head_dim))
-    scaling = cfg.rope_scaling or {}
-    pos = positions.astype(np.float64)
-    if scaling.get("rope_type") == "linear":
-        pos = pos / float(scaling["factor"])
-    angles = np.outer(pos, inv_freq)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x: [n, heads, head_dim]; rotates the two halves of each head."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    """x: [n, heads, head_dim]; rotates the two halves of each head's first 2*cos.shape[-1]
+    dimensions (all of them unless the rotary is partial) and passes the rest through."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     c, s = cos[:, None, :], sin[:, None, :]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, rest], axis=-1)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
@@ -71,7 +61,8 @@ def decoder_layer(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
                   k_cache: np.ndarray, v_cache: np.ndarray, hidden_type: str) -> np.ndarray:
     """One decoder layer on h: [n, hidden] at positions pos.. ; updates the caches in place.
 
-    k_cache, v_cache: [kv_cache_len, kv_heads, head_dim] in the hidden-state storage dtype.
+    k_cache, v_cache: [kv_cache_len, kv_heads, head_dim] in the hidden-state storage dtype; their
+    length is the context the rotary tables are chosen for (longrope).
     """
     n = h.shape[0]
     hd, heads, kv_heads = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -79,19 +70,21 @@ def decoder_layer(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
     q = linear(x, w, "attn_q").reshape(n, heads, hd)
     k = linear(x, w, "attn_k").reshape(n, kv_heads, hd)
     v = linear(x, w, "attn_v").reshape(n, kv_heads, hd)
-    cos, sin = rope_tables(cfg, np.arange(pos, pos + n))
+    cos, sin = rope_tables(cfg, np.arange(pos, pos + n), k_cache.shape[0])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_cache[pos:pos + n] = dtypes.encode(k, hidden_type)
     v_cache[pos:pos + n] = dtypes.encode(v, hidden_type)
     keys = dtypes.decode(k_cache[:pos + n], hidden_type)
     values = dtypes.decode(v_cache[:pos + n], hidden_type)
-    h = h + attention(q, keys, values, pos) @ w["attn_out"].T  # float32 throughout
+    residual = np.float32(cfg.residual_scale)  # MiniCPM's scale_depth / sqrt(layers), else 1
+    h = h + attention(q, keys, values, pos) @ w["attn_out"].T * residual  # float32 throughout
     x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
     gate = x @ w["ffn_gate"].T
-    h = h + ((gate / (1.0 + np.exp(-gate))) * (x @ w["ffn_up"].T)) @ w["ffn_down"].T
+    h = h + ((gate / (1.0 + np.exp(-gate))) * (x @ w["ffn_up"].T)) @ w["ffn_down"].T * residual
     return dtypes.round_to(h.astype(np.float32), hidden_type)
 
 
 def post(h: np.ndarray, w: dict, cfg: ModelConfig) -> np.ndarray:
     """Final norm + lm_head: h [n, hidden] -> logits [n, vocab]."""
-    return rms_norm(h, w["output_norm"], cfg.norm_eps) @ w["lm_head"].T
+    x = rms_norm(h, w["output_norm"], cfg.norm_eps) * np.float32(cfg.logit_scale)
+    return x @ w["lm_head"].T

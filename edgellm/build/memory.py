@@ -1,0 +1,87 @@
+"""Will it fit? Memory a build and a run of a model need, checked before any work is done.
+
+Run time (the ORT engine): the layer and post weights as stored (memory-mapped and read on every
+token), the KV cache (fp32), and about 150 MB of runtime (ORT's packed lm_head and buffers: 667 MB
+steady RSS measured for 0.51 GB of Qwen2-0.5B s8 weights + 25 MB of cache). The bf16 embedding
+table is mapped too, but only the rows of the tokens seen are read.
+Build: tensors are streamed one at a time; the peak is set by the largest one (the embedding or
+lm_head) held as float32 with its quantization temporaries, about 4x its float32 size, plus the
+interpreter (2.4 GB measured for Qwen2-0.5B, whose embedding is 0.54 GB as float32).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from edgellm.errors import EdgeLLMError
+
+RUNTIME_OVERHEAD = 150 * 2**20
+BUILD_OVERHEAD = 300 * 2**20
+GB = 1e9
+
+
+def bytes_per_weight(scheme) -> float:
+    d = scheme.to_dict()
+    if "bits" in d:  # group-wise integer: the codes plus one fp32 scale per group
+        return d["bits"] / 8 + 4 / d["group_size"]
+    return {"bf16": 2, "fp16": 2, "fp32": 4}[d["name"]]
+
+
+def layer_params(cfg) -> int:
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return d * (q + 2 * kv) + q * d + 3 * d * i
+
+
+@dataclass(frozen=True)
+class Footprint:
+    layer_weights: int  # bytes of all decoder-layer weights as stored
+    post_weights: int  # final norm + lm_head
+    embedding: int  # the bf16 table (mapped; rows read on demand)
+    kv_cache: int
+    build_peak: int
+
+    @property
+    def runtime(self) -> int:
+        return self.layer_weights + self.post_weights + self.kv_cache + RUNTIME_OVERHEAD
+
+
+def footprint(cfg, scheme, post_scheme, kv_cache_len: int) -> Footprint:
+    layers = cfg.num_layers * (layer_params(cfg) * bytes_per_weight(scheme)
+                               + 2 * cfg.hidden_size * 4)
+    post = cfg.vocab_size * cfg.hidden_size * bytes_per_weight(post_scheme) + cfg.hidden_size * 4
+    kv = 2 * cfg.num_layers * kv_cache_len * cfg.num_kv_heads * cfg.head_dim * 4
+    largest = max(cfg.vocab_size * cfg.hidden_size, cfg.intermediate_size * cfg.hidden_size) * 4
+    return Footprint(int(layers), int(post), cfg.vocab_size * cfg.hidden_size * 2, kv,
+                     4 * largest + BUILD_OVERHEAD)
+
+
+def machine_memory() -> tuple[int, int]:
+    """(total, available) bytes of RAM: /proc/meminfo on Linux, sysconf elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemTotal"], info.get("MemAvailable", info["MemTotal"])
+    except (OSError, KeyError, ValueError, IndexError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total, total
+
+
+def check_fits(cfg, scheme, post_scheme, kv_cache_len: int, hidden_type: str) -> Footprint:
+    """Refuse, with the numbers, a model that this machine could not build or run."""
+    need = footprint(cfg, scheme, post_scheme, kv_cache_len)
+    total, available = machine_memory()
+    if need.runtime > total:
+        raise EdgeLLMError(
+            f"this model needs about {need.runtime / GB:.1f} GB of RAM to run as "
+            f"{scheme.name} (weights {(need.layer_weights + need.post_weights) / GB:.2f} GB + "
+            f"KV cache {need.kv_cache / GB:.2f} GB + runtime {RUNTIME_OVERHEAD / GB:.2f} GB) and "
+            f"this machine has {total / GB:.1f} GB; try --weight-type s4, a shorter "
+            f"--kv-cache-len, or a machine with more memory (--no-memory-check builds anyway)")
+    if need.build_peak > available:
+        raise EdgeLLMError(
+            f"building this model takes about {need.build_peak / GB:.1f} GB of RAM (its largest "
+            f"tensor as float32, with quantization temporaries) and {available / GB:.1f} GB are "
+            f"available now (--no-memory-check builds anyway)")
+    return need
