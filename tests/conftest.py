@@ -21,6 +21,13 @@ def qwen_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen15_gguf() -> Path:
+    from edgellm.hub.pull import pull
+
+    return pull("qwen2.5-coder-1.5b-instruct")
+
+
+@pytest.fixture(scope="session")
 def smol_gguf() -> Path:
     from edgellm.hub.pull import pull
 
@@ -36,6 +43,11 @@ def _build(src: Path, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def qwen_s8(qwen_gguf, tmp_path_factory) -> Path:
     return _build(qwen_gguf, tmp_path_factory.mktemp("qwen") / "qwen-s8")
+
+
+@pytest.fixture(scope="session")
+def qwen15_s8(qwen15_gguf, tmp_path_factory) -> Path:
+    return _build(qwen15_gguf, tmp_path_factory.mktemp("qwen15") / "qwen15-s8")
 
 
 @pytest.fixture(scope="session")

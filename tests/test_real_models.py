@@ -40,6 +40,7 @@ def reference_cache():
 # logits by up to 5% of the largest, which flips it; see docs/PERFORMANCE.md and the test below.
 @pytest.mark.parametrize("gguf,artifact,engine", [("qwen_gguf", "qwen_s8", "numpy"),
                                                   ("qwen_gguf", "qwen_s8", "ort"),
+                                                  ("qwen15_gguf", "qwen15_s8", "ort"),
                                                   ("smol_gguf", "smol_s8", "numpy")])
 def test_greedy_tokens_equal_float32_reference(gguf, artifact, engine, request, reference_cache):
     gen = Generator.load(request.getfixturevalue(artifact), engine=engine)
@@ -61,6 +62,17 @@ def test_capital_of_france_is_paris(artifact, engine, request):
     result = gen.generate(ids, SamplingConfig(), max_new_tokens=40)
     assert "Paris" in result.text
     assert result.stop_reason == "eos"
+
+
+def test_qwen2_1_5b_shapes_and_answer(qwen15_s8):
+    """Qwen2.5-Coder-1.5B: head_dim 128, 12 query heads over 2 kv heads, untied lm_head."""
+    gen = Generator.load(qwen15_s8, engine="ort")
+    cfg = gen.artifact.config
+    assert (cfg.num_layers, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads) == (28, 128, 12, 2)
+    assert not cfg.tie_word_embeddings
+    ids = gen.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    result = gen.generate(ids, SamplingConfig(), max_new_tokens=40)
+    assert "Paris" in result.text and result.stop_reason == "eos"
 
 
 def test_smollm2_ort_logits_stay_close_to_the_reference_engine(smol_s8):

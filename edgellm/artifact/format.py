@@ -9,8 +9,8 @@ from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
 
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (2,)
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (2, 3)  # v2 lacks v3's config fields, whose defaults are v2's meaning
 MANIFEST_NAME = "manifest.json"
 EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
 TOKENIZER_FILE = "tokenizer.json"
