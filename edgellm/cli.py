@@ -20,7 +20,10 @@ def _add_build(sub):
     p.add_argument("--weight-type", "--weight_type", default="s8", choices=sorted(SCHEMES))
     p.add_argument("--post-weight-type", "--post_weight_type", choices=sorted(SCHEMES),
                    help="weight type of the lm_head (default: --weight-type)")
-    p.add_argument("--group-size", type=int, default=128, help="input channels per scale")
+    p.add_argument("--group-size", "--group_size", type=int, default=128,
+                   help="input channels per scale (32, 64, 128, …)")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="integer weights with a zero point per group (default: symmetric)")
     p.add_argument("--kv-cache-len", "--kv_cache_len", type=int, default=1023)
     p.add_argument("--prefill-len", "--prefill_len", type=int, default=None,
                    help="tokens per prefill chunk (default: 128, or the KV cache length if less)")
@@ -134,7 +137,8 @@ def cmd_build(a) -> int:
         raise EdgeLLMError("build needs an input (HF directory or .gguf) and -o OUTPUT")
     opts = BuildOptions(kv_cache_len=a.kv_cache_len, prefill_len=a.prefill_len,
                         weight_type=a.weight_type, post_weight_type=a.post_weight_type,
-                        group_size=a.group_size, hidden_state_type=a.hidden_state_type,
+                        group_size=a.group_size, asymmetric=a.asymmetric,
+                        hidden_state_type=a.hidden_state_type,
                         check_level=a.check_level, check_prompt=a.check_prompt, force=a.force,
                         memory_check=not a.no_memory_check, model_config=a.model_config)
     out = build(source, a.output, opts)
@@ -187,6 +191,73 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _add_quality(sub):
+    p = sub.add_parser("eval", help="perplexity on a text; agreement with the unquantized source")
+    p.add_argument("artifact")
+    p.add_argument("--perplexity", metavar="FILE", help="text file to score (default: a short "
+                                                         "built-in passage)")
+    p.add_argument("--reference", metavar="SRC", help="the unquantized source (HF dir or GGUF): "
+                                                       "top-1 agreement and mean KL against it")
+    p.add_argument("--context", type=int, help="tokens per window (default: the KV cache)")
+    p.add_argument("--stride", type=int, help="new tokens scored per window (default: half)")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
+    p.add_argument("--json", action="store_true")
+    _add_engine(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plan", help="will it fit a device, and its decode ceiling, per weight type")
+    p.add_argument("artifact")
+    p.add_argument("--board", choices=sorted(_boards()), help="a preset: RAM and bandwidth")
+    p.add_argument("--ram", help="device RAM, e.g. 2GB (overrides the board's)")
+    p.add_argument("--bandwidth", help="memory bandwidth, e.g. 17GB/s (overrides the board's)")
+    p.add_argument("--kv-cache-len", type=int, help="default: the artifact's")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+
+def _boards() -> dict:
+    from edgellm.plan import BOARDS
+
+    return BOARDS
+
+
+def cmd_eval(a) -> int:
+    from pathlib import Path
+
+    from edgellm.eval import SHORT_TEXT, evaluate_artifact
+
+    try:
+        text = Path(a.perplexity).read_text() if a.perplexity else SHORT_TEXT
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeLLMError(f"--perplexity {a.perplexity}: {e}") from None
+    quality = evaluate_artifact(a.artifact, text, a.reference, a.context, a.stride, a.max_tokens,
+                                **_engine_opts(a))
+    print(json.dumps(quality.to_json()) if a.json else quality.summary())
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from edgellm.artifact.reader import load_artifact
+    from edgellm.plan import BOARDS, parse_size, plan, table
+
+    board = BOARDS.get(a.board)
+    if not board and not (a.ram and a.bandwidth):
+        raise EdgeLLMError("plan needs --board NAME, or --ram and --bandwidth; boards: "
+                           + ", ".join(f"{k} ({v.note})" for k, v in BOARDS.items()))
+    ram = parse_size(a.ram, "--ram") if a.ram else board.ram
+    bandwidth = parse_size(a.bandwidth, "--bandwidth") if a.bandwidth else board.bandwidth
+    art = load_artifact(a.artifact)
+    kv = a.kv_cache_len or art.manifest.kv_cache_len
+    rows = plan(art.config, kv, ram, bandwidth)
+    if a.json:
+        print(json.dumps({"ram": ram, "bandwidth": bandwidth, "kv_cache_len": kv, "rows": rows}))
+    else:
+        if board:
+            print(board.note)
+        print(table(rows, ram, bandwidth, kv))
+    return 0
+
+
 def cmd_bench(a) -> int:
     from edgellm.bench import bench, markdown
 
@@ -234,6 +305,7 @@ def parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_run(sub)
     _add_misc(sub)
+    _add_quality(sub)
     return p
 
 

@@ -35,6 +35,9 @@ CASES = [
     ("llama", True, "s8", "bf16", dict(num_attention_heads=8, num_key_value_heads=2,
                                        head_dim=128, **test_parity.LLAMA3_ROPE)),
     ("phi3", False, "s8", "bf16", test_parity.PHI3_LONGROPE),
+    # issue 6's int4 variants: group 32 asymmetric, group 64 symmetric
+    ("qwen2", False, "s4/32/asym", "bf16", {}), ("llama", True, "s4/64", "fp32", {}),
+    ("qwen2", True, "s8/32/asym", "bf16", {}),
 ]
 
 
@@ -47,12 +50,13 @@ def _case_id(c) -> str:
 
 @pytest.fixture(scope="module", params=CASES, ids=_case_id)
 def engines(request, tmp_path_factory):
-    arch, tied, weight_type, hidden, config = request.param
+    arch, tied, spec, hidden, config = request.param
+    weight_type, group, *asym = spec.split("/") + ["128"]
     tmp = tmp_path_factory.mktemp("ort")
     make_tiny_model(tmp / "hf", arch, tied, scale=3.0, embed_boost=20.0, **config)
-    out = build(tmp / "hf", tmp / "art", BuildOptions(kv_cache_len=80, prefill_len=16,
-                                                      weight_type=weight_type,
-                                                      hidden_state_type=hidden))
+    out = build(tmp / "hf", tmp / "art", BuildOptions(
+        kv_cache_len=80, prefill_len=16, weight_type=weight_type, group_size=int(group),
+        asymmetric=asym[:1] == ["asym"], hidden_state_type=hidden))
     art = load_artifact(out)
     return OrtEngine(art, threads=1), NumpyEngine(art), weight_type
 

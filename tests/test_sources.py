@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -63,6 +64,8 @@ def test_vendor_spellings_and_check_levels(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("layer output relative error") == 2
     assert "check prompt '1+1='" in done.stderr
+    assert re.search(r"check quality on a short text: perplexity [\d.]+ over \d+ tokens .*"
+                     r"top-1 agreement [\d.]+%; mean KL [\d.]+ nats", done.stderr), done.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert (manifest["kv_cache_len"], manifest["prefill_len"]) == (127, 32)
 

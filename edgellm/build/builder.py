@@ -34,6 +34,7 @@ class BuildOptions:
     weight_type: str = "s8"
     post_weight_type: str | None = None  # default: same as weight_type
     group_size: int = 128
+    asymmetric: bool = False  # integer schemes: a zero point per group as well as a scale
     hidden_state_type: str = "bf16"
     check_level: int = 0
     check_prompt: str = "1+1="
@@ -148,8 +149,9 @@ def build(input_path: str | Path, output: str | Path, opts: BuildOptions) -> Pat
     if opts.model_config:
         vendor = read_vendor_config(opts.model_config)
         source.config = apply_vendor_config(vendor, source.config)
-    scheme = get_scheme(opts.weight_type, opts.group_size)
-    post_scheme = get_scheme(opts.post_weight_type or opts.weight_type, opts.group_size)
+    scheme = get_scheme(opts.weight_type, opts.group_size, not opts.asymmetric)
+    post_scheme = get_scheme(opts.post_weight_type or opts.weight_type, opts.group_size,
+                             not opts.asymmetric)
     _check_context(source.config, opts)
     if opts.memory_check:
         check_fits(source.config, scheme, post_scheme, opts.kv_cache_len, opts.hidden_state_type)
@@ -164,6 +166,7 @@ def build(input_path: str | Path, output: str | Path, opts: BuildOptions) -> Pat
         raise
     if opts.check_level >= 2:
         _run_check_prompt(output, opts.check_prompt)
+        _check_quality(output, input_path)
     return output
 
 
@@ -269,3 +272,11 @@ def _run_check_prompt(output: Path, prompt: str):
     result = gen.generate(gen.encode_chat([{"role": "user", "content": prompt}]),
                           SamplingConfig(), max_new_tokens=32)
     _log(f"check prompt {prompt!r} -> {result.text!r}")
+
+
+def _check_quality(output: Path, source: str | Path):
+    """--check-level 2: `edgellm eval --reference` on a short built-in text."""
+    from edgellm.eval import SHORT_TEXT, evaluate_artifact
+
+    quality = evaluate_artifact(output, SHORT_TEXT, reference_source=source)
+    _log(f"check quality on a short text: {quality.summary()}")

@@ -75,8 +75,11 @@ class _GraphBuilder:
         k = self.in_features[linear]
         inputs = [self.weight(f"{linear}.qweight"),
                   self.weight(f"{linear}.scales", shape=[n * blocks])]
+        zero_points = f"{linear}.zero_points"
+        if zero_points in self.tensors:  # asymmetric: packed per-group zero points
+            inputs.append(self.weight(zero_points))
         if bias:
-            inputs += ["", "", self.weight(bias)]  # zero_points, g_idx absent
+            inputs += [""] * (4 - len(inputs)) + [self.weight(bias)]  # (zero_points), g_idx
         return self.node("MatMulNBits", [x, *inputs], [out], domain=MS, K=k, N=n, bits=bits,
                          block_size=group, accuracy_level=4)
 

@@ -7,6 +7,12 @@ unsigned bytes, `qweight: uint8 [out, n_groups, group_size * bits / 8]` (two 4-b
 the lower index in the low nibble), with `scales: float32 [out, n_groups]`. The last group is
 zero-padded when `in` does not divide. This is MatMulNBits' B / scales layout with its default
 zero point, so the engine reads it without conversion.
+
+Asymmetric schemes (`symmetric=False`, `--asymmetric`) map each group's [min, max] onto
+[0, 2**bits - 1]: scale = (max - min) / (2**bits - 1), zero point z = clip(round(-min / scale)),
+q = clip(round(w / scale) + z, 0, 2**bits - 1), w ~ (q - z) * scale. The zero points are stored
+as MatMulNBits reads them: `zero_points: uint8 [out, ceil(n_groups * bits / 8)]`, two 4-bit
+values per byte, low nibble first.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ Parts = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class GroupwiseIntScheme:
-    """Symmetric integer weights with one float32 scale per group of input channels per row."""
+    """Integer weights with one float32 scale (and, asymmetric, one zero point) per group of
+    input channels per row."""
 
     name: str
     bits: int
     group_size: int = 128
     kind: str = "int"
+    symmetric: bool = True
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -47,31 +55,59 @@ class GroupwiseIntScheme:
     def n_groups(self, in_features: int) -> int:
         return -(-in_features // self.group_size)
 
-    def quantize(self, w: np.ndarray) -> Parts:
+    def _blocks(self, w: np.ndarray) -> np.ndarray:
         out_f, in_f = w.shape
         g = self.n_groups(in_f)
         padded = np.zeros((out_f, g * self.group_size), np.float32)
         padded[:, :in_f] = w
-        blocks = padded.reshape(out_f, g, self.group_size)
-        scales = np.abs(blocks).max(axis=2) / self.qmax
+        return padded.reshape(out_f, g, self.group_size)
+
+    def _pack(self, u: np.ndarray) -> np.ndarray:
+        """4-bit values two to a byte along the last axis (padded to even), low nibble first."""
+        u = u.astype(np.uint8)
+        if self.bits == 8:
+            return np.ascontiguousarray(u)
+        if u.shape[-1] % 2:
+            u = np.concatenate([u, np.zeros((*u.shape[:-1], 1), u.dtype)], axis=-1)
+        return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
+
+    def _unpack(self, u: np.ndarray, n: int) -> np.ndarray:
+        if self.bits == 8:
+            return u.astype(np.float32)
+        both = np.stack([u & 0x0F, u >> 4], axis=-1).reshape(*u.shape[:-1], -1)
+        return both[..., :n].astype(np.float32)
+
+    def quantize(self, w: np.ndarray) -> Parts:
+        blocks = self._blocks(w)
+        if self.symmetric:
+            scales = np.abs(blocks).max(axis=2) / self.qmax
+            safe = np.where(scales == 0, 1.0, scales)
+            q = np.clip(np.rint(blocks / safe[..., None]), -self.qmax - 1, self.qmax)
+            return {"qweight": self._pack(q + self.zero_point),
+                    "scales": scales.astype(np.float32)}
+        top = 2 ** self.bits - 1
+        lo, hi = np.minimum(blocks.min(axis=2), 0), np.maximum(blocks.max(axis=2), 0)
+        scales = (hi - lo) / top
         safe = np.where(scales == 0, 1.0, scales)
-        q = np.clip(np.rint(blocks / safe[..., None]), -self.qmax - 1, self.qmax)
-        u = (q + self.zero_point).astype(np.uint8)
-        if self.bits == 4:
-            u = u[..., 0::2] | (u[..., 1::2] << 4)
-        return {"qweight": np.ascontiguousarray(u), "scales": scales.astype(np.float32)}
+        zero = np.clip(np.rint(-lo / safe), 0, top)
+        q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, top)
+        return {"qweight": self._pack(q), "scales": scales.astype(np.float32),
+                "zero_points": self._pack(zero)}
 
     def dequantize(self, parts: Parts, in_features: int) -> np.ndarray:
         u, scales = parts["qweight"], parts["scales"]
-        if self.bits == 4:
-            u = np.stack([u & 0x0F, u >> 4], axis=-1).reshape(*u.shape[:2], -1)
-        q = u.astype(np.float32) - self.zero_point
+        q = self._unpack(u, self.group_size)
+        if self.symmetric:
+            q = q - self.zero_point
+        else:
+            q = q - self._unpack(parts["zero_points"], scales.shape[1])[..., None]
         w = q * scales[..., None].astype(np.float32)
         return w.reshape(w.shape[0], -1)[:, :in_features]
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"symmetric": True, "zero_point": self.zero_point,
-                               "scale_dtype": "fp32", "layout": "MatMulNBits"}
+        zero = self.zero_point if self.symmetric else "per group (zero_points)"
+        return asdict(self) | {"zero_point": zero, "scale_dtype": "fp32",
+                               "layout": "MatMulNBits"}
 
 
 @dataclass(frozen=True)
@@ -110,14 +146,16 @@ SCHEMES = {
 }
 
 
-def get_scheme(name: str, group_size: int | None = None):
-    """A registered scheme by name, optionally with another group size (integer schemes)."""
+def get_scheme(name: str, group_size: int | None = None, symmetric: bool = True):
+    """A registered scheme by name, optionally with another group size or asymmetric
+    (integer schemes)."""
     scheme = SCHEMES.get(name)
     if scheme is None:
         raise EdgeLLMError(f"unknown weight type {name!r}; choose from {', '.join(SCHEMES)}")
-    if group_size is not None and isinstance(scheme, GroupwiseIntScheme):
+    if isinstance(scheme, GroupwiseIntScheme):
         try:
-            scheme = GroupwiseIntScheme(scheme.name, scheme.bits, group_size)
+            scheme = GroupwiseIntScheme(scheme.name, scheme.bits, group_size or scheme.group_size,
+                                        symmetric=symmetric)
         except ValueError as e:
             raise EdgeLLMError(str(e)) from None
     return scheme
@@ -125,7 +163,8 @@ def get_scheme(name: str, group_size: int | None = None):
 
 def scheme_from_dict(d: dict):
     if d.get("kind") == "int":
-        return GroupwiseIntScheme(d["name"], d["bits"], d["group_size"])
+        return GroupwiseIntScheme(d["name"], d["bits"], d["group_size"],
+                                  symmetric=d.get("symmetric", True))
     return FloatScheme(d["name"])
 
 

@@ -1,0 +1,151 @@
+"""Quality of an artifact: perplexity on a text, and agreement with the unquantized source.
+
+- perplexity: teacher-forced over a sliding window of `context` tokens moved by `stride`; every
+  window starts from an empty KV cache and scores only the tokens the previous one did not (the
+  first window scores all of its tokens), so each token is predicted from up to `context` tokens.
+- reference: the source checkpoint built as fp32 weights with an fp32 hidden state and run by
+  the numpy reference engine; on the same windows, the share of positions whose top-1 token is the
+  same, and the mean KL divergence KL(reference || artifact) of the next-token distributions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import EdgeLLMError
+
+# For `build --check-level 2` and `eval` without --text: a short public-domain passage
+# (the opening of the US Declaration of Independence).
+SHORT_TEXT = (
+    "When in the Course of human events, it becomes necessary for one people to dissolve the "
+    "political bands which have connected them with another, and to assume among the powers of "
+    "the earth, the separate and equal station to which the Laws of Nature and of Nature's God "
+    "entitle them, a decent respect to the opinions of mankind requires that they should declare "
+    "the causes which impel them to the separation. We hold these truths to be self-evident, that "
+    "all men are created equal, that they are endowed by their Creator with certain unalienable "
+    "Rights, that among these are Life, Liberty and the pursuit of Happiness."
+)
+
+
+@dataclass
+class Quality:
+    tokens: int  # positions scored
+    context: int
+    stride: int
+    perplexity: float
+    reference_perplexity: float | None = None
+    top1_agreement: float | None = None
+    mean_kl: float | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def summary(self) -> str:
+        line = (f"perplexity {self.perplexity:.4f} over {self.tokens} tokens "
+                f"(context {self.context}, stride {self.stride})")
+        if self.reference_perplexity is not None:
+            change = self.perplexity / self.reference_perplexity - 1
+            line += (f"; unquantized reference {self.reference_perplexity:.4f} "
+                     f"({change * 100:+.2f}%); top-1 agreement {self.top1_agreement * 100:.2f}%; "
+                     f"mean KL {self.mean_kl:.5f} nats")
+        return line
+
+
+def _windows(n: int, context: int, stride: int):
+    """(start, end, row): windows ids[start:end] of up to `context` tokens; the logits rows from
+    `row` on predict the tokens not scored by an earlier window."""
+    next_target = 1  # the first token not yet scored
+    while next_target < n:
+        end = min(context, n) if next_target == 1 else min(next_target + stride, n)
+        start = max(0, end - context)
+        yield start, end, next_target - start - 1
+        next_target = end
+
+
+def _window_logits(engine, ids: list[int]) -> np.ndarray:
+    step = engine.prefill_len
+    return np.concatenate([engine.forward(ids[s:s + step], s, all_logits=True)
+                           for s in range(0, len(ids), step)]).astype(np.float64)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def evaluate(engine, ids: list[int], context: int | None = None, stride: int | None = None,
+             reference=None) -> Quality:
+    """Perplexity of `engine` on ids (and agreement with the `reference` engine, if given)."""
+    context = min(context or engine.kv_cache_len, engine.kv_cache_len)
+    if reference is not None:
+        context = min(context, reference.kv_cache_len)
+    stride = stride or max(1, context // 2)
+    if len(ids) < 2:
+        raise EdgeLLMError("the text is too short to evaluate (fewer than 2 tokens)")
+    if not 1 <= stride < context:
+        raise EdgeLLMError(f"--stride must be between 1 and the context - 1 ({context - 1})")
+    nll, ref_nll, agree, kl = [], [], [], []
+    for start, end, first in _windows(len(ids), context, stride):
+        window = ids[start:end]
+        targets = np.asarray(window[first + 1:])
+        rows = np.arange(first, len(window) - 1)
+        ours = _log_softmax(_window_logits(engine, window)[rows])
+        nll.extend(-ours[np.arange(len(targets)), targets])
+        if reference is not None:
+            ref = _log_softmax(_window_logits(reference, window)[rows])
+            ref_nll.extend(-ref[np.arange(len(targets)), targets])
+            agree.extend(ours.argmax(-1) == ref.argmax(-1))
+            kl.extend((np.exp(ref) * (ref - ours)).sum(-1))
+    quality = Quality(len(nll), context, stride, float(np.exp(np.mean(nll))))
+    if reference is not None:
+        quality.reference_perplexity = float(np.exp(np.mean(ref_nll)))
+        quality.top1_agreement = float(np.mean(agree))
+        quality.mean_kl = float(np.mean(kl))
+    return quality
+
+
+class ReferenceModel:
+    """The unquantized source, built as fp32 weights + fp32 hidden state into a temporary
+    artifact and run by the numpy reference engine (removed on close)."""
+
+    def __init__(self, source: str | Path, context: int):
+        from edgellm.artifact.reader import load_artifact
+        from edgellm.build.builder import BuildOptions, build
+        from edgellm.runtime.engine import NumpyEngine
+
+        self._tmp = Path(tempfile.mkdtemp(prefix="edgellm-reference-"))
+        try:
+            out = build(source, self._tmp / "reference", BuildOptions(
+                kv_cache_len=context, weight_type="fp32", hidden_state_type="fp32"))
+            self.engine = NumpyEngine(load_artifact(out))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def evaluate_artifact(artifact: str | Path, text: str, reference_source: str | Path | None = None,
+                      context: int | None = None, stride: int | None = None,
+                      max_tokens: int | None = None, **engine_opts) -> Quality:
+    from edgellm.runtime.generator import Generator
+
+    gen = Generator.load(artifact, **engine_opts)
+    ids = gen.tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens]
+    context = min(context or gen.engine.kv_cache_len, gen.engine.kv_cache_len)
+    if reference_source is None:
+        return evaluate(gen.engine, ids, context, stride)
+    with ReferenceModel(reference_source, context) as ref:
+        return evaluate(gen.engine, ids, context, stride, ref.engine)
