@@ -22,6 +22,8 @@ def _add_build(sub):
                    help="weight type of the lm_head (default: --weight-type)")
     p.add_argument("--group-size", "--group_size", type=int, default=128,
                    help="input channels per scale (32, 64, 128, …)")
+    p.add_argument("--keep-s8", metavar="LAYERS",
+                   help='layers kept at s8 in an s4 build, e.g. "0,1,-2--1" (first and last two)')
     p.add_argument("--asymmetric", action="store_true",
                    help="integer weights with a zero point per group (default: symmetric)")
     p.add_argument("--kv-cache-len", "--kv_cache_len", type=int, default=1023)
@@ -140,7 +142,8 @@ def cmd_build(a) -> int:
                         group_size=a.group_size, asymmetric=a.asymmetric,
                         hidden_state_type=a.hidden_state_type,
                         check_level=a.check_level, check_prompt=a.check_prompt, force=a.force,
-                        memory_check=not a.no_memory_check, model_config=a.model_config)
+                        memory_check=not a.no_memory_check, model_config=a.model_config,
+                        keep_s8=a.keep_s8)
     out = build(source, a.output, opts)
     print(out)
     return 0

@@ -107,3 +107,20 @@ def test_model_logits_match_the_reference(engines):
     # int8 activations inside MatMulNBits: measured 0.3-2.2% of the largest logit for s8 over
     # these cases (the most on hidden 192)
     assert np.abs(ours - ref).max() / np.abs(ref).max() < (0.03 if weight_type == "s8" else 0.1)
+
+
+def test_mixed_precision_keeps_chosen_layers_at_s8(tmp_path):
+    make_tiny_model(tmp_path / "hf", "qwen2", False, scale=3.0, embed_boost=20.0)
+    out = build(tmp_path / "hf", tmp_path / "art", BuildOptions(
+        kv_cache_len=80, prefill_len=16, weight_type="s4", group_size=32, keep_s8="-1"))
+    art = load_artifact(out)
+    assert art.layer_scheme("layer_001.bin").bits == 8
+    assert art.layer_scheme("layer_000.bin").bits == 4
+    assert list(art.manifest.layer_schemes) == ["layer_001.bin"]
+    q = {f: art.tensors(f)["attn_q.qweight"] for f in art.manifest.layers}
+    assert q["layer_001.bin"].nbytes == 2 * q["layer_000.bin"].nbytes
+    ids = list(np.random.default_rng(5).integers(0, 300, 24))
+    ours = OrtEngine(art, threads=1).forward(ids, 0, all_logits=True)
+    ref = NumpyEngine(art).forward(ids, 0, all_logits=True)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.1
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.95

@@ -42,6 +42,8 @@ class Manifest:
     post: str
     graphs: dict  # ONNX Runtime graphs: engine, layers, post ({} when there are none)
     files: dict[str, dict] = field(default_factory=dict)  # name -> size, sha256, tensors
+    # layer file -> its scheme where it differs from weight_scheme (mixed precision, --keep-s8)
+    layer_schemes: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)

@@ -29,6 +29,11 @@ class Artifact:
     def weight_scheme(self):
         return scheme_from_dict(self.manifest.weight_scheme)
 
+    def layer_scheme(self, layer_file: str):
+        """The scheme of one decoder layer's file (mixed-precision builds differ per layer)."""
+        override = self.manifest.layer_schemes.get(layer_file)
+        return scheme_from_dict(override) if override else self.weight_scheme
+
     @property
     def post_scheme(self):
         return scheme_from_dict(self.manifest.post_scheme)

@@ -6,6 +6,7 @@ so an interrupted or failed build leaves nothing behind at the output path.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class BuildOptions:
     force: bool = False
     memory_check: bool = True  # refuse, before any work, a model this machine cannot hold
     model_config: str | None = None  # the vendor's model-config JSON, overriding the source's
+    keep_s8: str | None = None  # layers kept at s8 in a lower-bit build: "0,1,22-23"
 
     def __post_init__(self):
         if self.kv_cache_len < 2:
@@ -170,6 +172,24 @@ def build(input_path: str | Path, output: str | Path, opts: BuildOptions) -> Pat
     return output
 
 
+def kept_layers(pattern: str | None, num_layers: int) -> set[int]:
+    """--keep-s8 "0,1,22-23" (negative indices count from the end: "-2--1") -> layer indices."""
+    if not pattern:
+        return set()
+    kept = set()
+    for part in pattern.split(","):
+        m = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
+        if not m:
+            raise EdgeLLMError(f"--keep-s8 {pattern!r}: {part!r} is not a layer or a range a-b")
+        a, b = (int(x) % num_layers if x is not None and -num_layers <= int(x) < num_layers
+                else None for x in (m.group(1), m.group(2) or m.group(1)))
+        if a is None or b is None:
+            raise EdgeLLMError(f"--keep-s8 {pattern!r}: {part!r} is outside layers "
+                               f"0-{num_layers - 1}")
+        kept.update(range(a, b + 1))
+    return kept
+
+
 def _check_context(cfg, opts: BuildOptions):
     if cfg.sliding_window and opts.kv_cache_len > cfg.sliding_window:
         raise EdgeLLMError(
@@ -199,12 +219,17 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
     del embed
     tok.tokenizer_json = ""  # written above; free the large string
 
-    layers = []
+    layers, layer_schemes = [], {}
+    kept = kept_layers(opts.keep_s8, cfg.num_layers)
+    keep_scheme = get_scheme("s8", opts.group_size, not opts.asymmetric)
     worst = 0.0
     for i in tqdm(range(cfg.num_layers), desc="layers", unit="layer", file=sys.stderr,
                   disable=None):
         name = fmt.layer_file(i)
-        files[name], err = _write_layer(source, i, tmp / name, scheme, checker)
+        layer_scheme = keep_scheme if i in kept else scheme
+        if layer_scheme != scheme:
+            layer_schemes[name] = layer_scheme.to_dict()
+        files[name], err = _write_layer(source, i, tmp / name, layer_scheme, checker)
         worst = max(worst, err)
         layers.append(name)
     files[fmt.POST_FILE], post_err = _write_post(source, tmp / fmt.POST_FILE, post_scheme)
@@ -212,7 +237,7 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
 
     source.check_all_used()
     files[fmt.TOKENIZER_FILE] = _file_entry(tmp / fmt.TOKENIZER_FILE)
-    graphs = _emit_graphs(tmp, cfg, files, layers, scheme, post_scheme, opts)
+    graphs = _emit_graphs(tmp, cfg, files, layers, scheme, post_scheme, opts, layer_schemes)
     return Manifest(
         format_version=fmt.FORMAT_VERSION,
         producer=f"edgellm {__version__}",
@@ -230,11 +255,12 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
         post=fmt.POST_FILE,
         graphs=graphs,
         files=files,
+        layer_schemes=layer_schemes,
     )
 
 
 def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_scheme,
-                 opts: BuildOptions) -> dict:
+                 opts: BuildOptions, layer_schemes: dict) -> dict:
     """ONNX graphs over the weight files, for the ONNX Runtime engine (integer schemes only)."""
     from edgellm.onnx import graphs as og
 
@@ -249,8 +275,9 @@ def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_sc
     names = []
     for layer in layers:
         name = layer.replace(".bin", ".onnx")
-        og.layer_graph(tmp / name, cfg, layer, files[layer]["tensors"], scheme.to_dict(),
-                       opts.kv_cache_len, opts.hidden_state_type)
+        og.layer_graph(tmp / name, cfg, layer, files[layer]["tensors"],
+                       layer_schemes.get(layer, scheme.to_dict()), opts.kv_cache_len,
+                       opts.hidden_state_type)
         names.append(name)
     og.post_graph(tmp / fmt.POST_GRAPH, cfg, fmt.POST_FILE, files[fmt.POST_FILE]["tensors"],
                   post_scheme.to_dict())

@@ -41,7 +41,7 @@ class NumpyEngine:
         self.prefill_len = m.prefill_len
         self.hidden_type = m.hidden_state_type
         self.embed = artifact.embedding()  # [vocab, hidden] bf16 bits, mmapped
-        self.layers = [_dequantize_file(artifact.tensors(f), artifact.weight_scheme,
+        self.layers = [_dequantize_file(artifact.tensors(f), artifact.layer_scheme(f),
                                         LAYER_LINEARS, cfg) for f in m.layers]
         self.post_weights = _dequantize_file(artifact.tensors(m.post), artifact.post_scheme,
                                              ("lm_head",), cfg)
