@@ -1,10 +1,11 @@
-"""edgellm s8 vs llama.cpp Q8_0 on the same model, threads and lengths, in one run.
+"""edgellm s8 vs llama.cpp Q8_0 (or s4 vs Q4_0) on the same model, threads and lengths, in one run.
 
     pip install llama-cpp-python==0.3.36   # builds llama.cpp from source (about 10-20 min)
-    python benchmarks/compare_llamacpp.py --threads 2
+    python benchmarks/compare_llamacpp.py --threads 2 [--weight-type s4]
 
 Both sides start from the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF that `edgellm pull` fetches:
-llama.cpp re-quantizes it to Q8_0 with its own quantize API, edgellm builds an s8 artifact.
+llama.cpp re-quantizes it to Q8_0 (Q4_0) with its own quantize API, edgellm builds an s8 (s4,
+group 128) artifact.
 Also prints the read-bandwidth roofline measured here: the decode speed no engine can beat when
 it reads every weight byte once per token.
 """
@@ -49,13 +50,13 @@ def weight_bytes_per_token(artifact: Path) -> int:
     return total
 
 
-def llama_cpp_q8(gguf: Path) -> Path:
+def llama_cpp_quantized(gguf: Path, kind: str) -> Path:
     import llama_cpp
 
-    out = cache_dir() / "models" / (gguf.stem + ".Q8_0.gguf")
+    out = cache_dir() / "models" / (gguf.stem + f".{kind}.gguf")
     if not out.is_file():
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
         params.allow_requantize = True
         if llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), params) != 0:
             sys.exit("llama.cpp quantize failed")
@@ -91,24 +92,28 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--weight-type", choices=("s8", "s4"), default="s8")
     a = p.parse_args()
 
-    artifact = cached_artifact(DEFAULT_MODEL)
-    q8 = llama_cpp_q8(pull(DEFAULT_MODEL))
+    kind = {"s8": "Q8_0", "s4": "Q4_0"}[a.weight_type]
+    artifact = cached_artifact(DEFAULT_MODEL, a.weight_type)
+    theirs_gguf = llama_cpp_quantized(pull(DEFAULT_MODEL), kind)
 
     bw = read_bandwidth(a.threads)
     per_token = weight_bytes_per_token(artifact)
     ours = bench(str(artifact), a.prompt_tokens, a.gen_tokens, a.repeats, threads=a.threads)
-    theirs = bench_llama_cpp(q8, a.threads, a.prompt_tokens, a.gen_tokens, a.repeats)
+    theirs = bench_llama_cpp(theirs_gguf, a.threads, a.prompt_tokens, a.gen_tokens, a.repeats)
 
     print(f"model {DEFAULT_MODEL}, {a.threads} threads, prompt {a.prompt_tokens}, "
           f"generate {a.gen_tokens}, median of {a.repeats}")
-    print(f"read bandwidth {bw:.1f} GB/s; s8 weights read per token {per_token / 1e9:.3f} GB; "
+    print(f"read bandwidth {bw:.1f} GB/s; {a.weight_type} weights read per token "
+          f"{per_token / 1e9:.3f} GB; "
           f"roofline {bw * 1e9 / per_token:.1f} tok/s")
     print("| engine | prefill tok/s | decode tok/s |")
     print("|---|---|---|")
-    print(f"| edgellm s8 (ORT) | {ours['prefill_tok_s']:.1f} | {ours['decode_tok_s']:.1f} |")
-    print(f"| llama.cpp Q8_0 | {theirs['prefill_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} |")
+    print(f"| edgellm {a.weight_type} (ORT) | {ours['prefill_tok_s']:.1f} | "
+          f"{ours['decode_tok_s']:.1f} |")
+    print(f"| llama.cpp {kind} | {theirs['prefill_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} |")
     print(f"| ratio | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x "
           f"| {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x |")
 

@@ -10,18 +10,19 @@ from edgellm.artifact.format import FORMAT_VERSION, MANIFEST_NAME
 from edgellm.hub.pull import DEFAULT_MODEL, cache_dir, pull
 
 
-def cached_artifact(name: str) -> Path:
-    """The s8 artifact of a known model in the cache, (re)built when missing or outdated."""
+def cached_artifact(name: str, weight_type: str = "s8") -> Path:
+    """The artifact of a known model in the cache, (re)built when missing or outdated."""
     from edgellm.build.builder import BuildOptions, build
 
     gguf = pull(name)
-    artifact = cache_dir() / "artifacts" / f"{name}-s8"
+    artifact = cache_dir() / "artifacts" / f"{name}-{weight_type}"
     manifest = artifact / MANIFEST_NAME
     if not manifest.is_file() or \
             json.loads(manifest.read_text()).get("format_version") != FORMAT_VERSION:
         print(f"building {artifact} (once) ...", file=sys.stderr)
         artifact.parent.mkdir(parents=True, exist_ok=True)
-        build(gguf, artifact, BuildOptions(kv_cache_len=1023, force=True))
+        build(gguf, artifact, BuildOptions(kv_cache_len=1023, weight_type=weight_type,
+                                           force=True))
     return artifact
 
 
