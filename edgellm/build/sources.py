@@ -206,8 +206,6 @@ class GGUFSource(Source):
         return set(self._by_name)
 
     def _read(self, source_name):
-        import gguf
-
         t = self._by_name[source_name]
         array = _dequantize_rows(t.data, t.tensor_type)
         if self.spec.gguf_qk_permuted and source_name.endswith(("attn_q.weight", "attn_k.weight")):
