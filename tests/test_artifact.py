@@ -78,3 +78,23 @@ def test_manifest_records_what_the_runtime_needs(qwen_s8):
     assert m["tokenizer"]["chat_template"].startswith("{%- if tools %}")
     assert len(m["layers"]) == 24 and all(f in m["files"] for f in m["layers"])
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+
+
+def test_a_version_2_manifest_still_loads(tmp_path):
+    """v3 added config fields and layer_schemes, all with defaults: a v2 artifact keeps working."""
+    import json
+
+    from edgellm.artifact.reader import load_artifact
+    from edgellm.build.builder import BuildOptions, build
+    from helpers import make_tiny_model
+
+    make_tiny_model(tmp_path / "hf", "llama", tied=True)
+    art = build(tmp_path / "hf", tmp_path / "a", BuildOptions(kv_cache_len=32))
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    del manifest["layer_schemes"]
+    for key in ("rotary_dim", "embed_scale", "residual_scale", "logit_scale", "sliding_window"):
+        del manifest["config"][key]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_artifact(art)
+    assert loaded.config.embed_scale == 1.0 and loaded.manifest.layer_schemes == {}

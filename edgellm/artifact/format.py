@@ -64,7 +64,9 @@ class Manifest:
                 f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); rebuild the artifact"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - data.keys() - {"files"}
+        optional = {f.name for f in dataclasses.fields(cls)
+                    if f.default_factory is not dataclasses.MISSING}  # files, layer_schemes
+        missing = names - data.keys() - optional
         if missing:
             raise EdgeLLMError(f"{path} lacks the fields {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in data.items() if k in names})
