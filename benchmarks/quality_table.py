@@ -37,14 +37,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", help="comma-separated variant labels")
+    p.add_argument("--only", help="semicolon-separated variant labels")
     a = p.parse_args()
     text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
     work = Path(tempfile.mkdtemp(prefix="edgellm-quality-"))
     rows = []
     with ReferenceModel(a.source, a.context) as ref:
         for label, opts in VARIANTS:
-            if a.only and label not in a.only.split(","):
+            if a.only and label not in a.only.split(";"):
                 continue
             art = build(a.source, work / label.replace(" ", "_").replace(",", ""),
                         BuildOptions(kv_cache_len=a.context, **opts))

@@ -45,8 +45,8 @@ def test_matmulnbits_reads_exactly_our_dequantized_weights(name, group, symmetri
     ours = scheme.dequantize(parts, k)
     theirs = _ort_dequantized(parts, k, n, scheme.bits, group)
     np.testing.assert_array_equal(theirs, ours)
-    bound = {4: 0.08, 8: 0.005}[scheme.bits]  # half a step of the widest group, relative
-    assert np.abs(ours - w).max() / np.abs(w).max() < bound
+    rms = np.sqrt(np.mean(np.square(ours - w))) / np.abs(w).max()
+    assert rms < {4: 0.03, 8: 0.002}[scheme.bits]  # a third of a step of the widest group
 
 
 def test_asymmetric_is_tighter_on_one_sided_weights():
@@ -54,3 +54,13 @@ def test_asymmetric_is_tighter_on_one_sided_weights():
     err = {sym: np.abs(s.dequantize(s.quantize(w), 128) - w).max()
            for sym, s in ((sym, get_scheme("s4", 32, sym)) for sym in (True, False))}
     assert err[False] < 0.6 * err[True]  # 16 levels over [0, 1] instead of 8
+
+
+def test_s4_scale_search_lowers_the_squared_error():
+    w = np.random.default_rng(1).standard_t(4, size=(64, 256)).astype(np.float32)  # heavy tails
+    scheme = get_scheme("s4", 32)
+    searched = np.square(scheme.dequantize(scheme.quantize(w), 256) - w).sum()
+    blocks = scheme._blocks(w)
+    scale = np.abs(blocks).max(axis=2, keepdims=True) / 7
+    absmax = np.square(np.clip(np.rint(blocks / scale), -8, 7) * scale - blocks).sum()
+    assert searched < 0.9 * absmax  # measured 0.82 here; 0.5 on Qwen2.5-Coder-0.5B layers
