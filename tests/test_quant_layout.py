@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgellm.quant.schemes import get_scheme
+from edgellm.runtime.ort_engine import _session_options
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -30,7 +31,10 @@ def _ort_dequantized(parts: dict, k: int, n: int, bits: int, group: int) -> np.n
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
     assert parts["qweight"].shape == (n, blocks, group * bits // 8)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    # the engine's options: once an OrtEngine made the process-wide thread pool, every session
+    # must use it
+    session = ort.InferenceSession(model.SerializeToString(), _session_options(ort, 1),
+                                   providers=["CPUExecutionProvider"])
     return session.run(None, {"x": np.eye(k, dtype=np.float32)})[0].T
 
 
@@ -55,12 +59,3 @@ def test_asymmetric_is_tighter_on_one_sided_weights():
            for sym, s in ((sym, get_scheme("s4", 32, sym)) for sym in (True, False))}
     assert err[False] < 0.6 * err[True]  # 16 levels over [0, 1] instead of 8
 
-
-def test_s4_scale_search_lowers_the_squared_error():
-    w = np.random.default_rng(1).standard_t(4, size=(64, 256)).astype(np.float32)  # heavy tails
-    scheme = get_scheme("s4", 32)
-    searched = np.square(scheme.dequantize(scheme.quantize(w), 256) - w).sum()
-    blocks = scheme._blocks(w)
-    scale = np.abs(blocks).max(axis=2, keepdims=True) / 7
-    absmax = np.square(np.clip(np.rint(blocks / scale), -8, 7) * scale - blocks).sum()
-    assert searched < 0.9 * absmax  # measured 0.82 here; 0.5 on Qwen2.5-Coder-0.5B layers

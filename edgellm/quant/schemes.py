@@ -1,8 +1,7 @@
 """Quantization schemes for linear weights [out, in], in the layout ONNX Runtime's MatMulNBits reads.
 
 Integer schemes are symmetric and group-wise along the input dimension: for each output row n
-and group g of `group_size` input channels, scale[n, g] = max|w| / qmax (for 4 bits, the
-multiple 0.6-1.0 of it with the least squared error) and
+and group g of `group_size` input channels, scale[n, g] = max|w| / qmax and
 q = clip(round(w / scale), -qmax - 1, qmax). q is stored offset by the zero point 2**(bits-1) as
 unsigned bytes, `qweight: uint8 [out, n_groups, group_size * bits / 8]` (two 4-bit values per byte,
 the lower index in the low nibble), with `scales: float32 [out, n_groups]`. The last group is
@@ -81,8 +80,7 @@ class GroupwiseIntScheme:
     def quantize(self, w: np.ndarray) -> Parts:
         blocks = self._blocks(w)
         if self.symmetric:
-            scales = self._searched_scales(blocks) if self.bits == 4 else \
-                np.abs(blocks).max(axis=2) / self.qmax
+            scales = np.abs(blocks).max(axis=2) / self.qmax
             safe = np.where(scales == 0, 1.0, scales)
             q = np.clip(np.rint(blocks / safe[..., None]), -self.qmax - 1, self.qmax)
             return {"qweight": self._pack(q + self.zero_point),
@@ -95,24 +93,6 @@ class GroupwiseIntScheme:
         q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, top)
         return {"qweight": self._pack(q), "scales": scales.astype(np.float32),
                 "zero_points": self._pack(zero)}
-
-    def _searched_scales(self, blocks: np.ndarray) -> np.ndarray:
-        """Per group, the scale among absmax/qmax x {0.6 ... 1.0} with the least squared error.
-        With 16 levels, clipping the largest value a little often lowers the error of the rest:
-        on Qwen2.5-Coder-0.5B's weights it halves the RMS error of s4 g32 (0.0032 -> 0.0016)."""
-        amax = np.abs(blocks).max(axis=2) / self.qmax
-        best, best_err = amax, None
-        for factor in np.linspace(0.6, 1.0, 17, dtype=np.float32):
-            scales = amax * factor
-            safe = np.where(scales == 0, 1.0, scales)[..., None]
-            q = np.clip(np.rint(blocks / safe), -self.qmax - 1, self.qmax)
-            err = np.square(q * safe - blocks).sum(axis=2)
-            if best_err is None:
-                best, best_err = scales, err
-            else:
-                better = err < best_err
-                best, best_err = np.where(better, scales, best), np.where(better, err, best_err)
-        return best
 
     def dequantize(self, parts: Parts, in_features: int) -> np.ndarray:
         u, scales = parts["qweight"], parts["scales"]
