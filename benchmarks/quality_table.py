@@ -28,6 +28,9 @@ VARIANTS = [  # label, build options
     ("s4 g32", dict(weight_type="s4", group_size=32)),
     ("s4 g32 asymmetric", dict(weight_type="s4", group_size=32, asymmetric=True)),
     ("s4 g32, s8 lm_head", dict(weight_type="s4", group_size=32, post_weight_type="s8")),
+    ("s4 g32 asymmetric, s8 lm_head, s8 layers 0,1,-1",
+     dict(weight_type="s4", group_size=32, asymmetric=True, post_weight_type="s8",
+          keep_s8="0,1,-1")),
 ]
 
 

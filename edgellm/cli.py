@@ -24,6 +24,9 @@ def _add_build(sub):
                    help="input channels per scale (32, 64, 128, …)")
     p.add_argument("--keep-s8", metavar="LAYERS",
                    help='layers kept at s8 in an s4 build, e.g. "0,1,-2--1" (first and last two)')
+    p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                   help="ONNX graphs: MatMulNBits accuracy_level (4: int8 activations inside "
+                        "the matmul, fast; 0: fp32)")
     p.add_argument("--asymmetric", action="store_true",
                    help="integer weights with a zero point per group (default: symmetric)")
     p.add_argument("--kv-cache-len", "--kv_cache_len", type=int, default=1023)
@@ -143,7 +146,7 @@ def cmd_build(a) -> int:
                         hidden_state_type=a.hidden_state_type,
                         check_level=a.check_level, check_prompt=a.check_prompt, force=a.force,
                         memory_check=not a.no_memory_check, model_config=a.model_config,
-                        keep_s8=a.keep_s8)
+                        keep_s8=a.keep_s8, accuracy_level=a.accuracy_level)
     out = build(source, a.output, opts)
     print(out)
     return 0

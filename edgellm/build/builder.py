@@ -43,6 +43,8 @@ class BuildOptions:
     memory_check: bool = True  # refuse, before any work, a model this machine cannot hold
     model_config: str | None = None  # the vendor's model-config JSON, overriding the source's
     keep_s8: str | None = None  # layers kept at s8 in a lower-bit build: "0,1,22-23"
+    # MatMulNBits: 4 = int8 activations inside the matmul (fast); 0 = fp32 (8-bit: ~1 tok/s)
+    accuracy_level: int = 4
 
     def __post_init__(self):
         if self.kv_cache_len < 2:
@@ -57,6 +59,8 @@ class BuildOptions:
                                f"{', '.join(dtypes.HIDDEN_STATE_TYPES)}")
         if self.check_level not in (0, 1, 2):
             raise EdgeLLMError("--check-level must be 0, 1 or 2")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise EdgeLLMError("--accuracy-level must be 0-4 (MatMulNBits' accuracy_level)")
 
 
 def _log(msg: str):
@@ -277,14 +281,16 @@ def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_sc
         name = layer.replace(".bin", ".onnx")
         og.layer_graph(tmp / name, cfg, layer, files[layer]["tensors"],
                        layer_schemes.get(layer, scheme.to_dict()), opts.kv_cache_len,
-                       opts.hidden_state_type)
+                       opts.hidden_state_type, opts.accuracy_level)
         names.append(name)
     og.post_graph(tmp / fmt.POST_GRAPH, cfg, fmt.POST_FILE, files[fmt.POST_FILE]["tensors"],
-                  post_scheme.to_dict())
+                  post_scheme.to_dict(), opts.accuracy_level)
     for name in [*names, fmt.POST_GRAPH]:
         files[name] = _file_entry(tmp / name)
     return {"engine": "onnxruntime", "layers": names, "post": fmt.POST_GRAPH,
-            "kv_cache_dtype": "fp32", "activation": "fp32, int8 inside MatMulNBits"}
+            "kv_cache_dtype": "fp32", "accuracy_level": opts.accuracy_level,
+            "activation": "fp32" + (", int8 inside MatMulNBits" if opts.accuracy_level == 4
+                                    else "")}
 
 
 def _file_entry(path: Path) -> dict:

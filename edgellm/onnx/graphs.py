@@ -45,8 +45,10 @@ def _external(name: str, info: dict, file_name: str, shape=None) -> TensorProto:
 
 
 class _GraphBuilder:
-    def __init__(self, tensors: dict[str, dict], file_name: str, scheme: dict):
+    def __init__(self, tensors: dict[str, dict], file_name: str, scheme: dict,
+                 accuracy_level: int = 4):
         self.tensors, self.file_name, self.scheme = tensors, file_name, scheme
+        self.accuracy_level = accuracy_level
         self.nodes: list = []
         self.inits: list = []
 
@@ -81,7 +83,7 @@ class _GraphBuilder:
         if bias:
             inputs += [""] * (4 - len(inputs)) + [self.weight(bias)]  # (zero_points), g_idx
         return self.node("MatMulNBits", [x, *inputs], [out], domain=MS, K=k, N=n, bits=bits,
-                         block_size=group, accuracy_level=4)
+                         block_size=group, accuracy_level=self.accuracy_level)
 
 
 def _value(name, dtype, shape):
@@ -103,8 +105,8 @@ def _in_features(cfg: ModelConfig) -> dict[str, int]:
 
 
 def layer_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, scheme: dict,
-                kv_cache_len: int, hidden_type: str) -> None:
-    g = _GraphBuilder(tensors, file_name, scheme)
+                kv_cache_len: int, hidden_type: str, accuracy_level: int = 4) -> None:
+    g = _GraphBuilder(tensors, file_name, scheme, accuracy_level)
     g.in_features = _in_features(cfg)
     bias = (lambda n: f"{n}_bias") if cfg.qkv_bias else (lambda n: None)
     x = g.node("SimplifiedLayerNormalization", ["hidden", g.weight("attn_norm")], ["x"],
@@ -147,9 +149,10 @@ def layer_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sch
     _save(g.nodes, g.inits, inputs, outputs, path, path.stem)
 
 
-def post_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, scheme: dict) -> None:
+def post_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, scheme: dict,
+               accuracy_level: int = 4) -> None:
     """hidden [1, n, D] -> logits [1, n, vocab]: final RMSNorm + lm_head."""
-    g = _GraphBuilder(tensors, file_name, scheme)
+    g = _GraphBuilder(tensors, file_name, scheme, accuracy_level)
     g.in_features = _in_features(cfg)
     x = g.node("SimplifiedLayerNormalization", ["hidden", g.weight("output_norm")], ["x"],
                epsilon=cfg.norm_eps, axis=-1)
