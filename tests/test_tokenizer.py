@@ -23,7 +23,7 @@ def _cases(vocab_dir, name):
     return [(text, [int(i) for i in ids.split()]) for text, ids in zip(inputs, outputs)]
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama-bpe"])
+@pytest.mark.parametrize("name", ["qwen2", "llama-bpe", "llama-spm", "phi-3"])
 def test_matches_hf_ids_recorded_by_llama_cpp(vocab_dir, name):
     """llama.cpp's .inp/.out pairs were produced by the models' own HF tokenizers."""
     tok = Tokenizer.from_str(GGUFSource(vocab_dir / f"ggml-vocab-{name}.gguf").tokenizer()

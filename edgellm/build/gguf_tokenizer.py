@@ -4,6 +4,11 @@ Byte-level BPE vocabularies (`tokenizer.ggml.model = gpt2`) are stored in GGUF e
 tokenizer.json (byte-alphabet strings and "a b" merges); what GGUF names only by a label
 (`tokenizer.ggml.pre`) is the pre-tokenizer, which is rebuilt here from the same regexes the
 models' own tokenizer.json files use.
+
+SentencePiece BPE vocabularies (`tokenizer.ggml.model = llama`: Llama-2, TinyLlama, Phi-3,
+MiniCPM) carry pieces and scores but no merges; as transformers' converter does, the merges are
+every split of a piece into two pieces of the vocabulary, ordered by the merged piece's score,
+in a BPE model with byte fallback behind the "▁" space normalizer of those models' tokenizer.json.
 """
 
 from __future__ import annotations
@@ -56,25 +61,69 @@ PRE_TOKENIZERS = {
 # Llama-3's tokenizer.json looks whole words up in the vocab before applying merges.
 IGNORE_MERGES = {"llama-bpe", "llama3"}
 
-CONTROL, USER_DEFINED = 3, 4
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
 
 
 def _added_tokens(tokens: list[str], types: list[int]) -> list[dict]:
     return [
         {"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": typ == CONTROL}
+         "normalized": False, "special": typ in (CONTROL, UNKNOWN)}
         for i, (tok, typ) in enumerate(zip(tokens, types))
-        if typ in (CONTROL, USER_DEFINED)
+        if typ in (UNKNOWN, CONTROL, USER_DEFINED)
     ]
+
+
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
+    """Merges of a SentencePiece BPE vocabulary: each piece's splits into two vocabulary pieces,
+    pieces by descending score (ties by id), splits by the ids of their halves."""
+    ids = {tok: i for i, tok in enumerate(tokens)}
+    merges = []
+    for i in sorted(range(len(tokens)), key=lambda i: (-scores[i], i)):
+        piece = tokens[i]
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in ids and piece[k:] in ids]
+        merges.extend(sorted(splits, key=lambda lr: (ids[lr[0]], ids[lr[1]])))
+    return [list(m) for m in merges]
+
+
+def _spm_tokenizer_json(meta: dict) -> str:
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    scores = [float(x) for x in meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)]
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    doc = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": _added_tokens(tokens, types),
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {
+            "type": "BPE", "dropout": None,
+            "unk_token": tokens[unk] if unk is not None else None,
+            "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+            "byte_fallback": True, "ignore_merges": False,
+            "vocab": {tok: i for i, tok in enumerate(tokens)},
+            "merges": _spm_merges(tokens, scores),
+        },
+    }
+    return json.dumps(doc, ensure_ascii=False)
 
 
 def tokenizer_json_from_gguf(meta: dict) -> str:
     """The tokenizer.json text for a GGUF's `tokenizer.ggml.*` metadata."""
     model = meta.get("tokenizer.ggml.model")
+    if model == "llama":
+        return _spm_tokenizer_json(meta)
     if model != "gpt2":
         raise EdgeLLMError(
-            f"GGUF tokenizer model {model!r} is not supported yet (supported: byte-level BPE 'gpt2')"
-        )
+            f"GGUF tokenizer model {model!r} is not supported yet (supported: byte-level BPE "
+            f"'gpt2', SentencePiece BPE 'llama'); a Hugging Face directory of the model works")
     pre_name = meta.get("tokenizer.ggml.pre", "default")
     if pre_name not in PRE_TOKENIZERS:
         raise EdgeLLMError(

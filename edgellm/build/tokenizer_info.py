@@ -93,7 +93,8 @@ def from_hf_dir(directory: Path, hf_config: dict) -> TokenizerInfo:
 def from_gguf_metadata(reader, meta: dict) -> TokenizerInfo:
     fields = reader.fields
     tok_meta = dict(meta)
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.scores"):
         if key in fields:
             tok_meta[key] = fields[key].contents()
     if "tokenizer.ggml.tokens" not in tok_meta:
