@@ -86,40 +86,49 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
     return [list(m) for m in merges]
 
 
-def _spm_tokenizer_json(meta: dict) -> str:
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    scores = [float(x) for x in meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)]
-    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
+def _bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[list[str]],
+                        normalizer, pre_tokenizer, decoder, **model) -> str:
+    """tokenizer.json of a BPE model over the GGUF vocabulary; `model` sets the BPE options."""
     doc = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": _added_tokens(tokens, types),
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
-        "pre_tokenizer": None,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": None,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "decoder": decoder,
         "model": {
-            "type": "BPE", "dropout": None,
-            "unk_token": tokens[unk] if unk is not None else None,
-            "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
-            "byte_fallback": True, "ignore_merges": False,
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+            "ignore_merges": False, **model,
             "vocab": {tok: i for i, tok in enumerate(tokens)},
-            "merges": _spm_merges(tokens, scores),
+            "merges": merges,
         },
     }
     return json.dumps(doc, ensure_ascii=False)
 
 
+def _spm_tokenizer_json(tokens: list[str], types: list[int], meta: dict) -> str:
+    scores = [float(x) for x in meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    normalizer = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    decoder = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    return _bpe_tokenizer_json(tokens, types, _spm_merges(tokens, scores), normalizer, None,
+                               decoder, unk_token=tokens[unk] if unk is not None else None,
+                               fuse_unk=True, byte_fallback=True)
+
+
 def tokenizer_json_from_gguf(meta: dict) -> str:
     """The tokenizer.json text for a GGUF's `tokenizer.ggml.*` metadata."""
     model = meta.get("tokenizer.ggml.model")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     if model == "llama":
-        return _spm_tokenizer_json(meta)
+        return _spm_tokenizer_json(tokens, types, meta)
     if model != "gpt2":
         raise EdgeLLMError(
             f"GGUF tokenizer model {model!r} is not supported yet (supported: byte-level BPE "
@@ -130,25 +139,8 @@ def tokenizer_json_from_gguf(meta: dict) -> str:
             f"GGUF pre-tokenizer {pre_name!r} is not known; supported: {', '.join(PRE_TOKENIZERS)}"
         )
     normalizer, pre_tokenizer = PRE_TOKENIZERS[pre_name]()
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     merges = [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]
-    doc = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": _added_tokens(tokens, types),
-        "normalizer": normalizer,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                    "use_regex": True},
-        "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-            "ignore_merges": pre_name in IGNORE_MERGES,
-            "vocab": {tok: i for i, tok in enumerate(tokens)},
-            "merges": merges,
-        },
-    }
-    return json.dumps(doc, ensure_ascii=False)
+    decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+               "use_regex": True}
+    return _bpe_tokenizer_json(tokens, types, merges, normalizer, pre_tokenizer, decoder,
+                               ignore_merges=pre_name in IGNORE_MERGES)
