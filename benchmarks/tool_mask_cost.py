@@ -33,8 +33,7 @@ def main() -> None:
     a = p.parse_args()
     gen = Generator.load(a.artifact, threads=a.threads)
     t0 = time.perf_counter()
-    grammar = ToolCallGrammar(gen.tokenizer.to_str(), gen.artifact.manifest.config["vocab_size"],
-                              sorted(gen.eos_ids))
+    grammar = ToolCallGrammar.for_generator(gen)
     setup = time.perf_counter() - t0
     prefix = forced_prefix("required", TOOLS)
     costs = []

@@ -38,9 +38,7 @@ def generator(qwen_s8):
 
 @pytest.fixture(scope="module")
 def grammar(generator):
-    return ToolCallGrammar(generator.tokenizer.to_str(),
-                           generator.artifact.manifest.config["vocab_size"],
-                           sorted(generator.eos_ids))
+    return ToolCallGrammar.for_generator(generator)
 
 
 def _call(generator, choice, sampling, mask_from=None):

@@ -47,6 +47,12 @@ class ToolCallGrammar:
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=n_vocab,
                                                 eos_token=sorted(eos_ids))
 
+    @classmethod
+    def for_generator(cls, gen) -> "ToolCallGrammar":
+        """The grammar tokenizer of a runtime.generator.Generator's model."""
+        return cls(gen.tokenizer.to_str(), gen.artifact.manifest.config["vocab_size"],
+                   gen.eos_ids)
+
     def mask_after(self, prefix: str, tools: list[dict]) -> TokenMask:
         """A mask for what follows `prefix`: the arguments object (and the closing brace), or,
         when the prefix stops inside the name, one of the tools' names and then its arguments."""

@@ -72,10 +72,7 @@ class Served:
         if not prefix:
             return None
         if self.grammar is None:
-            gen = self.gen
-            self.grammar = ToolCallGrammar(gen.tokenizer.to_str(),
-                                           gen.artifact.manifest.config["vocab_size"],
-                                           sorted(gen.eos_ids))
+            self.grammar = ToolCallGrammar.for_generator(self.gen)
         try:
             return self.grammar.mask_after(prefix, tools)
         except EdgeLLMError as e:
