@@ -51,12 +51,13 @@ def _case_id(c) -> str:
 @pytest.fixture(scope="module", params=CASES, ids=_case_id)
 def engines(request, tmp_path_factory):
     arch, tied, spec, hidden, config = request.param
-    weight_type, group, *asym = spec.split("/") + ["128"]
+    weight_type, *variant = spec.split("/")  # "s4/32/asym": type, group size, zero points
+    group = int(variant[0]) if variant else 128
     tmp = tmp_path_factory.mktemp("ort")
     make_tiny_model(tmp / "hf", arch, tied, scale=3.0, embed_boost=20.0, **config)
     out = build(tmp / "hf", tmp / "art", BuildOptions(
-        kv_cache_len=80, prefill_len=16, weight_type=weight_type, group_size=int(group),
-        asymmetric=asym[:1] == ["asym"], hidden_state_type=hidden))
+        kv_cache_len=80, prefill_len=16, weight_type=weight_type, group_size=group,
+        asymmetric="asym" in variant, hidden_state_type=hidden))
     art = load_artifact(out)
     return OrtEngine(art, threads=1), NumpyEngine(art), weight_type
 

@@ -158,9 +158,9 @@ def build(input_path: str | Path, output: str | Path, opts: BuildOptions) -> Pat
     scheme = get_scheme(opts.weight_type, opts.group_size, not opts.asymmetric)
     post_scheme = get_scheme(opts.post_weight_type or opts.weight_type, opts.group_size,
                              not opts.asymmetric)
-    _check_context(source.config, opts)
+    _check_sliding_window(source.config, opts)
     if opts.memory_check:
-        check_fits(source.config, scheme, post_scheme, opts.kv_cache_len, opts.hidden_state_type)
+        check_fits(source.config, scheme, post_scheme, opts.kv_cache_len)
     output = Path(output).absolute()
     tmp = _prepare_output(output, opts.force)
     try:
@@ -185,16 +185,15 @@ def kept_layers(pattern: str | None, num_layers: int) -> set[int]:
         m = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?", part)
         if not m:
             raise EdgeLLMError(f"--keep-s8 {pattern!r}: {part!r} is not a layer or a range a-b")
-        a, b = (int(x) % num_layers if x is not None and -num_layers <= int(x) < num_layers
-                else None for x in (m.group(1), m.group(2) or m.group(1)))
-        if a is None or b is None:
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not all(-num_layers <= i < num_layers for i in (first, last)):
             raise EdgeLLMError(f"--keep-s8 {pattern!r}: {part!r} is outside layers "
                                f"0-{num_layers - 1}")
-        kept.update(range(a, b + 1))
+        kept.update(range(first % num_layers, last % num_layers + 1))
     return kept
 
 
-def _check_context(cfg, opts: BuildOptions):
+def _check_sliding_window(cfg, opts: BuildOptions):
     if cfg.sliding_window and opts.kv_cache_len > cfg.sliding_window:
         raise EdgeLLMError(
             f"--kv-cache-len {opts.kv_cache_len} exceeds this model's attention window of "
@@ -272,9 +271,9 @@ def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_sc
         _log(f"no ONNX graphs for weight type {scheme.name}/{post_scheme.name}: "
              "the numpy engine will run this artifact")
         return {}
-    if og.unsupported_shape(cfg):
-        _log(f"no ONNX graphs for {og.unsupported_shape(cfg)}: the numpy engine will run this "
-             "artifact")
+    unsupported = og.unsupported_shape(cfg)
+    if unsupported:
+        _log(f"no ONNX graphs for {unsupported}: the numpy engine will run this artifact")
         return {}
     names = []
     for layer in layers:

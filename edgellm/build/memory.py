@@ -68,7 +68,7 @@ def machine_memory() -> tuple[int, int]:
         return total, total
 
 
-def check_fits(cfg, scheme, post_scheme, kv_cache_len: int, hidden_type: str) -> Footprint:
+def check_fits(cfg, scheme, post_scheme, kv_cache_len: int) -> Footprint:
     """Refuse, with the numbers, a model that this machine could not build or run."""
     need = footprint(cfg, scheme, post_scheme, kv_cache_len)
     total, available = machine_memory()

@@ -27,6 +27,7 @@ class Source:
     """Common bookkeeping: which source tensors were consumed."""
 
     kind = "?"
+    _fused_cache: tuple[str | None, np.ndarray | None] = (None, None)  # (name, last fused tensor)
     spec: ArchSpec
     config: ModelConfig
     path: Path
@@ -77,7 +78,7 @@ class Source:
     def _split(self, name: str, source_name: str, parts: tuple[str, ...]) -> np.ndarray:
         """Rows of a fused tensor (e.g. Phi-3's qkv_proj = q | k | v); the fused tensor is read
         once for all its parts."""
-        cached_name, fused = getattr(self, "_fused_cache", (None, None))
+        cached_name, fused = self._fused_cache
         if cached_name != source_name:
             fused = self._load(source_name, self.spec.fused_shape(parts, self.config))
             self._fused_cache = (source_name, fused)
