@@ -141,4 +141,28 @@ def test_the_seed_models_fit_this_machine():
         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0))
     need = footprint(cfg, get_scheme("s8"), get_scheme("s8"), 1023)
     assert 7.5e9 < need.layer_weights + need.post_weights < 8.7e9  # 8.03B params at ~1.03 B each
-    assert need.kv_cache == 2 * 32 * 1023 * 8 * 128 * 4
+
+
+@pytest.mark.parametrize("weight_type,group,asym", [("s8", 128, False), ("s4", 32, False),
+                                                    ("s4", 64, True), ("bf16", 128, False)])
+def test_the_footprint_matches_what_a_build_writes_and_the_engine_allocates(tmp_path, weight_type,
+                                                                           group, asym):
+    from edgellm.artifact.reader import load_artifact
+    from edgellm.build.builder import BuildOptions, build
+    from edgellm.build.memory import footprint
+    from edgellm.quant.schemes import get_scheme
+    from edgellm.runtime.ort_engine import OrtEngine
+
+    make_tiny_model(tmp_path / "hf", "qwen2", tied=False)
+    art = load_artifact(build(tmp_path / "hf", tmp_path / "a", BuildOptions(
+        kv_cache_len=100, weight_type=weight_type, group_size=group, asymmetric=asym)))
+    scheme = get_scheme(weight_type, group, not asym)
+    need = footprint(art.config, scheme, scheme, 100)
+    if art.manifest.graphs:
+        engine = OrtEngine(art, threads=1)
+        assert need.kv_cache == engine.k_np.nbytes + engine.v_np.nbytes
+    written = sum(art.manifest.files[f]["size"] for f in [*art.manifest.layers, art.manifest.post])
+    tensors = sum(len(art.manifest.files[f]["tensors"])
+                  for f in [*art.manifest.layers, art.manifest.post])
+    # exact but for the alignment padding between tensors (under 64 bytes each)
+    assert written - 64 * tensors < need.layer_weights + need.post_weights <= written

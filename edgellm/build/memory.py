@@ -21,17 +21,24 @@ BUILD_OVERHEAD = 300 * 2**20
 GB = 1e9
 
 
-def bytes_per_weight(scheme) -> float:
+def matrix_bytes(scheme, out_features: int, in_features: int) -> int:
+    """Bytes of one [out, in] weight as the scheme stores it (integer: codes of every group, the
+    last one padded, plus an fp32 scale per group)."""
     d = scheme.to_dict()
-    if "bits" in d:  # group-wise integer: the codes plus one fp32 scale per group
-        return d["bits"] / 8 + 4 / d["group_size"]
-    return {"bf16": 2, "fp16": 2, "fp32": 4}[d["name"]]
+    if "bits" in d:
+        groups = -(-in_features // d["group_size"])
+        zero_points = -(-groups * d["bits"] // 8) if not d.get("symmetric", True) else 0
+        return out_features * (groups * (d["group_size"] * d["bits"] // 8 + 4) + zero_points)
+    return out_features * in_features * {"bf16": 2, "fp16": 2, "fp32": 4}[d["name"]]
 
 
-def layer_params(cfg) -> int:
+def layer_bytes(cfg, scheme) -> int:
+    """One decoder layer: its seven linears, two norms and (qwen2) q/k/v biases."""
     d, i = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return d * (q + 2 * kv) + q * d + 3 * d * i
+    linears = [(q, d), (kv, d), (kv, d), (d, q), (i, d), (i, d), (d, i)]
+    biases = (q + 2 * kv) * 4 if cfg.qkv_bias else 0
+    return sum(matrix_bytes(scheme, o, n) for o, n in linears) + 2 * d * 4 + biases
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,8 @@ class Footprint:
 
 
 def footprint(cfg, scheme, post_scheme, kv_cache_len: int) -> Footprint:
-    layers = cfg.num_layers * (layer_params(cfg) * bytes_per_weight(scheme)
-                               + 2 * cfg.hidden_size * 4)
-    post = cfg.vocab_size * cfg.hidden_size * bytes_per_weight(post_scheme) + cfg.hidden_size * 4
+    layers = cfg.num_layers * layer_bytes(cfg, scheme)
+    post = matrix_bytes(post_scheme, cfg.vocab_size, cfg.hidden_size) + cfg.hidden_size * 4
     kv = 2 * cfg.num_layers * kv_cache_len * cfg.num_kv_heads * cfg.head_dim * 4
     largest = max(cfg.vocab_size * cfg.hidden_size, cfg.intermediate_size * cfg.hidden_size) * 4
     return Footprint(int(layers), int(post), cfg.vocab_size * cfg.hidden_size * 2, kv,
