@@ -130,6 +130,30 @@ def test_a_model_too_large_for_the_machine_is_refused_with_the_numbers(tmp_path,
     assert build(tmp_path / "hf", tmp_path / "out", BuildOptions(memory_check=False)).is_dir()
 
 
+def test_check_level_2_without_room_for_the_float_reference_still_builds(tmp_path, monkeypatch,
+                                                                          capsys):
+    """The fp32 copy `--check-level 2` compares with may not fit where the artifact does: the
+    build succeeds and says the comparison was skipped, with the reason."""
+    from edgellm.arch import get_arch
+    from edgellm.build import memory
+    from edgellm.build.builder import BuildOptions, build
+    from edgellm.quant.schemes import get_scheme
+
+    make_tiny_model(tmp_path / "hf", "qwen2", tied=False)
+    cfg = get_arch("qwen2").config_from_hf(json.loads((tmp_path / "hf/config.json").read_text()))
+    s8, fp32 = get_scheme("s8"), get_scheme("fp32")
+    room = (memory.footprint(cfg, s8, s8, 64).runtime
+            + memory.footprint(cfg, fp32, fp32, 64).runtime) // 2
+    monkeypatch.setattr(memory, "machine_memory", lambda: (room, 100 * 2**30))
+    out = build(tmp_path / "hf", tmp_path / "out", BuildOptions(kv_cache_len=64, check_level=2))
+    assert out.is_dir()
+    err = capsys.readouterr().err
+    assert ("no comparison with the unquantized source, whose fp32 copy does not fit: this model "
+            "needs about") in err, err
+    assert re.search(r"check quality on a short text: perplexity [\d.]+ over \d+ tokens", err)
+    assert "top-1 agreement" not in err
+
+
 def test_the_seed_models_fit_this_machine():
     """The estimate for the largest seed model, Llama-3-8B as s8 (configs from its config.json)."""
     from edgellm.arch import get_arch

@@ -21,6 +21,10 @@ BUILD_OVERHEAD = 300 * 2**20
 GB = 1e9
 
 
+class NotEnoughMemory(EdgeLLMError):
+    """The model (or its float reference) would not fit this machine's RAM."""
+
+
 def matrix_bytes(scheme, out_features: int, in_features: int) -> int:
     """Bytes of one [out, in] weight as the scheme stores it (integer: codes of every group, the
     last one padded, plus an fp32 scale per group)."""
@@ -79,14 +83,14 @@ def check_fits(cfg, scheme, post_scheme, kv_cache_len: int) -> Footprint:
     need = footprint(cfg, scheme, post_scheme, kv_cache_len)
     total, available = machine_memory()
     if need.runtime > total:
-        raise EdgeLLMError(
+        raise NotEnoughMemory(
             f"this model needs about {need.runtime / GB:.1f} GB of RAM to run as "
             f"{scheme.name} (weights {(need.layer_weights + need.post_weights) / GB:.2f} GB + "
             f"KV cache {need.kv_cache / GB:.2f} GB + runtime {RUNTIME_OVERHEAD / GB:.2f} GB) and "
             f"this machine has {total / GB:.1f} GB; try --weight-type s4, a shorter "
             f"--kv-cache-len, or a machine with more memory (--no-memory-check builds anyway)")
     if need.build_peak > available:
-        raise EdgeLLMError(
+        raise NotEnoughMemory(
             f"building this model takes about {need.build_peak / GB:.1f} GB of RAM (its largest "
             f"tensor as float32, with quantization temporaries) and {available / GB:.1f} GB are "
             f"available now (--no-memory-check builds anyway)")
