@@ -11,9 +11,12 @@ from edgellm.dtypes import bf16_bits_to_fp32, fp32_to_bf16_bits
 from edgellm.quant.schemes import get_scheme
 
 
-@pytest.mark.parametrize("name,bound", [("s8", 0.5 / 127), ("s4", 0.5 / 7)])
+@pytest.mark.parametrize("name,bound", [("s8", 0.5 / 127), ("s4", 1 / 8)])
 @pytest.mark.parametrize("in_features", [128, 200, 77])
 def test_groupwise_roundtrip_error_is_half_a_step(name, bound, in_features):
+    """Every weight the grid covers is within half a step; s8's grid covers the group
+    (max|w| / 127 steps), s4's runs from the largest magnitude m, exact at -8 steps (m / -8), to 7
+    steps, so weights of m's opposite sign beyond 7/8 of |m| clip to the end of the grid."""
     scheme = get_scheme(name)
     w = np.random.default_rng(0).normal(size=(33, in_features)).astype(np.float32)
     parts = scheme.quantize(w)
@@ -24,9 +27,21 @@ def test_groupwise_roundtrip_error_is_half_a_step(name, bound, in_features):
     assert w_hat.shape == w.shape
     padded = np.zeros((33, groups * 128), np.float32)
     padded[:, :in_features] = w
-    step = np.abs(padded.reshape(33, groups, 128)).max(-1, keepdims=True) / scheme.qmax
+    blocks = padded.reshape(33, groups, 128)
+    scale = parts["scales"][..., None]
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+    expected = largest / -8 if name == "s4" else np.abs(largest) / 127
+    np.testing.assert_allclose(scale, expected, rtol=1e-6)
+    steps = blocks / scale
+    beyond = np.abs(steps - np.clip(steps, -scheme.qmax - 1, scheme.qmax)) * np.abs(scale)
     err = np.abs(padded - np.pad(w_hat, ((0, 0), (0, groups * 128 - in_features))))
-    assert (err.reshape(33, groups, 128) <= step * 0.5 + 1e-7).all()
+    assert (err.reshape(33, groups, 128) <= np.abs(scale) * 0.5 + beyond + 1e-7).all()
+    if name == "s4":
+        assert (beyond > 0).any()  # the clipping side is exercised
+        np.testing.assert_array_equal(  # the largest magnitude is exact
+            np.take_along_axis(np.pad(w_hat, ((0, 0), (0, groups * 128 - in_features)))
+                               .reshape(33, groups, 128), np.abs(blocks).argmax(-1)[..., None],
+                               -1), largest)
     assert np.abs(w - w_hat).max() / np.abs(w).max() <= bound + 1e-6
 
 
@@ -40,9 +55,21 @@ def test_s8_layout_is_offset_binary_like_matmulnbits():
 
 def test_s4_packs_low_nibble_first():
     w = np.zeros((1, 128), np.float32)
-    w[0, 0], w[0, 1] = 7.0, -7.0
-    byte = get_scheme("s4").quantize(w)["qweight"][0, 0, 0]
-    assert byte & 0x0F == 15 and byte >> 4 == 1  # 7+8 low, -7+8 high
+    w[0, 0], w[0, 1] = -8.0, 7.0  # the largest magnitude, -8, sets the scale: -8 / -8 = 1
+    parts = get_scheme("s4").quantize(w)
+    byte = parts["qweight"][0, 0, 0]
+    assert byte & 0x0F == 0 and byte >> 4 == 15  # -8+8 low, 7+8 high
+    assert parts["scales"][0, 0] == 1.0
+
+
+def test_s4_scale_is_negative_when_the_largest_weight_is_positive():
+    w = np.zeros((1, 32), np.float32)
+    w[0, :3] = 4.0, -3.5, 1.0  # scale 4 / -8 = -0.5: 4 -> -8 steps, -3.5 -> 7, 1 -> -2
+    scheme = get_scheme("s4", 32)
+    parts = scheme.quantize(w)
+    assert parts["scales"][0, 0] == -0.5
+    assert (parts["qweight"][0, 0, 0], parts["qweight"][0, 0, 1] & 0x0F) == (0 | 15 << 4, 6)
+    np.testing.assert_array_equal(scheme.dequantize(parts, 32), w)
 
 
 def test_bf16_rounds_to_nearest_even():

@@ -1,7 +1,8 @@
 """Quantization schemes for linear weights [out, in], in the layout ONNX Runtime's MatMulNBits reads.
 
 Integer schemes are symmetric and group-wise along the input dimension: for each output row n
-and group g of `group_size` input channels, scale[n, g] = max|w| / qmax and
+and group g of `group_size` input channels, scale[n, g] = max|w| / 127 (8-bit) or m / -8 with m
+the group's largest-magnitude weight (4-bit, llama.cpp's Q4_0 rule: all 16 levels used), and
 q = clip(round(w / scale), -qmax - 1, qmax). q is stored offset by the zero point 2**(bits-1) as
 unsigned bytes, `qweight: uint8 [out, n_groups, group_size * bits / 8]` (two 4-bit values per byte,
 the lower index in the low nibble), with `scales: float32 [out, n_groups]`. The last group is
@@ -80,7 +81,7 @@ class GroupwiseIntScheme:
     def quantize(self, w: np.ndarray) -> Parts:
         blocks = self._blocks(w)
         if self.symmetric:
-            scales = np.abs(blocks).max(axis=2) / self.qmax
+            scales = self._symmetric_scales(blocks)
             safe = np.where(scales == 0, 1.0, scales)
             q = np.clip(np.rint(blocks / safe[..., None]), -self.qmax - 1, self.qmax)
             return {"qweight": self._pack(q + self.zero_point),
@@ -93,6 +94,16 @@ class GroupwiseIntScheme:
         q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, top)
         return {"qweight": self._pack(q), "scales": scales.astype(np.float32),
                 "zero_points": self._pack(zero)}
+
+    def _symmetric_scales(self, blocks: np.ndarray) -> np.ndarray:
+        """8-bit: max|w| / 127. 4-bit: the group's largest-magnitude weight m maps to -8 (scale
+        m / -8, negative when m is positive), as llama.cpp's Q4_0 does: all 16 levels are used
+        and the step is 7/8 of max|w| / 7's; weights of the other sign beyond 7/8 of |m| clip to
+        7 steps."""
+        if self.bits == 8:
+            return np.abs(blocks).max(axis=2) / self.qmax
+        idx = np.abs(blocks).argmax(axis=2)[..., None]
+        return np.take_along_axis(blocks, idx, axis=2)[..., 0] / -(self.qmax + 1)
 
     def dequantize(self, parts: Parts, in_features: int) -> np.ndarray:
         u, scales = parts["qweight"], parts["scales"]
