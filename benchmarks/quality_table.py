@@ -3,8 +3,9 @@
     python benchmarks/quality_table.py ~/.cache/edgellm/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 
 Per variant: perplexity (sliding window), top-1 agreement and mean KL against the unquantized
-source (fp32 weights, numpy reference engine), size of the weights on disk, decode tok/s
-(`edgellm bench`, 2 threads). Text: CPython's LICENSE.txt, first --tokens tokens.
+source (fp32 weights, numpy reference engine), size of the weights on disk, decode and prefill
+tok/s (`edgellm bench`: 128-token prompt, 64 generated, median of 3, 2 threads), every variant
+in one sequential run. Text: CPython's LICENSE.txt, first --tokens tokens.
 """
 
 from __future__ import annotations
@@ -56,22 +57,23 @@ def main() -> None:
             q = evaluate(gen.engine, ids, a.context, None, ref.engine)
             size = sum(f.stat().st_size for f in art.glob("*.bin")
                        if not f.name.startswith("model.embed"))
-            speed = bench(art, 128, 64, 1, threads=a.threads)
+            speed = bench(art, 128, 64, 3, threads=a.threads)
             rows.append((label, q, size, speed))
             print(f"{label}: {q.summary()}; {size / 1e6:.0f} MB; decode "
-                  f"{speed['decode_tok_s']} tok/s ({speed['engine']})", file=sys.stderr)
+                  f"{speed['decode_tok_s']} tok/s, prefill {speed['prefill_tok_s']} tok/s "
+                  f"({speed['engine']})", file=sys.stderr)
             del gen
     print(f"text: CPython LICENSE.txt, {rows[0][1].tokens} tokens scored, context "
           f"{rows[0][1].context}, stride {rows[0][1].stride}; unquantized reference perplexity "
           f"{rows[0][1].reference_perplexity:.4f}\n")
     print("| weights | perplexity | vs float | top-1 agreement | mean KL (nats) | "
-          "layers + lm_head on disk | decode tok/s (engine) |")
-    print("|---|---|---|---|---|---|---|")
+          "layers + lm_head on disk | decode tok/s (engine) | prefill tok/s (128) |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, q, size, speed in rows:
         change = (q.perplexity / q.reference_perplexity - 1) * 100
         print(f"| {label} | {q.perplexity:.4f} | {change:+.2f}% | {q.top1_agreement * 100:.2f}% | "
-              f"{q.mean_kl:.4f} | {size / 1e6:.0f} MB | {speed['decode_tok_s']} "
-              f"({speed['engine'].replace('Engine', '')}) |")
+              f"{q.mean_kl:.4f} | {size / 1e6:.0f} MB | {speed['decode_tok_s']:.1f} "
+              f"({speed['engine'].replace('Engine', '')}) | {speed['prefill_tok_s']:.0f} |")
 
 
 if __name__ == "__main__":
