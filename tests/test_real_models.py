@@ -7,6 +7,9 @@ here is smaller than it would be against the original bf16 checkpoints.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
 from edgellm.runtime.generator import Generator
@@ -83,3 +86,102 @@ def test_smollm2_ort_logits_stay_close_to_the_reference_engine(smol_s8):
     ref, ours = (engines[e].engine.forward(ids, 0) for e in ("numpy", "ort"))
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.06  # measured 4.9%
     assert ours.argmax() in np.argsort(-ref)[:2]
+
+
+def _llama_cpp_rope_factors(theta: float, dim: int, s: dict) -> np.ndarray:
+    """The rope_freqs values llama.cpp's convert_hf_to_gguf.py writes for llama3 rope scaling
+    (LlamaModel.generate_extra_tensors), restated here independently of edgellm.arch.rope."""
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, dim, 2) / dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < s["original_max_position_embeddings"] / s["high_freq_factor"]:
+            factors.append(1.0)
+        elif wavelen > s["original_max_position_embeddings"] / s["low_freq_factor"]:
+            factors.append(s["factor"])
+        else:
+            smooth = ((s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"])
+                      / (s["high_freq_factor"] - s["low_freq_factor"]))
+            factors.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return np.asarray(factors, np.float32)
+
+
+def _copy_gguf_with_tensor(src, dst, name: str, values: np.ndarray):
+    """src's metadata and tensors, bytes unchanged, plus one float32 tensor."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes, gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+    writer.write_tensor_data(values)
+    writer.close()
+
+
+def _edited_copy(artifact, dst, rope_scaling):
+    """A copy of artifact with an fp32 hidden state and (unless None) another rope scaling in its
+    manifest, for the numpy engine (ONNX graphs keep what they were built with)."""
+    import json
+    import shutil
+
+    shutil.copytree(artifact, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["hidden_state_type"] = "fp32"
+    if rope_scaling is not None:
+        manifest["config"]["rope_scaling"] = rope_scaling
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_llama31_gguf_rope_freqs_give_the_llama3_scaling(smol_gguf, smol_s8, tmp_path):
+    """Llama-3.1/3.2 GGUFs keep their llama3 rope scaling as a `rope_freqs` tensor, not metadata.
+    SmolLM2's GGUF with such a tensor added builds, and computes what the same artifact computes
+    with the llama3 parameters in its config (the llama3 rule is held to transformers in
+    test_parity); without the tensor the logits differ, so the tensor is not ignored."""
+    import json
+
+    from edgellm.build.builder import BuildOptions, build
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = json.loads((smol_s8 / "manifest.json").read_text())["config"]
+    factors = _llama_cpp_rope_factors(config["rope_theta"], config["head_dim"], llama3)
+    assert 1.0 < factors.max() and factors.min() == 1.0  # some frequencies scaled, some not
+    _copy_gguf_with_tensor(smol_gguf, tmp_path / "llama31.gguf", "rope_freqs.weight", factors)
+    with_freqs = build(tmp_path / "llama31.gguf", tmp_path / "freqs",
+                       BuildOptions(kv_cache_len=512, weight_type="s8"))
+    scaling = json.loads((with_freqs / "manifest.json").read_text())["config"]["rope_scaling"]
+    assert scaling["rope_type"] == "freq_factors"
+    np.testing.assert_array_equal(scaling["factors"], factors)
+
+    # the comparisons run the numpy engine with an fp32 hidden state: through a bf16 KV cache
+    # the 5e-8 float32 rounding of the stored factors flips bf16 roundings (0.2 of 30 in logits)
+    with_llama3 = _edited_copy(smol_s8, tmp_path / "llama3", llama3)
+    freqs_fp32 = _edited_copy(with_freqs, tmp_path / "freqs-fp32", None)
+    plain_fp32 = _edited_copy(smol_s8, tmp_path / "plain-fp32", None)
+
+    ids = Generator.load(smol_s8).encode_chat([{"role": "user", "content": GOLDEN_PROMPT}])
+    logits = {}
+    for name, art, engine in [("freqs", freqs_fp32, "numpy"), ("llama3", with_llama3, "numpy"),
+                              ("plain", plain_fp32, "numpy"), ("freqs bf16", with_freqs, "numpy"),
+                              ("freqs ort", with_freqs, "ort")]:
+        engine = Generator.load(art, engine=engine).engine
+        logits[name] = engine.forward(ids, 0, all_logits=True)
+    top = np.abs(logits["llama3"]).max()
+    np.testing.assert_allclose(logits["freqs"], logits["llama3"], atol=1e-5 * top)
+    assert np.abs(logits["plain"] - logits["llama3"]).max() > 0.05 * top
+    # the ORT graphs carry the same rotary tables: at the last position ORT stays as close to the
+    # numpy engine as without scaling (test above: 4.9%), and far closer than to the unscaled model
+    ort, ref = logits["freqs ort"][-1], logits["freqs bf16"][-1]
+    assert np.abs(ort - ref).max() / np.abs(ref).max() < 0.08  # measured 5.5%
+    assert np.abs(ort - ref).mean() < 0.5 * np.abs(ort - logits["plain"][-1]).mean()

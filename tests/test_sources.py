@@ -190,3 +190,24 @@ def test_the_footprint_matches_what_a_build_writes_and_the_engine_allocates(tmp_
                   for f in [*art.manifest.layers, art.manifest.post])
     # exact but for the alignment padding between tensors (under 64 bytes each)
     assert written - 64 * tensors < need.layer_weights + need.post_weights <= written
+
+
+def test_rope_freq_factors_must_cover_every_rotary_frequency():
+    """A GGUF's rope_freqs tensor becomes `freq_factors` scaling: one divisor per frequency."""
+    import dataclasses
+
+    import numpy as np
+
+    from edgellm.arch.rope import inv_freq
+
+    cfg = get_arch("llama").config_from_hf(dict(TINY, model_type="llama"))
+    half = cfg.head_dim // 2
+    factors = [1.0] * (half - 1) + [4.0]
+    scaled = dataclasses.replace(cfg, rope_scaling={"rope_type": "freq_factors",
+                                                    "factors": factors})
+    plain = inv_freq(cfg, 64)[0]
+    np.testing.assert_allclose(inv_freq(scaled, 64)[0], plain / np.asarray(factors))
+    with pytest.raises(EdgeLLMError, match=rf"rope factors has {half - 1} entries, expected "
+                                           rf"rotary_dim / 2 = {half}"):
+        dataclasses.replace(cfg, rope_scaling={"rope_type": "freq_factors",
+                                               "factors": factors[1:]})

@@ -13,6 +13,9 @@ modeling_rope_utils.py):
   position; a fixed KV cache cannot re-rotate cached keys, so the choice here is made once from the
   context (kv_cache_len), as llama.cpp does from n_ctx. The two agree whenever a whole sequence is
   run at once.
+- freq_factors (Llama-3.1/3.2 GGUFs): inv_freq[i] = theta^(-2i/d) / factors[i], the divisors
+  llama.cpp's converter stores as the `rope_freqs` tensor (for llama3 scaling, the same values
+  the llama3 rule gives).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 
 import numpy as np
 
-SUPPORTED = ("default", "linear", "llama3", "longrope")
+SUPPORTED = ("default", "linear", "llama3", "longrope", "freq_factors")
 
 
 def rotary_dim(cfg) -> int:
@@ -63,6 +66,8 @@ def inv_freq(cfg, context_len: int) -> tuple[np.ndarray, float]:
         freq = freq / float(scaling["factor"])
     elif kind == "llama3":
         freq = _llama3(freq, scaling)
+    elif kind == "freq_factors":
+        freq = freq / np.asarray(scaling["factors"], np.float64)
     return freq, 1.0
 
 

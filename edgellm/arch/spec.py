@@ -67,7 +67,7 @@ class ModelConfig:
         needs = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
                             "original_max_position_embeddings"),
                  "longrope": ("long_factor", "short_factor", "original_max_position_embeddings"),
-                 "linear": ("factor",)}.get(kind, ())
+                 "linear": ("factor",), "freq_factors": ("factors",)}.get(kind, ())
         missing = [k for k in needs if self.rope_scaling.get(k) is None]
         if missing:
             raise EdgeLLMError(f"rope scaling {kind!r} lacks {', '.join(missing)}")
@@ -75,7 +75,8 @@ class ModelConfig:
         if dim % 2 or dim > self.head_dim:
             raise EdgeLLMError(f"rotary dimension {dim} must be even and at most head_dim "
                                f"{self.head_dim}")
-        for key in ("long_factor", "short_factor") if kind == "longrope" else ():
+        per_frequency = {"longrope": ("long_factor", "short_factor"), "freq_factors": ("factors",)}
+        for key in per_frequency.get(kind, ()):
             if len(self.rope_scaling[key]) != dim // 2:
                 raise EdgeLLMError(f"rope {key} has {len(self.rope_scaling[key])} entries, "
                                    f"expected rotary_dim / 2 = {dim // 2}")

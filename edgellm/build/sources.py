@@ -7,6 +7,7 @@ that was neither used nor deliberately ignored, so a wrong mapping is an error, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ from edgellm.arch import ArchSpec, ModelConfig, get_arch
 from edgellm.build import safetensors_io
 from edgellm.build.tokenizer_info import TokenizerInfo, from_gguf_metadata, from_hf_dir
 from edgellm.errors import EdgeLLMError
+
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency rope divisors (Llama-3.1/3.2)
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -190,6 +193,19 @@ class GGUFSource(Source):
         tied = self.spec.gguf_global["lm_head"] not in self._by_name
         self.config = self.spec.config_from_gguf(self.meta, vocab, tied)
         self._used: set[str] = set()
+        if ROPE_FREQS in self._by_name:
+            self.config = self._with_rope_freqs(self.config)
+
+    def _with_rope_freqs(self, cfg):
+        """Llama-3.1/3.2 GGUFs carry their rope scaling as per-frequency divisors, not as
+        metadata: the config gets them as `freq_factors` scaling."""
+        if cfg.rope_scaling:
+            raise EdgeLLMError(f"{self.path}: both rope scaling metadata "
+                               f"({cfg.rope_scaling['rope_type']}) and a {ROPE_FREQS} tensor")
+        factors = self._read(ROPE_FREQS).reshape(-1)
+        self._used.add(ROPE_FREQS)
+        return dataclasses.replace(cfg, rope_scaling={
+            "rope_type": "freq_factors", "factors": [float(f) for f in factors]})
 
     def _field(self, key):
         try:
@@ -222,6 +238,9 @@ class GGUFSource(Source):
 
     def _global_map(self):
         return self.spec.gguf_global
+
+    def _ignored(self):
+        return (ROPE_FREQS,)  # read into the config's rope scaling (above)
 
     def tokenizer(self) -> TokenizerInfo:
         return from_gguf_metadata(self._reader, self.meta)
