@@ -58,4 +58,3 @@ def test_asymmetric_is_tighter_on_one_sided_weights():
     err = {sym: np.abs(s.dequantize(s.quantize(w), 128) - w).max()
            for sym, s in ((sym, get_scheme("s4", 32, sym)) for sym in (True, False))}
     assert err[False] < 0.6 * err[True]  # 16 levels over [0, 1] instead of 8
-

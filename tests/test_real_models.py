@@ -172,10 +172,10 @@ def test_llama31_gguf_rope_freqs_give_the_llama3_scaling(smol_gguf, smol_s8, tmp
 
     ids = Generator.load(smol_s8).encode_chat([{"role": "user", "content": GOLDEN_PROMPT}])
     logits = {}
-    for name, art, engine in [("freqs", freqs_fp32, "numpy"), ("llama3", with_llama3, "numpy"),
-                              ("plain", plain_fp32, "numpy"), ("freqs bf16", with_freqs, "numpy"),
-                              ("freqs ort", with_freqs, "ort")]:
-        engine = Generator.load(art, engine=engine).engine
+    for name, art, kind in [("freqs", freqs_fp32, "numpy"), ("llama3", with_llama3, "numpy"),
+                            ("plain", plain_fp32, "numpy"), ("freqs bf16", with_freqs, "numpy"),
+                            ("freqs ort", with_freqs, "ort")]:
+        engine = Generator.load(art, engine=kind).engine
         logits[name] = engine.forward(ids, 0, all_logits=True)
     top = np.abs(logits["llama3"]).max()
     np.testing.assert_allclose(logits["freqs"], logits["llama3"], atol=1e-5 * top)

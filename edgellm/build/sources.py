@@ -203,7 +203,6 @@ class GGUFSource(Source):
             raise EdgeLLMError(f"{self.path}: both rope scaling metadata "
                                f"({cfg.rope_scaling['rope_type']}) and a {ROPE_FREQS} tensor")
         factors = self._read(ROPE_FREQS).reshape(-1)
-        self._used.add(ROPE_FREQS)
         return dataclasses.replace(cfg, rope_scaling={
             "rope_type": "freq_factors", "factors": [float(f) for f in factors]})
 
