@@ -29,6 +29,14 @@ def _add_build(sub):
                         "the matmul, fast; 0: fp32)")
     p.add_argument("--asymmetric", action="store_true",
                    help="integer weights with a zero point per group (default: symmetric)")
+    p.add_argument("--quant-method", choices=("rtn", "gptq"), default="rtn",
+                   help="integer weights: round to nearest, or GPTQ (fitted to the inputs each "
+                        "layer sees on a calibration text; slower build, better s4)")
+    p.add_argument("--calibration", metavar="TEXT_FILE",
+                   help="GPTQ calibration text (default: a built-in mix of prose, code and chat)")
+    p.add_argument("--calibration-tokens", type=int, default=32768,
+                   help="GPTQ: tokens of the calibration text used (default 32768; "
+                        "far fewer over-fit the text)")
     p.add_argument("--kv-cache-len", "--kv_cache_len", type=int, default=1023)
     p.add_argument("--prefill-len", "--prefill_len", type=int, default=None,
                    help="tokens per prefill chunk (default: 128, or the KV cache length if less)")
@@ -146,7 +154,9 @@ def cmd_build(a) -> int:
                         hidden_state_type=a.hidden_state_type,
                         check_level=a.check_level, check_prompt=a.check_prompt, force=a.force,
                         memory_check=not a.no_memory_check, model_config=a.model_config,
-                        keep_s8=a.keep_s8, accuracy_level=a.accuracy_level)
+                        keep_s8=a.keep_s8, accuracy_level=a.accuracy_level,
+                        quant_method=a.quant_method, calibration=a.calibration,
+                        calibration_tokens=a.calibration_tokens)
     out = build(source, a.output, opts)
     print(out)
     return 0

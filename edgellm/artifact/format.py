@@ -44,6 +44,8 @@ class Manifest:
     files: dict[str, dict] = field(default_factory=dict)  # name -> size, sha256, tensors
     # layer file -> its scheme where it differs from weight_scheme (mixed precision, --keep-s8)
     layer_schemes: dict[str, dict] = field(default_factory=dict)
+    # how integer weights were chosen: {"method": "rtn"} or GPTQ with its calibration
+    quantization: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)
@@ -65,7 +67,7 @@ class Manifest:
             )
         names = {f.name for f in dataclasses.fields(cls)}
         optional = {f.name for f in dataclasses.fields(cls)
-                    if f.default_factory is not dataclasses.MISSING}  # files, layer_schemes
+                    if f.default_factory is not dataclasses.MISSING}  # added within version 3
         missing = names - data.keys() - optional
         if missing:
             raise EdgeLLMError(f"{path} lacks the fields {', '.join(sorted(missing))}")

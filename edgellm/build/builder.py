@@ -20,12 +20,15 @@ from edgellm.arch.spec import LAYER_LINEARS
 from edgellm.artifact import format as fmt
 from edgellm.artifact.format import Manifest
 from edgellm.artifact.writer import TensorFileWriter, write_raw
+from edgellm.build.calibration import Calibration, calibration_ids, calibration_text
 from edgellm.build.memory import NotEnoughMemory, check_fits
 from edgellm.build.sources import Source, open_source
 from edgellm.build.vendor_config import apply_vendor_config, read_vendor_config
 from edgellm.errors import EdgeLLMError
 from edgellm.fileutil import sha256_file
-from edgellm.quant.schemes import get_scheme, quantize_rows
+from edgellm.quant.gptq import gptq_quantize
+from edgellm.quant.schemes import (GroupwiseIntScheme, get_scheme, quantize_rows,
+                                   worst_relative_error)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class BuildOptions:
     keep_s8: str | None = None  # layers kept at s8 in a lower-bit build: "0,1,22-23"
     # MatMulNBits: 4 = int8 activations inside the matmul (fast); 0 = fp32 (8-bit: ~1 tok/s)
     accuracy_level: int = 4
+    # integer weights: "rtn" (round to nearest) or "gptq" (fitted to calibration inputs)
+    quant_method: str = "rtn"
+    calibration: str | None = None  # text file for GPTQ; default: the built-in text
+    calibration_tokens: int = 32768
 
     def __post_init__(self):
         if self.kv_cache_len < 2:
@@ -61,6 +68,22 @@ class BuildOptions:
             raise EdgeLLMError("--check-level must be 0, 1 or 2")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise EdgeLLMError("--accuracy-level must be 0-4 (MatMulNBits' accuracy_level)")
+        if self.quant_method not in ("rtn", "gptq"):
+            raise EdgeLLMError("--quant-method must be rtn or gptq")
+        if self.calibration_tokens < 2:
+            raise EdgeLLMError("--calibration-tokens must be at least 2")
+        integer = {self.weight_type, self.post_weight_type} & {"s8", "s4"}
+        if self.quant_method == "gptq" and not integer:
+            raise EdgeLLMError("--quant-method gptq needs integer weights (--weight-type or "
+                               "--post-weight-type s8 or s4)")
+        if self.calibration is not None:
+            if self.quant_method != "gptq":
+                raise EdgeLLMError("--calibration is only read by --quant-method gptq")
+            if not Path(self.calibration).is_file():
+                raise EdgeLLMError(f"the calibration text {self.calibration} is not a file")
+
+
+CALIBRATION_SEQ_LEN = 512  # tokens per calibration sequence (each from an empty KV cache)
 
 
 def _log(msg: str):
@@ -114,35 +137,58 @@ class _LayerChecker:
         return err
 
 
-def _write_layer(source: Source, index: int, path: Path, scheme, checker) -> tuple[dict, float]:
+def _quantize(scheme, w: np.ndarray, gram) -> tuple[dict, float]:
+    """Round to nearest, or GPTQ when the inputs' Gram matrix is given (integer schemes)."""
+    if gram is None or not isinstance(scheme, GroupwiseIntScheme):
+        return quantize_rows(scheme, w)
+    parts = gptq_quantize(w, gram, scheme)
+    return parts, worst_relative_error(w, scheme.dequantize(parts, w.shape[1]))
+
+
+def _write_layer(source: Source, index: int, path: Path, scheme, checker,
+                 calibration: Calibration | None) -> tuple[dict, float]:
     writer = TensorFileWriter(path)
-    float_w, quant_w, worst = {}, {}, 0.0
-    for name in source.spec.layer_tensor_names(source.config):
-        w = source.tensor(name, layer=index)
+    names = source.spec.layer_tensor_names(source.config)
+    keep = bool(checker or calibration)  # the whole layer in memory, float and quantized
+    float_w = {name: source.tensor(name, layer=index) for name in names} if keep else {}
+    parts_of, worst = {}, 0.0
+
+    def quantize(name: str, w: np.ndarray, gram=None) -> dict:
+        nonlocal worst
+        parts_of[name], error = _quantize(scheme, w, gram)
+        worst = max(worst, error)
+        return parts_of[name]
+
+    quant_w = {}
+    if calibration:  # GPTQ: the linears are quantized while the calibration steps through
+        quant_w = calibration.fit_layer(float_w, lambda name, gram: scheme.dequantize(
+            quantize(name, float_w[name], gram), float_w[name].shape[1]))
+    for name in names:
+        w = float_w[name] if keep else source.tensor(name, layer=index)
         if name in LAYER_LINEARS:
-            parts, error = quantize_rows(scheme, w)
+            parts = parts_of.pop(name, None) or quantize(name, w)
             for part, array in parts.items():
                 writer.add(f"{name}.{part}", array)
-            worst = max(worst, error)
-            if checker:
+            if keep and name not in quant_w:
                 quant_w[name] = scheme.dequantize(parts, w.shape[1])
         else:
             writer.add(name, w.astype(np.float32))
             quant_w[name] = w
-        if checker:
-            float_w[name] = w
     if checker:
         _log(f"  layer {index:3d}: worst weight error {worst:.2e}, "
              f"layer output relative error {checker.check(index, float_w, quant_w):.2e}")
     return writer.close(), worst
 
 
-def _write_post(source: Source, path: Path, scheme) -> tuple[dict, float]:
+def _write_post(source: Source, path: Path, scheme,
+                calibration: Calibration | None) -> tuple[dict, float]:
     writer = TensorFileWriter(path)
-    writer.add("output_norm", source.tensor("output_norm"))
+    norm = source.tensor("output_norm")
+    writer.add("output_norm", norm)
     tied = source.config.tie_word_embeddings or not source.has("lm_head")
     w = source.tensor("embed" if tied else "lm_head")
-    parts, error = quantize_rows(scheme, w)
+    gram = calibration.lm_head_gram(norm) if calibration else None
+    parts, error = _quantize(scheme, w, gram)
     del w
     for part, array in parts.items():
         writer.add(f"lm_head.{part}", array)
@@ -160,7 +206,8 @@ def build(input_path: str | Path, output: str | Path, opts: BuildOptions) -> Pat
                              not opts.asymmetric)
     _check_sliding_window(source.config, opts)
     if opts.memory_check:
-        check_fits(source.config, scheme, post_scheme, opts.kv_cache_len)
+        check_fits(source.config, scheme, post_scheme, opts.kv_cache_len,
+                   opts.calibration_tokens if opts.quant_method == "gptq" else 0)
     output = Path(output).absolute()
     tmp = _prepare_output(output, opts.force)
     try:
@@ -219,6 +266,7 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
         ids = Tokenizer.from_str(tok.tokenizer_json).encode(opts.check_prompt).ids or [0]
         checker = _LayerChecker(source, dtypes.fp32_to_bf16_bits(embed[ids]),
                                 opts.hidden_state_type, opts.kv_cache_len)
+    calibration, quantization = _calibration(cfg, embed, tok.tokenizer_json, opts)
     del embed
     tok.tokenizer_json = ""  # written above; free the large string
 
@@ -232,10 +280,12 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
         layer_scheme = keep_scheme if i in kept else scheme
         if layer_scheme != scheme:
             layer_schemes[name] = layer_scheme.to_dict()
-        files[name], err = _write_layer(source, i, tmp / name, layer_scheme, checker)
+        files[name], err = _write_layer(source, i, tmp / name, layer_scheme, checker,
+                                        calibration)
         worst = max(worst, err)
         layers.append(name)
-    files[fmt.POST_FILE], post_err = _write_post(source, tmp / fmt.POST_FILE, post_scheme)
+    files[fmt.POST_FILE], post_err = _write_post(source, tmp / fmt.POST_FILE, post_scheme,
+                                                 calibration)
     _log(f"worst relative weight error: layers {worst:.2e}, lm_head {post_err:.2e}")
 
     source.check_all_used()
@@ -259,7 +309,22 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
         graphs=graphs,
         files=files,
         layer_schemes=layer_schemes,
+        quantization=quantization,
     )
+
+
+def _calibration(cfg, embed: np.ndarray, tokenizer_json: str,
+                 opts: BuildOptions) -> tuple[Calibration | None, dict]:
+    """The GPTQ calibration state (None for round to nearest) and its manifest entry."""
+    if opts.quant_method == "rtn":
+        return None, {"method": "rtn"}
+    ids = calibration_ids(tokenizer_json, calibration_text(opts.calibration),
+                          opts.calibration_tokens)
+    _log(f"{opts.quant_method.upper()}: calibrating on {len(ids)} tokens of "
+         f"{opts.calibration or 'the built-in calibration text'}")
+    entry = {"method": opts.quant_method, "calibration_tokens": len(ids),
+             "calibration_text": Path(opts.calibration).name if opts.calibration else "built-in"}
+    return Calibration(cfg, embed, ids, CALIBRATION_SEQ_LEN, opts.kv_cache_len), entry
 
 
 def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_scheme,

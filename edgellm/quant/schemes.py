@@ -78,22 +78,42 @@ class GroupwiseIntScheme:
         both = np.stack([u & 0x0F, u >> 4], axis=-1).reshape(*u.shape[:-1], -1)
         return both[..., :n].astype(np.float32)
 
-    def quantize(self, w: np.ndarray) -> Parts:
-        blocks = self._blocks(w)
+    def group_params(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Round-to-nearest parameters of blocks [..., group_size]: (scales, zero points), the
+        zero points None for a symmetric scheme."""
         if self.symmetric:
-            scales = self._symmetric_scales(blocks)
-            safe = np.where(scales == 0, 1.0, scales)
-            q = np.clip(np.rint(blocks / safe[..., None]), -self.qmax - 1, self.qmax)
-            return {"qweight": self._pack(q + self.zero_point),
-                    "scales": scales.astype(np.float32)}
+            return self._symmetric_scales(blocks).astype(np.float32), None
         top = 2 ** self.bits - 1
-        lo, hi = np.minimum(blocks.min(axis=2), 0), np.maximum(blocks.max(axis=2), 0)
-        scales = (hi - lo) / top
+        lo = np.minimum(blocks.min(axis=-1), 0)
+        hi = np.maximum(blocks.max(axis=-1), 0)
+        scales = ((hi - lo) / top).astype(np.float32)
+        return scales, np.clip(np.rint(-lo / np.where(scales == 0, 1.0, scales)), 0, top)
+
+    def round(self, w: np.ndarray, scales: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+        """w [..., k] onto the grid of (scales, zero) [..., 1 or k]: the stored integers."""
         safe = np.where(scales == 0, 1.0, scales)
-        zero = np.clip(np.rint(-lo / safe), 0, top)
-        q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, top)
-        return {"qweight": self._pack(q), "scales": scales.astype(np.float32),
-                "zero_points": self._pack(zero)}
+        if zero is None:
+            return np.clip(np.rint(w / safe), -self.qmax - 1, self.qmax) + self.zero_point
+        return np.clip(np.rint(w / safe) + zero, 0, 2 ** self.bits - 1)
+
+    def grid_values(self, q: np.ndarray, scales: np.ndarray,
+                    zero: np.ndarray | None) -> np.ndarray:
+        """The weights the stored integers q stand for."""
+        return (q - (self.zero_point if zero is None else zero)) * scales
+
+    def encode(self, w: np.ndarray, scales: np.ndarray, zero: np.ndarray | None) -> Parts:
+        """w [out, in] rounded onto given per-group scales (and zero points) [out, n_groups]."""
+        zero_b = None if zero is None else zero[..., None]
+        q = self.round(self._blocks(w), scales[..., None], zero_b)
+        parts = {"qweight": self._pack(q), "scales": scales.astype(np.float32)}
+        if zero is not None:
+            parts["zero_points"] = self._pack(zero)
+        return parts
+
+    def quantize(self, w: np.ndarray) -> Parts:
+        """Round to nearest, with each group's scale from its largest magnitude (symmetric) or
+        its range (asymmetric)."""
+        return self.encode(w, *self.group_params(self._blocks(w)))
 
     def _symmetric_scales(self, blocks: np.ndarray) -> np.ndarray:
         """8-bit: max|w| / 127. 4-bit: the group's largest-magnitude weight m maps to -8 (scale
@@ -102,9 +122,9 @@ class GroupwiseIntScheme:
         7 steps. (At 8 bits the unused level is worth 0.4% of the step, so s8 keeps max|w| / 127
         and its artifacts stay as they were.)"""
         if self.bits == 8:
-            return np.abs(blocks).max(axis=2) / self.qmax
-        idx = np.abs(blocks).argmax(axis=2)[..., None]
-        return np.take_along_axis(blocks, idx, axis=2)[..., 0] / -(self.qmax + 1)
+            return np.abs(blocks).max(axis=-1) / self.qmax
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        return np.take_along_axis(blocks, idx, axis=-1)[..., 0] / -(self.qmax + 1)
 
     def dequantize(self, parts: Parts, in_features: int) -> np.ndarray:
         u, scales = parts["qweight"], parts["scales"]

@@ -64,9 +64,29 @@ def decoder_layer(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
     k_cache, v_cache: [kv_cache_len, kv_heads, head_dim] in the hidden-state storage dtype; their
     length is the context the rotary tables are chosen for (longrope).
     """
+    steps = decoder_layer_steps(h, w, cfg, pos, k_cache, v_cache, hidden_type)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+# The inputs decoder_layer_steps yields, in order, and the linears that read each.
+LINEAR_INPUTS = {"attn_in": ("attn_q", "attn_k", "attn_v"), "attn_out": ("attn_out",),
+                 "ffn_in": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
+
+
+def decoder_layer_steps(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
+                        k_cache: np.ndarray, v_cache: np.ndarray, hidden_type: str):
+    """decoder_layer as a generator: yields (name, x) with the input x of each group of linears
+    (LINEAR_INPUTS) before they read w, and returns the layer's output. GPTQ's calibration steps
+    many sequences together and replaces each group's weights in w by their quantized values
+    between two steps, so that later linears see the inputs the quantized ones give."""
     n = h.shape[0]
     hd, heads, kv_heads = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
+    yield "attn_in", x
     q = linear(x, w, "attn_q").reshape(n, heads, hd)
     k = linear(x, w, "attn_k").reshape(n, kv_heads, hd)
     v = linear(x, w, "attn_v").reshape(n, kv_heads, hd)
@@ -77,10 +97,16 @@ def decoder_layer(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
     keys = dtypes.decode(k_cache[:pos + n], hidden_type)
     values = dtypes.decode(v_cache[:pos + n], hidden_type)
     residual = np.float32(cfg.residual_scale)  # MiniCPM's scale_depth / sqrt(layers), else 1
-    h = h + attention(q, keys, values, pos) @ w["attn_out"].T * residual  # float32 throughout
+    attended = attention(q, keys, values, pos)
+    yield "attn_out", attended
+    h = h + attended @ w["attn_out"].T * residual  # float32 throughout
     x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
+    yield "ffn_in", x
     gate = x @ w["ffn_gate"].T
-    h = h + ((gate / (1.0 + np.exp(-gate))) * (x @ w["ffn_up"].T)) @ w["ffn_down"].T * residual
+    act = (gate / (1.0 + np.exp(-gate))) * (x @ w["ffn_up"].T)
+    del gate  # calibration holds many of these frames at once
+    yield "ffn_down", act
+    h = h + act @ w["ffn_down"].T * residual
     return dtypes.round_to(h.astype(np.float32), hidden_type)
 
 
