@@ -142,8 +142,18 @@ def _add_misc(sub):
     p.set_defaults(func=cmd_demo)
 
 
+def _exit_on_sigterm():
+    """`kill` (SIGTERM) raises SystemExit, so the build's cleanup runs as for Ctrl-C: an
+    interrupted build leaves neither an artifact nor its temporary directory."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def cmd_build(a) -> int:
     from edgellm.build.builder import BuildOptions, build
+
+    _exit_on_sigterm()
 
     source = a.input or a.input_path
     if not source or not a.output:

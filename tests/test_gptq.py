@@ -158,3 +158,20 @@ def test_gptq_calibration_counts_in_the_memory_check(tiny, tmp_path, monkeypatch
     assert build(tiny / "hf", tmp_path / "rtn", BuildOptions(**opts)).is_dir()
 
 
+
+def test_a_killed_build_leaves_nothing_behind(tiny, tmp_path):
+    """SIGTERM during a (slow, GPTQ) build: no artifact and no temporary directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    build_cmd = [sys.executable, "-m", "edgellm.cli", "build", tiny / "hf", "-o",
+                 tmp_path / "out", "--weight-type", "s4", "--quant-method", "gptq"]
+    proc = subprocess.Popen(build_cmd, stderr=subprocess.PIPE, text=True)
+    while not any(tmp_path.iterdir()) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert list(tmp_path.iterdir()) == []
