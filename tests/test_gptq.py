@@ -112,6 +112,8 @@ def test_gptq_build_is_closer_to_the_source_on_its_calibration_text(tiny):
     assert manifest["quantization"] == {"method": "gptq", "calibration_tokens": 2000,
                                         "calibration_text": "calibration.txt"}
     assert json.loads((rtn / "manifest.json").read_text())["quantization"] == {"method": "rtn"}
+    shown = edgellm("inspect", gptq)
+    assert "GPTQ, 2000 calibration tokens of calibration.txt" in shown.stdout, shown.stderr
 
     def quality(art, engine):
         return evaluate_artifact(art, text, reference_source=tiny / "hf", max_tokens=256,

@@ -24,6 +24,7 @@ def describe(art: Artifact) -> str:
         f"rope            theta {c.rope_theta:g}, scaling {c.rope_scaling or 'none'}",
         f"weights         {ws['name']}{group(ws)}; lm_head {ps['name']}{group(ps)}; "
         f"tied embeddings: {c.tie_word_embeddings}",
+        f"quantized by    {_method(m.quantization)}",
         f"hidden state    {m.hidden_state_type}; kv_cache_len {m.kv_cache_len}; "
         f"prefill_len {m.prefill_len}",
         f"tokens          bos {tok['bos_id']}, eos {tok['eos_ids']}, pad {tok['pad_id']}; "
@@ -34,3 +35,11 @@ def describe(art: Artifact) -> str:
     for name, f in m.files.items():
         lines.append(f"  {name:42s} {_mb(f['size']):>12s}  sha256 {f['sha256'][:16]}…")
     return "\n".join(lines)
+
+
+def _method(quantization: dict) -> str:
+    if quantization.get("method") == "gptq":
+        text = quantization["calibration_text"]
+        text = "edgellm's built-in text" if text == "built-in" else text
+        return f"GPTQ, {quantization['calibration_tokens']} calibration tokens of {text}"
+    return "round to nearest"
