@@ -5,7 +5,8 @@
 Per variant: perplexity (sliding window), top-1 agreement and mean KL against the unquantized
 source (fp32 weights, numpy reference engine), size of the weights on disk, decode and prefill
 tok/s (`edgellm bench`: 128-token prompt, 64 generated, median of 3, 2 threads), every variant
-in one sequential run. Text: CPython's LICENSE.txt, first --tokens tokens.
+in one sequential run. Text: CPython's LICENSE.txt, first --tokens tokens. The GPTQ rows are
+built only with --gptq (or when named in --only).
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ VARIANTS = [  # label, build options
     ("s4 g32 asymmetric, s8 lm_head, s8 layers 0,1,-1",
      dict(weight_type="s4", group_size=32, asymmetric=True, post_weight_type="s8",
           keep_s8="0,1,-1")),
+    # GPTQ builds take ~12 minutes each here: not run unless named in --only
+    ("s4 g32, GPTQ", dict(weight_type="s4", group_size=32, quant_method="gptq")),
+    ("s4 g32, GPTQ, s8 lm_head",
+     dict(weight_type="s4", group_size=32, post_weight_type="s8", quant_method="gptq")),
 ]
+SLOW = {label for label, opts in VARIANTS if opts.get("quant_method") == "gptq"}
 
 
 def main() -> None:
@@ -42,13 +48,14 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", help="semicolon-separated variant labels")
+    p.add_argument("--gptq", action="store_true", help="the GPTQ rows too (~12 minutes each)")
     a = p.parse_args()
     text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
     work = Path(tempfile.mkdtemp(prefix="edgellm-quality-"))
     rows = []
     with ReferenceModel(a.source, a.context) as ref:
         for label, opts in VARIANTS:
-            if a.only and label not in a.only.split(";"):
+            if (label not in a.only.split(";")) if a.only else (label in SLOW and not a.gptq):
                 continue
             art = build(a.source, work / label.replace(" ", "_").replace(",", ""),
                         BuildOptions(kv_cache_len=a.context, **opts))

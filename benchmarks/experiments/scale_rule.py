@@ -27,7 +27,7 @@ CURRENT = GroupwiseIntScheme._symmetric_scales
 
 
 def before(self, blocks):  # the rule until 2026-11-26
-    return np.abs(blocks).max(axis=2) / self.qmax
+    return np.abs(blocks).max(axis=-1) / self.qmax
 
 
 S4_G32 = dict(weight_type="s4", group_size=32)
@@ -40,14 +40,21 @@ VARIANTS = [  # label, source, build options, symmetric scale rule
     ("s4 g128, m / -8", GGUF, dict(weight_type="s4"), CURRENT),
 ]
 
-text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
-work = Path(tempfile.mkdtemp(prefix="edgellm-scale-rule-"))
-with ReferenceModel(GGUF, 512) as ref:
-    for i, (label, source, opts, rule) in enumerate(VARIANTS):
-        GroupwiseIntScheme._symmetric_scales = rule
-        art = build(source, work / str(i), BuildOptions(kv_cache_len=512, **opts))
-        gen = Generator.load(art, threads=2)
-        ids = gen.tokenizer.encode(text, add_special_tokens=False).ids
-        print(f"{label}: {evaluate(gen.engine, ids, 512, None, ref.engine).summary()}", flush=True)
-        del gen
-GroupwiseIntScheme._symmetric_scales = CURRENT
+
+def main():
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
+    work = Path(tempfile.mkdtemp(prefix="edgellm-scale-rule-"))
+    with ReferenceModel(GGUF, 512) as ref:
+        for i, (label, source, opts, rule) in enumerate(VARIANTS):
+            GroupwiseIntScheme._symmetric_scales = rule
+            art = build(source, work / str(i), BuildOptions(kv_cache_len=512, **opts))
+            gen = Generator.load(art, threads=2)
+            ids = gen.tokenizer.encode(text, add_special_tokens=False).ids
+            quality = evaluate(gen.engine, ids, 512, None, ref.engine)
+            print(f"{label}: {quality.summary()}", flush=True)
+            del gen
+    GroupwiseIntScheme._symmetric_scales = CURRENT
+
+
+if __name__ == "__main__":
+    main()
