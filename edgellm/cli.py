@@ -143,8 +143,8 @@ def _add_misc(sub):
 
 
 def _exit_on_sigterm():
-    """`kill` (SIGTERM) raises SystemExit, so the build's cleanup runs as for Ctrl-C: an
-    interrupted build leaves neither an artifact nor its temporary directory."""
+    """`kill` (SIGTERM) raises SystemExit, so cleanups run as for Ctrl-C: an interrupted build
+    (also demo's) leaves neither an artifact nor its temporary directory, nor pull its download."""
     import signal
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -152,8 +152,6 @@ def _exit_on_sigterm():
 
 def cmd_build(a) -> int:
     from edgellm.build.builder import BuildOptions, build
-
-    _exit_on_sigterm()
 
     source = a.input or a.input_path
     if not source or not a.output:
@@ -337,6 +335,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _exit_on_sigterm()
     try:
         return args.func(args)
     except EdgeLLMError as e:

@@ -27,7 +27,7 @@ from edgellm.build.vendor_config import apply_vendor_config, read_vendor_config
 from edgellm.errors import EdgeLLMError
 from edgellm.fileutil import sha256_file
 from edgellm.quant.gptq import gptq_quantize
-from edgellm.quant.schemes import (GroupwiseIntScheme, get_scheme, quantize_rows,
+from edgellm.quant.schemes import (SCHEMES, GroupwiseIntScheme, get_scheme, quantize_rows,
                                    worst_relative_error)
 
 
@@ -72,8 +72,9 @@ class BuildOptions:
             raise EdgeLLMError("--quant-method must be rtn or gptq")
         if self.calibration_tokens < 2:
             raise EdgeLLMError("--calibration-tokens must be at least 2")
-        integer = {self.weight_type, self.post_weight_type} & {"s8", "s4"}
-        if self.quant_method == "gptq" and not integer:
+        integer = [isinstance(SCHEMES.get(t), GroupwiseIntScheme)
+                   for t in (self.weight_type, self.post_weight_type)]
+        if self.quant_method == "gptq" and not any(integer):
             raise EdgeLLMError("--quant-method gptq needs integer weights (--weight-type or "
                                "--post-weight-type s8 or s4)")
         if self.calibration is not None:
