@@ -65,6 +65,19 @@ def test_gptq_lowers_the_output_error_on_inputs_like_the_calibration(weight_type
     assert error(gptq, held_out) < 0.85 * error(rtn, held_out)
 
 
+def test_rows_done_in_chunks_give_the_same_bytes():
+    """The lm_head goes `rows` output rows at a time, each chunk encoded as it comes."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((45, 96)).astype(np.float32)
+    gram = _gram(_correlated_inputs(rng, 500, 96))
+    for symmetric in (True, False):
+        scheme = get_scheme("s4", 32, symmetric)
+        whole, chunked = gptq_quantize(w, gram, scheme), gptq_quantize(w, gram, scheme, rows=8)
+        assert whole.keys() == chunked.keys()
+        for part in whole:
+            np.testing.assert_array_equal(chunked[part], whole[part], err_msg=part)
+
+
 def test_inverse_cholesky_factor():
     x = _correlated_inputs(np.random.default_rng(3), 600, 300)  # 300 > 256: the halving path
     gram = _gram(x)

@@ -98,10 +98,10 @@ def gptq_quantize(w: np.ndarray, gram: Gram, scheme: GroupwiseIntScheme, damp: f
     a 150k-row lm_head)."""
     u = gram.inverse_cholesky(damp)
     dead = np.diag(gram.matrix) == 0  # inputs never seen: their weights cannot matter
-    chunks = [_gptq_rows(np.where(dead[None, :], 0.0, w[r:r + rows]), u, scheme, block)
-              for r in range(0, w.shape[0], rows)]
-    joined = [np.concatenate(parts) if parts[0] is not None else None for parts in zip(*chunks)]
-    return scheme.encode(*joined)
+    chunks = [scheme.encode(*_gptq_rows(np.where(dead[None, :], 0.0, w[r:r + rows]), u, scheme,
+                                        block))
+              for r in range(0, w.shape[0], rows)]  # encoded as they come: 4-bit, not float
+    return {part: np.concatenate([c[part] for c in chunks]) for part in chunks[0]}
 
 
 def _gptq_rows(w: np.ndarray, u: np.ndarray, scheme: GroupwiseIntScheme, block: int):
