@@ -1,0 +1,73 @@
+"""Compare built artifacts token by token on one text, against one reference pass.
+
+    python benchmarks/paired_quality.py ART_A ART_B [ART_C ...] [--text FILE] [--context 512]
+
+For each artifact: perplexity vs the unquantized source and mean KL divergence, as `edgellm eval
+--reference` prints them; then, against the first artifact, the mean per-token difference in
+negative log-likelihood (the log of the perplexity ratio) and in KL, each with its standard error
+over blocks of 64 consecutive tokens (neighbouring tokens' errors are correlated, so a per-token
+standard error would be too small). A difference within about two standard errors is not one
+the text can tell apart. Default text: CPython's LICENSE.txt, all of it; the reference is the
+GGUF the artifacts were built from (--reference), built as fp32 and run by the numpy engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.eval import ReferenceModel, _log_softmax, _window_logits, _windows
+from edgellm.runtime.generator import Generator
+
+MODEL = Path.home() / ".cache/edgellm/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+BLOCK = 64
+
+
+def per_token(engine, reference, ids: list[int], context: int):
+    """(negative log-likelihoods, KL divergences from the reference, reference NLLs) per token."""
+    nll, kl, ref_nll = [], [], []
+    for start, end, first in _windows(len(ids), context, context // 2):
+        window = ids[start:end]
+        targets, rows = np.asarray(window[first + 1:]), np.arange(first, len(window) - 1)
+        ref = _log_softmax(_window_logits(reference, window)[rows])
+        ours = _log_softmax(_window_logits(engine, window)[rows])
+        picked = np.arange(len(targets))
+        nll.extend(-ours[picked, targets])
+        ref_nll.extend(-ref[picked, targets])
+        kl.extend((np.exp(ref) * (ref - ours)).sum(-1))
+    return np.array(nll), np.array(kl), np.array(ref_nll)
+
+
+def block_mean_and_error(x: np.ndarray) -> tuple[float, float]:
+    blocks = x[:len(x) // BLOCK * BLOCK].reshape(-1, BLOCK).mean(axis=1)
+    return float(x.mean()), float(blocks.std(ddof=1) / np.sqrt(len(blocks)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("--text", default=Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt")
+    ap.add_argument("--reference", default=MODEL)
+    ap.add_argument("--context", type=int, default=512)
+    args = ap.parse_args()
+    gens = [Generator.load(a) for a in args.artifacts]
+    ids = gens[0].tokenizer.encode(Path(args.text).read_text("utf-8"),
+                                   add_special_tokens=False).ids
+    with ReferenceModel(args.reference, args.context) as ref:
+        scores = [per_token(g.engine, ref.engine, ids, args.context) for g in gens]
+    base_nll, base_kl, ref_nll = scores[0]
+    print(f"{len(ids)} tokens, context {args.context}; reference perplexity "
+          f"{np.exp(ref_nll.mean()):.4f}")
+    for art, (nll, kl, _) in zip(args.artifacts, scores):
+        d_nll, e_nll = block_mean_and_error(nll - base_nll)
+        d_kl, e_kl = block_mean_and_error(kl - base_kl)
+        print(f"{art}: perplexity {np.exp(nll.mean()):.4f} "
+              f"({np.expm1(nll.mean() - ref_nll.mean()):+.2%}), mean KL {kl.mean():.4f}; "
+              f"vs {args.artifacts[0]}: NLL {d_nll:+.4f} ± {e_nll:.4f}, KL {d_kl:+.4f} ± {e_kl:.4f}")
+
+
+if __name__ == "__main__":
+    main()
