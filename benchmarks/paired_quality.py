@@ -2,8 +2,9 @@
 
     python benchmarks/paired_quality.py ART_A ART_B [ART_C ...] [--text FILE] [--context 512]
 
-For each artifact: perplexity vs the unquantized source and mean KL divergence, as `edgellm eval
---reference` prints them; then, against the first artifact, the mean per-token difference in
+For each artifact: perplexity vs the unquantized source (and the excess in mean negative
+log-likelihood, with its standard error) and mean KL divergence, as `edgellm eval --reference`
+prints them; then, against the first artifact, the mean per-token difference in
 negative log-likelihood (the log of the perplexity ratio) and in KL, each with its standard error
 over blocks of 64 consecutive tokens (neighbouring tokens' errors are correlated, so a per-token
 standard error would be too small). A difference within about two standard errors is not one
@@ -19,26 +20,27 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.eval import ReferenceModel, _log_softmax, _window_logits, _windows
+from edgellm.eval import ReferenceModel, _windows, token_kl, token_nll, window_log_probs
 from edgellm.runtime.generator import Generator
 
 MODEL = Path.home() / ".cache/edgellm/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 BLOCK = 64
 
 
-def per_token(engine, reference, ids: list[int], context: int):
-    """(negative log-likelihoods, KL divergences from the reference, reference NLLs) per token."""
-    nll, kl, ref_nll = [], [], []
+def per_token(engines, reference, ids: list[int], context: int):
+    """Reference NLLs, and per engine (NLLs, KL divergences from the reference), per token; the
+    reference runs once per window for all engines."""
+    ref_nll, scores = [], [([], []) for _ in engines]
     for start, end, first in _windows(len(ids), context, context // 2):
         window = ids[start:end]
-        targets, rows = np.asarray(window[first + 1:]), np.arange(first, len(window) - 1)
-        ref = _log_softmax(_window_logits(reference, window)[rows])
-        ours = _log_softmax(_window_logits(engine, window)[rows])
-        picked = np.arange(len(targets))
-        nll.extend(-ours[picked, targets])
-        ref_nll.extend(-ref[picked, targets])
-        kl.extend((np.exp(ref) * (ref - ours)).sum(-1))
-    return np.array(nll), np.array(kl), np.array(ref_nll)
+        targets = np.asarray(window[first + 1:])
+        ref = window_log_probs(reference, window, first)
+        ref_nll.extend(token_nll(ref, targets))
+        for engine, (nll, kl) in zip(engines, scores):
+            ours = window_log_probs(engine, window, first)
+            nll.extend(token_nll(ours, targets))
+            kl.extend(token_kl(ref, ours))
+    return np.array(ref_nll), [(np.array(nll), np.array(kl)) for nll, kl in scores]
 
 
 def block_mean_and_error(x: np.ndarray) -> tuple[float, float]:
@@ -57,15 +59,16 @@ def main():
     ids = gens[0].tokenizer.encode(Path(args.text).read_text("utf-8"),
                                    add_special_tokens=False).ids
     with ReferenceModel(args.reference, args.context) as ref:
-        scores = [per_token(g.engine, ref.engine, ids, args.context) for g in gens]
-    base_nll, base_kl, ref_nll = scores[0]
+        ref_nll, scores = per_token([g.engine for g in gens], ref.engine, ids, args.context)
+    base_nll, base_kl = scores[0]
     print(f"{len(ids)} tokens, context {args.context}; reference perplexity "
           f"{np.exp(ref_nll.mean()):.4f}")
-    for art, (nll, kl, _) in zip(args.artifacts, scores):
+    for art, (nll, kl) in zip(args.artifacts, scores):
         d_nll, e_nll = block_mean_and_error(nll - base_nll)
         d_kl, e_kl = block_mean_and_error(kl - base_kl)
-        print(f"{art}: perplexity {np.exp(nll.mean()):.4f} "
-              f"({np.expm1(nll.mean() - ref_nll.mean()):+.2%}), mean KL {kl.mean():.4f}; "
+        excess, e_excess = block_mean_and_error(nll - ref_nll)
+        print(f"{art}: perplexity {np.exp(nll.mean()):.4f} ({np.expm1(excess):+.2%}; "
+              f"NLL over the source's {excess:+.4f} ± {e_excess:.4f}), mean KL {kl.mean():.4f}; "
               f"vs {args.artifacts[0]}: NLL {d_nll:+.4f} ± {e_nll:.4f}, KL {d_kl:+.4f} ± {e_kl:.4f}")
 
 

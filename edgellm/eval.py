@@ -78,6 +78,20 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
 
 
+def window_log_probs(engine, window: list[int], row: int) -> np.ndarray:
+    """Next-token log-probabilities of a window's logits rows from `row` on (see _windows)."""
+    return _log_softmax(_window_logits(engine, window)[row:len(window) - 1])
+
+
+def token_nll(log_probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return -log_probs[np.arange(len(targets)), targets]
+
+
+def token_kl(ref: np.ndarray, ours: np.ndarray) -> np.ndarray:
+    """KL(reference || ours) of each row's next-token distribution."""
+    return (np.exp(ref) * (ref - ours)).sum(-1)
+
+
 def evaluate(engine, ids: list[int], context: int | None = None, stride: int | None = None,
              reference=None) -> Quality:
     """Perplexity of `engine` on ids (and agreement with the `reference` engine, if given)."""
@@ -93,14 +107,13 @@ def evaluate(engine, ids: list[int], context: int | None = None, stride: int | N
     for start, end, first in _windows(len(ids), context, stride):
         window = ids[start:end]
         targets = np.asarray(window[first + 1:])
-        rows = np.arange(first, len(window) - 1)
-        ours = _log_softmax(_window_logits(engine, window)[rows])
-        nll.extend(-ours[np.arange(len(targets)), targets])
+        ours = window_log_probs(engine, window, first)
+        nll.extend(token_nll(ours, targets))
         if reference is not None:
-            ref = _log_softmax(_window_logits(reference, window)[rows])
-            ref_nll.extend(-ref[np.arange(len(targets)), targets])
+            ref = window_log_probs(reference, window, first)
+            ref_nll.extend(token_nll(ref, targets))
             agree.extend(ours.argmax(-1) == ref.argmax(-1))
-            kl.extend((np.exp(ref) * (ref - ours)).sum(-1))
+            kl.extend(token_kl(ref, ours))
     quality = Quality(len(nll), context, stride, float(np.exp(np.mean(nll))))
     if reference is not None:
         quality.reference_perplexity = float(np.exp(np.mean(ref_nll)))
