@@ -155,7 +155,14 @@ def evaluate_artifact(artifact: str | Path, text: str, reference_source: str | P
                       max_tokens: int | None = None, **engine_opts) -> Quality:
     from edgellm.runtime.generator import Generator
 
-    gen = Generator.load(artifact, **engine_opts)
+    return evaluate_generator(Generator.load(artifact, **engine_opts), text, reference_source,
+                              context, stride, max_tokens)
+
+
+def evaluate_generator(gen, text: str, reference_source: str | Path | None = None,
+                       context: int | None = None, stride: int | None = None,
+                       max_tokens: int | None = None) -> Quality:
+    """evaluate_artifact on an artifact already loaded (a runtime.generator.Generator)."""
     ids = gen.tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens]
     context = min(context or gen.engine.kv_cache_len, gen.engine.kv_cache_len)
     if reference_source is None:

@@ -133,11 +133,18 @@ def test_a_model_too_large_for_the_machine_is_refused_with_the_numbers(tmp_path,
 def test_check_level_2_without_room_for_the_float_reference_still_builds(tmp_path, monkeypatch,
                                                                           capsys):
     """The fp32 copy `--check-level 2` compares with may not fit where the artifact does: the
-    build succeeds and says the comparison was skipped, with the reason."""
+    build succeeds and says the comparison was skipped, with the reason; the artifact is loaded
+    once for the prompt and both evaluations."""
     from edgellm.arch import get_arch
     from edgellm.build import memory
     from edgellm.build.builder import BuildOptions, build
     from edgellm.quant.schemes import get_scheme
+    from edgellm.runtime.generator import Generator
+
+    loads = []
+    load = Generator.load.__func__
+    monkeypatch.setattr(Generator, "load",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or load(cls, *a, **k)))
 
     make_tiny_model(tmp_path / "hf", "qwen2", tied=False)
     cfg = get_arch("qwen2").config_from_hf(json.loads((tmp_path / "hf/config.json").read_text()))
@@ -152,6 +159,7 @@ def test_check_level_2_without_room_for_the_float_reference_still_builds(tmp_pat
             "needs about") in err, err
     assert re.search(r"check quality on a short text: perplexity [\d.]+ over \d+ tokens", err)
     assert "top-1 agreement" not in err
+    assert len(loads) == 1, loads
 
 
 def test_the_seed_models_fit_this_machine():

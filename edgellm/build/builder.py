@@ -219,8 +219,7 @@ def build(input_path: str | Path, output: str | Path, opts: BuildOptions) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if opts.check_level >= 2:
-        _run_check_prompt(output, opts.check_prompt)
-        _check_quality(output, input_path)
+        _check_artifact(output, input_path, opts.check_prompt)
     return output
 
 
@@ -362,7 +361,10 @@ def _file_entry(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": sha256_file(path), "tensors": {}}
 
 
-def _run_check_prompt(output: Path, prompt: str):
+def _check_artifact(output: Path, source: str | Path, prompt: str):
+    """--check-level 2: a chat prompt, then `edgellm eval --reference` on a short built-in
+    text, on one load of the artifact."""
+    from edgellm.eval import SHORT_TEXT, evaluate_generator
     from edgellm.runtime.generator import Generator
     from edgellm.runtime.sampler import SamplingConfig
 
@@ -370,16 +372,10 @@ def _run_check_prompt(output: Path, prompt: str):
     result = gen.generate(gen.encode_chat([{"role": "user", "content": prompt}]),
                           SamplingConfig(), max_new_tokens=32)
     _log(f"check prompt {prompt!r} -> {result.text!r}")
-
-
-def _check_quality(output: Path, source: str | Path):
-    """--check-level 2: `edgellm eval --reference` on a short built-in text."""
-    from edgellm.eval import SHORT_TEXT, evaluate_artifact
-
     try:
-        quality = evaluate_artifact(output, SHORT_TEXT, reference_source=source)
+        quality = evaluate_generator(gen, SHORT_TEXT, reference_source=source)
     except NotEnoughMemory as e:  # the fp32 reference, not the artifact: report, don't fail
         _log(f"check quality: no comparison with the unquantized source, whose fp32 copy does "
              f"not fit: {e}")
-        quality = evaluate_artifact(output, SHORT_TEXT)
+        quality = evaluate_generator(gen, SHORT_TEXT)
     _log(f"check quality on a short text: {quality.summary()}")
