@@ -22,21 +22,22 @@ from edgellm.build.builder import BuildOptions, build
 from edgellm.eval import ReferenceModel, evaluate
 from edgellm.runtime.generator import Generator
 
+S4 = dict(weight_type="s4", post_weight_type="s4", asymmetric=False)  # spelled out: s4 alone
+# now means group 32, asymmetric, s8 lm_head (the "s4 default" row)
 VARIANTS = [  # label, build options
     ("bf16", dict(weight_type="bf16")),
     ("s8 g128", dict(weight_type="s8")),
-    ("s4 g128", dict(weight_type="s4")),
-    ("s4 g128, s8 lm_head", dict(weight_type="s4", post_weight_type="s8")),
-    ("s4 g32", dict(weight_type="s4", group_size=32)),
-    ("s4 g32 asymmetric", dict(weight_type="s4", group_size=32, asymmetric=True)),
-    ("s4 g32, s8 lm_head", dict(weight_type="s4", group_size=32, post_weight_type="s8")),
-    ("s4 g32 asymmetric, s8 lm_head, s8 layers 0,1,-1",
-     dict(weight_type="s4", group_size=32, asymmetric=True, post_weight_type="s8",
-          keep_s8="0,1,-1")),
+    ("s4 g128", dict(S4, group_size=128)),
+    ("s4 g128, s8 lm_head", dict(S4, group_size=128, post_weight_type="s8")),
+    ("s4 g32", dict(S4, group_size=32)),
+    ("s4 g32 asymmetric", dict(S4, group_size=32, asymmetric=True)),
+    ("s4 g32, s8 lm_head", dict(S4, group_size=32, post_weight_type="s8")),
+    ("s4 default: g32 asymmetric, s8 lm_head", dict(weight_type="s4")),
+    ("s4 g32 asymmetric, s8 lm_head, s8 layers 0,1,-1", dict(weight_type="s4", keep_s8="0,1,-1")),
     # GPTQ builds take ~12 minutes each here: not run unless named in --only
-    ("s4 g32, GPTQ", dict(weight_type="s4", group_size=32, quant_method="gptq")),
+    ("s4 g32, GPTQ", dict(S4, group_size=32, quant_method="gptq")),
     ("s4 g32, GPTQ, s8 lm_head",
-     dict(weight_type="s4", group_size=32, post_weight_type="s8", quant_method="gptq")),
+     dict(S4, group_size=32, post_weight_type="s8", quant_method="gptq")),
 ]
 SLOW = {label for label, opts in VARIANTS if opts.get("quant_method") == "gptq"}
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from edgellm.artifact.inspect import layout_label
 from edgellm.errors import EdgeLLMError
 
 _TEXT = ("The edge device reads every weight once per generated token, so decoding speed is set "
@@ -56,11 +57,12 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
     runs = [_one_pass(gen, prompt, gen_tokens) for _ in range(repeats)]
     m = gen.artifact.manifest
     return {
-        "model": m.source.get("path", "").rsplit("/", 1)[-1],
+        "model": gen.artifact.path.name,
+        "source": m.source.get("path", "").rsplit("/", 1)[-1],
         "params": parameter_count(gen.artifact.config),
-        "weight_type": m.weight_scheme["name"],
+        "weight_type": layout_label(m.weight_scheme, m.post_scheme, bool(m.layer_schemes)),
         "engine": type(gen.engine).__name__,
-        "threads": threads,
+        "threads": gen.engine.threads,  # as used: ORT's pool size; numpy: None (BLAS default)
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "repeats": repeats,
@@ -77,6 +79,6 @@ def markdown(r: dict) -> str:
         "| TTFT | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['weight_type']} | {r['engine']} "
-        f"| {r['threads'] or 'all'} | {r['prefill_tok_s']:.1f} ({r['prompt_tokens']} tokens) "
+        f"| {r['threads'] or 'BLAS default'} | {r['prefill_tok_s']:.1f} ({r['prompt_tokens']} tokens) "
         f"| {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB |",
     ])

@@ -1,4 +1,9 @@
-"""Command line: argument parsing only; each subcommand calls one function of the API."""
+"""edgellm: compile small LLMs (a Hugging Face directory or a GGUF file) into int8/int4 edge
+artifacts, and chat with them, serve them over the OpenAI API and measure them on this CPU.
+
+Start with `edgellm demo`; `edgellm COMMAND --help` explains each command."""
+
+# Argument parsing only; each subcommand calls one function of the API.
 
 from __future__ import annotations
 
@@ -12,64 +17,110 @@ from edgellm.quant.schemes import SCHEMES
 HIDDEN_TYPES = ("bf16", "fp16", "fp32")
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, unless it has none or its help already says it; wraps
+    prose paragraphs and keeps indented lists (known models, boards) as written."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return "\n\n".join(
+            para if para.splitlines()[-1].startswith(" ") else
+            textwrap.fill(" ".join(para.split()), width, initial_indent=indent,
+                          subsequent_indent=indent)
+            for para in text.split("\n\n"))
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _command(sub, name: str, summary: str, description: str | None = None, **kw):
+    return sub.add_parser(name, help=summary, description=description or summary,
+                          formatter_class=_Help, **kw)
+
+
 def _add_build(sub):
-    p = sub.add_parser("build", help="compile a HF directory or GGUF file into an artifact")
+    p = _command(sub, "build", "compile a HF directory or GGUF file into an artifact",
+                 "Compile a Hugging Face model directory or a GGUF file into an edge artifact "
+                 "directory (per-layer integer weights, ONNX graphs, bf16 embedding table, "
+                 "tokenizer, manifest). The vendor's underscore spellings (--input_path, "
+                 "--kv_cache_len, ...) are accepted too.")
     p.add_argument("input", nargs="?", help="HF model directory or .gguf file")
-    p.add_argument("-o", "--output", "--output_path", "--output-path", dest="output")
+    p.add_argument("-o", "--output", "--output_path", "--output-path", dest="output",
+                   metavar="DIR", help="the artifact directory to write (must not exist, "
+                                       "unless --force)")
     p.add_argument("--input_path", "--input-path", dest="input_path", help=argparse.SUPPRESS)
-    p.add_argument("--weight-type", "--weight_type", default="s8", choices=sorted(SCHEMES))
+    p.add_argument("--weight-type", "--weight_type", default="s8", choices=sorted(SCHEMES),
+                   help="decoder layers' weights: s8 (int8), s4 (int4: group 32 and an s8 "
+                        "lm_head unless --group-size / --post-weight-type say otherwise), "
+                        "or a float type")
     p.add_argument("--post-weight-type", "--post_weight_type", choices=sorted(SCHEMES),
-                   help="weight type of the lm_head (default: --weight-type)")
-    p.add_argument("--group-size", "--group_size", type=int, default=128,
-                   help="input channels per scale (32, 64, 128, …)")
+                   help="weight type of the lm_head (default: s8 for s4 layers, else "
+                        "--weight-type)")
+    p.add_argument("--group-size", "--group_size", type=int, default=None, metavar="N",
+                   help="input channels per scale: 32, 64, 128, ... (default: 32 for s4, "
+                        "128 otherwise)")
     p.add_argument("--keep-s8", metavar="LAYERS",
                    help='layers kept at s8 in an s4 build, e.g. "0,1,-2--1" (first and last two)')
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="ONNX graphs: MatMulNBits accuracy_level (4: int8 activations inside "
                         "the matmul, fast; 0: fp32)")
-    p.add_argument("--asymmetric", action="store_true",
-                   help="integer weights with a zero point per group (default: symmetric)")
+    zero = p.add_mutually_exclusive_group()
+    zero.add_argument("--asymmetric", dest="asymmetric", action="store_true", default=None,
+                      help="integer weights with a zero point per group (default for s4)")
+    zero.add_argument("--symmetric", dest="asymmetric", action="store_false",
+                      help="integer weights with a scale per group only (default for s8)")
     p.add_argument("--quant-method", choices=("rtn", "gptq"), default="rtn",
                    help="integer weights: round to nearest, or GPTQ (fitted to the inputs each "
                         "layer sees on a calibration text; slower build, better s4)")
     p.add_argument("--calibration", metavar="TEXT_FILE",
                    help="GPTQ calibration text (default: a built-in mix of prose, code and chat)")
-    p.add_argument("--calibration-tokens", type=int, default=32768,
-                   help="GPTQ: tokens of the calibration text used (default 32768; "
-                        "far fewer over-fit the text)")
-    p.add_argument("--kv-cache-len", "--kv_cache_len", type=int, default=1023)
-    p.add_argument("--prefill-len", "--prefill_len", type=int, default=None,
+    p.add_argument("--calibration-tokens", type=int, default=32768, metavar="N",
+                   help="GPTQ: tokens of the calibration text used (far fewer over-fit it)")
+    p.add_argument("--kv-cache-len", "--kv_cache_len", type=int, default=1023, metavar="N",
+                   help="positions in the KV cache: the longest prompt + answer")
+    p.add_argument("--prefill-len", "--prefill_len", type=int, default=None, metavar="N",
                    help="tokens per prefill chunk (default: 128, or the KV cache length if less)")
     p.add_argument("--hidden-state-type", "--hidden_state_type", default="bf16",
-                   choices=HIDDEN_TYPES)
-    p.add_argument("--model-config", "--model_config",
+                   choices=HIDDEN_TYPES, help="activations between layers and the KV cache")
+    p.add_argument("--model-config", "--model_config", metavar="JSON",
                    help="the vendor's model-config JSON; its fields override the source's config")
     p.add_argument("--no-memory-check", action="store_true",
                    help="build even when the model looks too large for this machine's RAM")
-    p.add_argument("--check-level", "--check_level", type=int, default=0, choices=(0, 1, 2))
-    p.add_argument("--check-prompt", default="1+1=")
+    p.add_argument("--check-level", "--check_level", type=int, default=0, choices=(0, 1, 2),
+                   help="0: just build; 1: each quantized layer against its float original; "
+                        "2: also answer --check-prompt and compare with the source on a short text")
+    p.add_argument("--check-prompt", default="1+1=", metavar="TEXT", help="the prompt of --check-level 2")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_build)
 
 
-def _add_sampling(p):
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--penalty-window", type=int, default=20)
-    p.add_argument("--seed", type=int)
+def _add_sampling(p, max_new_tokens: int = 256):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help="stop after this many generated tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide recent tokens' logits by this (1: off)")
+    p.add_argument("--penalty-window", type=int, default=20, metavar="N",
+                   help="recent tokens the repetition penalty looks at")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
 
 
 def _add_engine(p):
     p.add_argument("--engine", default="auto", choices=("auto", "ort", "numpy"),
-                   help="ort: ONNX Runtime graphs (default when the artifact has them); "
+                   help="ort: ONNX Runtime graphs (auto picks it when the artifact has them); "
                         "numpy: the reference engine")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: one per physical core)")
     p.add_argument("--providers", default=None,
                    help="comma-separated ONNX Runtime execution providers "
-                        "(default CPUExecutionProvider)")
+                        "(default: CPUExecutionProvider)")
 
 
 def _engine_opts(a) -> dict:
@@ -78,66 +129,78 @@ def _engine_opts(a) -> dict:
 
 
 def _add_run(sub):
-    p = sub.add_parser("run", help="answer one prompt with an artifact")
-    _add_engine(p)
-    p.add_argument("artifact")
+    p = _command(sub, "run", "answer one prompt with an artifact")
+    p.add_argument("artifact", help="an artifact directory (made by edgellm build)")
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--system", help="system message")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt as is")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verify", action="store_true", help="check every file's sha256 first")
     _add_sampling(p)
+    _add_engine(p)
     p.set_defaults(func=cmd_run)
 
 
 def _add_misc(sub):
-    p = sub.add_parser("inspect", help="show an artifact's manifest")
+    p = _command(sub, "inspect", "show an artifact's manifest")
     p.add_argument("artifact")
-    p.add_argument("--verify", action="store_true")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.add_argument("--vendor-config", action="store_true",
                    help="print the vendor's model-config JSON for this artifact")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bench", help="measure prefill / decode speed, TTFT and memory")
+    p = _command(sub, "bench", "measure prefill / decode speed, TTFT and memory")
     p.add_argument("artifact")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=128, metavar="N",
+                   help="prompt length prefilled")
+    p.add_argument("--gen-tokens", type=int, default=128, metavar="N",
+                   help="tokens decoded (greedy, never stopping early)")
+    p.add_argument("--repeats", type=int, default=3, help="runs; the medians are printed")
     p.add_argument("--json", action="store_true", help="print one JSON object of medians")
     _add_engine(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("chat", help="talk to an artifact in the terminal (KV cache kept)")
+    p = _command(sub, "chat", "talk to an artifact in the terminal (KV cache kept)")
     p.add_argument("artifact")
     p.add_argument("--system", help="system message")
     _add_sampling(p)
     _add_engine(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and web chat page")
+    p = _command(sub, "serve", "OpenAI-compatible HTTP server and web chat page")
     p.add_argument("artifact")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="name served (default: directory name)")
     p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
+    p.add_argument("--quiet", action="store_true", help="no line per request")
     p.add_argument("--upstream", default=None,
                    help="OpenAI-compatible base URL (…/v1) answering other models and prompts "
                         "over the local context")
-    p.add_argument("--upstream-key", default=None)
+    p.add_argument("--upstream-key", default=None, help="API key sent upstream")
     p.add_argument("--upstream-model", default=None, help="model name to send upstream")
     _add_engine(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("pull", help="download a known model into the cache, print its path")
-    p.add_argument("name")
+    from edgellm.hub.pull import DEFAULT_MODEL, MODELS
+
+    known = "\n".join(f"  {name:30s} {m.description}, {m.size / 1e6:,.0f} MB"
+                       f"{' (default)' if name == DEFAULT_MODEL else ''}"
+                       for name, m in MODELS.items())
+    p = _command(sub, "pull", "download a known model into the cache, print its path",
+                 epilog=f"known models:\n{known}\n\nor a Hugging Face repo id "
+                        "(needs huggingface_hub and a network that reaches the Hub)")
+    p.add_argument("name", nargs="?", help="a known model (below); without one, list them")
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("demo", help="pull + build (cached) + answer one prompt")
-    p.add_argument("--model", default=None)
+    p = _command(sub, "demo", "pull + build (cached) + answer one prompt")
+    p.add_argument("--model", default=None, choices=sorted(MODELS),
+                   help=f"a known model (default: {DEFAULT_MODEL})")
     p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="stop after this many generated tokens")
     _add_engine(p)
     p.set_defaults(func=cmd_demo)
 
@@ -212,11 +275,16 @@ def cmd_inspect(a) -> int:
         print(json.dumps(vendor_config(art.config, art.path.name), indent=2))
     else:
         print(art.manifest.to_json() if a.json else describe(art))
+    if a.verify:
+        total = sum(f["size"] for f in art.manifest.files.values())
+        print(f"verified: all {len(art.manifest.files)} files ({total / 1e6:,.1f} MB) match "
+              "their sha256 in the manifest", file=sys.stderr if a.json or a.vendor_config
+              else sys.stdout)
     return 0
 
 
 def _add_quality(sub):
-    p = sub.add_parser("eval", help="perplexity on a text; agreement with the unquantized source")
+    p = _command(sub, "eval", "perplexity on a text; agreement with the unquantized source")
     p.add_argument("artifact")
     p.add_argument("--perplexity", metavar="FILE", help="text file to score (default: a short "
                                                          "built-in passage)")
@@ -225,17 +293,22 @@ def _add_quality(sub):
     p.add_argument("--context", type=int, help="tokens per window (default: the KV cache)")
     p.add_argument("--stride", type=int, help="new tokens scored per window (default: half)")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_engine(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("plan", help="will it fit a device, and its decode ceiling, per weight type")
+    boards = "\n".join(f"  {k:10s} {v.note}: {v.ram / 1e9:g} GB, {v.bandwidth / 1e9:g} GB/s"
+                       for k, v in _boards().items())
+    p = _command(sub, "plan", "will it fit a device, and its decode ceiling, per weight type",
+                 epilog=f"boards:\n{boards}")
     p.add_argument("artifact")
     p.add_argument("--board", choices=sorted(_boards()), help="a preset: RAM and bandwidth")
-    p.add_argument("--ram", help="device RAM, e.g. 2GB (overrides the board's)")
-    p.add_argument("--bandwidth", help="memory bandwidth, e.g. 17GB/s (overrides the board's)")
-    p.add_argument("--kv-cache-len", type=int, help="default: the artifact's")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--ram", help="device RAM, e.g. 2GB or 512MB; a bare number is GB "
+                                 "(overrides the board's)")
+    p.add_argument("--bandwidth", help="memory bandwidth, e.g. 17GB/s; a bare number is GB/s "
+                                       "(overrides the board's)")
+    p.add_argument("--kv-cache-len", type=int, metavar="N", help="default: the artifact's")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
 
 
@@ -269,10 +342,11 @@ def cmd_plan(a) -> int:
         raise EdgeLLMError("plan needs --board NAME, or --ram and --bandwidth; boards: "
                            + ", ".join(f"{k} ({v.note})" for k, v in BOARDS.items()))
     ram = parse_size(a.ram, "--ram") if a.ram else board.ram
-    bandwidth = parse_size(a.bandwidth, "--bandwidth") if a.bandwidth else board.bandwidth
+    bandwidth = parse_size(a.bandwidth, "--bandwidth", per_second=True) if a.bandwidth \
+        else board.bandwidth
     art = load_artifact(a.artifact)
     kv = a.kv_cache_len or art.manifest.kv_cache_len
-    rows = plan(art.config, kv, ram, bandwidth)
+    rows = plan(art.config, kv, ram, bandwidth, art)
     if a.json:
         print(json.dumps({"ram": ram, "bandwidth": bandwidth, "kv_cache_len": kv, "rows": rows}))
     else:
@@ -301,18 +375,22 @@ def cmd_chat(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    from edgellm.server.app import serve
+    from edgellm.server.serving import serve
     from edgellm.server.upstream import Upstream
 
     upstream = Upstream(a.upstream, a.upstream_key, a.upstream_model) if a.upstream else None
     serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
-          **_engine_opts(a))
+          quiet=a.quiet, **_engine_opts(a))
     return 0
 
 
 def cmd_pull(a) -> int:
-    from edgellm.hub.pull import pull
+    from edgellm.hub.pull import MODELS, pull
 
+    if not a.name:
+        for name, m in MODELS.items():
+            print(f"{name:30s} {m.description}, {m.size / 1e6:,.0f} MB")
+        return 0
     print(pull(a.name))
     return 0
 
@@ -324,20 +402,42 @@ def cmd_demo(a) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgellm", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="edgellm", description=__doc__, formatter_class=_Help)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
     _add_run(sub)
     _add_misc(sub)
     _add_quality(sub)
+    p.commands = sub.choices
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but an unknown option is reported with its subcommand's usage."""
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _silence_stdout():
+    """The reader of our output went away (`edgellm inspect --json | head`): stop writing,
+    quietly, as other command-line tools do."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = _parse(argv)
     _exit_on_sigterm()
     try:
         return args.func(args)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
     except EdgeLLMError as e:
         print(f"edgellm: error: {e}", file=sys.stderr)
         return 1

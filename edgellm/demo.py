@@ -16,14 +16,27 @@ def cached_artifact(name: str, weight_type: str = "s8") -> Path:
 
     gguf = pull(name)
     artifact = cache_dir() / "artifacts" / f"{name}-{weight_type}"
-    manifest = artifact / MANIFEST_NAME
-    if not manifest.is_file() or \
-            json.loads(manifest.read_text()).get("format_version") != FORMAT_VERSION:
+    opts = BuildOptions(kv_cache_len=1023, weight_type=weight_type, force=True)
+    if not _up_to_date(artifact / MANIFEST_NAME, opts):
         print(f"building {artifact} (once) ...", file=sys.stderr)
         artifact.parent.mkdir(parents=True, exist_ok=True)
-        build(gguf, artifact, BuildOptions(kv_cache_len=1023, weight_type=weight_type,
-                                           force=True))
+        build(gguf, artifact, opts)
     return artifact
+
+
+def _up_to_date(manifest: Path, opts) -> bool:
+    """Built by this format, with the layout `opts` asks for today (s4's default changed)."""
+    from edgellm.quant.schemes import get_scheme
+
+    if not manifest.is_file():
+        return False
+    m = json.loads(manifest.read_text())
+    symmetric = not opts.asymmetric
+    return (m.get("format_version") == FORMAT_VERSION
+            and m.get("weight_scheme") == get_scheme(opts.weight_type, opts.group_size,
+                                                     symmetric).to_dict()
+            and m.get("post_scheme") == get_scheme(opts.post_weight_type, opts.group_size,
+                                                   symmetric).to_dict())
 
 
 def demo(model: str | None, prompt: str, max_new_tokens: int, **engine_opts) -> int:

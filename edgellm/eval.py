@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from edgellm.errors import EdgeLLMError
 
@@ -104,7 +106,10 @@ def evaluate(engine, ids: list[int], context: int | None = None, stride: int | N
     if not 1 <= stride < context:
         raise EdgeLLMError(f"--stride must be between 1 and the context - 1 ({context - 1})")
     nll, ref_nll, agree, kl = [], [], [], []
-    for start, end, first in _windows(len(ids), context, stride):
+    windows = list(_windows(len(ids), context, stride))
+    what = "the artifact and the reference" if reference is not None else "the artifact"
+    for start, end, first in tqdm(windows, desc=f"eval: {len(ids)} tokens on {what}",
+                                  unit="window", file=sys.stderr, disable=None, leave=False):
         window = ids[start:end]
         targets = np.asarray(window[first + 1:])
         ours = window_log_probs(engine, window, first)
@@ -132,9 +137,12 @@ class ReferenceModel:
         from edgellm.runtime.engine import NumpyEngine
 
         self._tmp = Path(tempfile.mkdtemp(prefix="edgellm-reference-"))
+        print(f"eval: building the unquantized reference, an fp32 copy of {source}, in "
+              f"{self._tmp} (removed afterwards)", file=sys.stderr, flush=True)
         try:
             out = build(source, self._tmp / "reference", BuildOptions(
-                kv_cache_len=context, weight_type="fp32", hidden_state_type="fp32"))
+                kv_cache_len=context, weight_type="fp32", hidden_state_type="fp32"),
+                quiet=True, label="eval: reference")
             self.engine = NumpyEngine(load_artifact(out))
         except BaseException:
             self.close()

@@ -9,8 +9,9 @@ paged in (counted separately as disk).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from edgellm.artifact.inspect import layout_label
 from edgellm.build.memory import RUNTIME_OVERHEAD, footprint
 from edgellm.errors import EdgeLLMError
 from edgellm.quant.schemes import get_scheme
@@ -30,30 +31,62 @@ BOARDS = {
                                  "bus (4-32 GB)"),
     "orin-nano": Board(8e9, 68e9, "Jetson Orin Nano 8GB: LPDDR5, 128-bit, 68 GB/s published"),
 }
-# (label, weight type, post weight type, group size)
-VARIANTS = [("bf16", "bf16", "bf16", 128), ("s8", "s8", "s8", 128),
-            ("s4 g128, s8 lm_head", "s4", "s8", 128), ("s4 g128", "s4", "s4", 128),
-            ("s4 g32", "s4", "s4", 32)]
+# (weight type, post weight type, group size, symmetric): the layouts compared; the artifact's
+# own is marked, or added when it is none of these
+VARIANTS = [("bf16", "bf16", 128, True), ("s8", "s8", 128, True), ("s4", "s8", 32, False),
+            ("s4", "s4", 32, True), ("s4", "s8", 128, True), ("s4", "s4", 128, True)]
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_LIMITS = {False: (64e6, 16e12, "B"), True: (0.1e9, 10e12, "B/s")}  # plausible devices
 
 
-def parse_size(text: str, what: str) -> float:
-    """'2GB', '17GB/s', '512M', '1.5g' -> bytes (or bytes/s)."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?(/s)?\s*", text.lower())
-    if not m:
-        raise EdgeLLMError(f"{what} {text!r} is not a size like 2GB or 17GB/s")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+def parse_size(text: str, what: str, per_second: bool = False) -> float:
+    """'2GB', '512MB', '2GiB', '17GB/s' -> bytes (or bytes/s); a bare number is GB (GB/s)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt]?)(i?)b)?\s*(/s)?\s*", text.lower())
+    example = "17GB/s" if per_second else "2GB"
+    if not m or (m.group(4) and not per_second):
+        raise EdgeLLMError(f"{what} {text!r} is not a size like {example}")
+    value, prefix, binary = float(m.group(1)), m.group(2), m.group(3)
+    if m.group(2) is None:  # a bare number: GB, unless it looks like MB
+        if value >= 1024:
+            raise EdgeLLMError(f"{what} {text!r} has no unit and would be {value:g} G"
+                               f"{_LIMITS[per_second][2]}; write e.g. {text.strip()}M"
+                               f"{_LIMITS[per_second][2]} or {example}")
+        prefix = "g"
+    size = value * (1024 ** ("kmgt".index(prefix) + 1) if binary and prefix else _UNITS[prefix])
+    low, high, unit = _LIMITS[per_second]
+    if not low <= size <= high:
+        raise EdgeLLMError(f"{what} {text!r} reads as {size / 1e9:g} G{unit}, which no device "
+                           f"has; give a unit, e.g. {example}")
+    return size
 
 
-def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float) -> list[dict]:
+def _row(label: str, per_token: int, need, ram: float, bandwidth: float, own: bool) -> dict:
+    return {"weights": label, "weights_gb": per_token / 1e9,
+            "kv_cache_gb": need.kv_cache / 1e9, "runtime_gb": need.runtime / 1e9,
+            "embedding_gb": need.embedding / 1e9, "fits": need.runtime <= ram,
+            "decode_ceiling_tok_s": bandwidth / per_token, "this_artifact": own}
+
+
+def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None) -> list[dict]:
+    """One row per layout in VARIANTS; the artifact's own layout (from its manifest, its bytes
+    as written) is marked, or added first when it is not among them."""
+    own = None
+    if artifact is not None:
+        m = artifact.manifest
+        own = (layout_label(m.weight_scheme, m.post_scheme, bool(m.layer_schemes)),
+               sum(m.files[f]["size"] for f in [*m.layers, m.post]))
     rows = []
-    for label, weights, post, group in VARIANTS:
-        need = footprint(cfg, get_scheme(weights, group), get_scheme(post, group), kv_cache_len)
-        per_token = need.layer_weights + need.post_weights
-        rows.append({"weights": label, "weights_gb": per_token / 1e9,
-                     "kv_cache_gb": need.kv_cache / 1e9, "runtime_gb": need.runtime / 1e9,
-                     "embedding_gb": need.embedding / 1e9, "fits": need.runtime <= ram,
-                     "decode_ceiling_tok_s": bandwidth / per_token})
+    for weights, post, group, symmetric in VARIANTS:
+        scheme, post_scheme = get_scheme(weights, group, symmetric), get_scheme(post, group,
+                                                                                 symmetric)
+        need = footprint(cfg, scheme, post_scheme, kv_cache_len)
+        label = layout_label(scheme.to_dict(), post_scheme.to_dict())
+        rows.append(_row(label, need.layer_weights + need.post_weights, need, ram, bandwidth,
+                         own is not None and own[0] == label))
+    if own and not any(r["this_artifact"] for r in rows):
+        need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len)
+        need = replace(need, layer_weights=own[1], post_weights=0)
+        rows.insert(0, _row(own[0], own[1], need, ram, bandwidth, True))
     return rows
 
 
@@ -65,7 +98,8 @@ def table(rows: list[dict], ram: float, bandwidth: float, kv_cache_len: int) -> 
              "decode ceiling |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['weights']} | {r['weights_gb']:.2f} GB | {r['kv_cache_gb']:.2f} GB | "
+        name = f"**{r['weights']}** (this artifact)" if r["this_artifact"] else r["weights"]
+        lines.append(f"| {name} | {r['weights_gb']:.2f} GB | {r['kv_cache_gb']:.2f} GB | "
                      f"{r['runtime_gb']:.2f} GB | {'yes' if r['fits'] else 'no'} | "
                      f"{r['decode_ceiling_tok_s']:.1f} tok/s |")
     lines += ["", f"(+ {rows[0]['embedding_gb']:.2f} GB bf16 embedding table on disk, mapped)"]

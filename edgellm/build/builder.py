@@ -6,9 +6,11 @@ so an interrupted or failed build leaves nothing behind at the output path.
 
 from __future__ import annotations
 
+import contextvars
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +29,8 @@ from edgellm.build.vendor_config import apply_vendor_config, read_vendor_config
 from edgellm.errors import EdgeLLMError
 from edgellm.fileutil import sha256_file
 from edgellm.quant.gptq import gptq_quantize
-from edgellm.quant.schemes import (SCHEMES, GroupwiseIntScheme, get_scheme, quantize_rows,
-                                   worst_relative_error)
+from edgellm.quant.schemes import (SCHEMES, GroupwiseIntScheme, get_scheme, layout_defaults,
+                                   quantize_rows, worst_relative_error)
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,11 @@ class BuildOptions:
     kv_cache_len: int = 1023
     prefill_len: int | None = None  # default: min(128, kv_cache_len)
     weight_type: str = "s8"
-    post_weight_type: str | None = None  # default: same as weight_type
-    group_size: int = 128
-    asymmetric: bool = False  # integer schemes: a zero point per group as well as a scale
+    # None: schemes.layout_defaults(weight_type) (s4: group 32, asymmetric, s8 lm_head;
+    # otherwise group 128, symmetric, the lm_head like the layers)
+    post_weight_type: str | None = None
+    group_size: int | None = None
+    asymmetric: bool | None = None  # integer schemes: a zero point per group as well as a scale
     hidden_state_type: str = "bf16"
     check_level: int = 0
     check_prompt: str = "1+1="
@@ -54,6 +58,9 @@ class BuildOptions:
     calibration_tokens: int = 32768
 
     def __post_init__(self):
+        for key, value in layout_defaults(self.weight_type).items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         if self.kv_cache_len < 2:
             raise EdgeLLMError(f"--kv-cache-len must be at least 2, not {self.kv_cache_len}")
         if self.prefill_len is None:
@@ -87,8 +94,39 @@ class BuildOptions:
 CALIBRATION_SEQ_LEN = 512  # tokens per calibration sequence (each from an empty KV cache)
 
 
+def _say(msg: str):
+    tqdm.write(msg, file=sys.stderr)  # above the progress bar, which stays at the bottom
+    sys.stderr.flush()
+
+
+_LOGGER: contextvars.ContextVar = contextvars.ContextVar("edgellm_build_log", default=_say)
+
+
 def _log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
+    _LOGGER.get()(msg)
+
+
+class _Progress:
+    """One progress bar over the whole build (on a terminal): a step per stage and per layer,
+    the stage's name beside it."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar = tqdm(total=None, desc=f"{label}: reading the source", unit="step",
+                        file=sys.stderr, disable=None, leave=False,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar:24}| {elapsed}")
+
+    def expect(self, layers: int):
+        """Steps: source, tokenizer and embedding, each layer, lm_head, graphs and manifest."""
+        self.bar.total = layers + 4
+        self.bar.refresh()
+
+    def step(self, stage: str, advance: int = 0):
+        self.bar.set_description_str(f"{self.label}: {stage}", refresh=False)
+        self.bar.update(advance)
+
+    def close(self):
+        self.bar.close()
 
 
 def _prepare_output(output: Path, force: bool) -> Path:
@@ -196,31 +234,59 @@ def _write_post(source: Source, path: Path, scheme,
     return writer.close(), error
 
 
-def build(input_path: str | Path, output: str | Path, opts: BuildOptions) -> Path:
-    """Compile `input_path` (HF dir or GGUF) into the artifact directory `output`."""
+def build(input_path: str | Path, output: str | Path, opts: BuildOptions,
+          quiet: bool = False, label: str = "build") -> Path:
+    """Compile `input_path` (HF dir or GGUF) into the artifact directory `output`; `quiet`
+    keeps only the progress bar (named `label`) and errors."""
+    token = _LOGGER.set((lambda msg: None) if quiet else _say)
+    progress = _Progress(label)
+    try:
+        return _build(input_path, output, opts, progress)
+    finally:
+        progress.close()
+        _LOGGER.reset(token)
+
+
+def _build(input_path: str | Path, output: str | Path, opts: BuildOptions,
+           progress: _Progress) -> Path:
+    start = time.perf_counter()
     source = open_source(input_path)
     if opts.model_config:
         vendor = read_vendor_config(opts.model_config)
         source.config = apply_vendor_config(vendor, source.config)
     scheme = get_scheme(opts.weight_type, opts.group_size, not opts.asymmetric)
-    post_scheme = get_scheme(opts.post_weight_type or opts.weight_type, opts.group_size,
-                             not opts.asymmetric)
+    post_scheme = get_scheme(opts.post_weight_type, opts.group_size, not opts.asymmetric)
     _check_sliding_window(source.config, opts)
     if opts.memory_check:
         check_fits(source.config, scheme, post_scheme, opts.kv_cache_len,
                    opts.calibration_tokens if opts.quant_method == "gptq" else 0)
     output = Path(output).absolute()
     tmp = _prepare_output(output, opts.force)
+    progress.expect(source.config.num_layers)
     try:
-        manifest = _build_into(source, tmp, opts, scheme, post_scheme)
+        manifest = _build_into(source, tmp, opts, scheme, post_scheme, progress)
         (tmp / fmt.MANIFEST_NAME).write_text(manifest.to_json())
         _commit(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    progress.step("done", 1)
+    progress.close()
+    seconds = time.perf_counter() - start
     if opts.check_level >= 2:
         _check_artifact(output, input_path, opts.check_prompt)
+    on_disk = sum(f["size"] for f in manifest.files.values())
+    _log(f"built {output} in {seconds:.1f} s: {on_disk / 1e6:,.1f} MB on disk, peak RSS "
+         f"{peak_rss() / 1e9:.2f} GB")
     return output
+
+
+def peak_rss() -> int:
+    """Bytes: the most this process has held in RAM so far (Linux and macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def kept_layers(pattern: str | None, num_layers: int) -> set[int]:
@@ -248,9 +314,11 @@ def _check_sliding_window(cfg, opts: BuildOptions):
             f"build with --kv-cache-len {cfg.sliding_window} or less")
 
 
-def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_scheme) -> Manifest:
+def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_scheme,
+                progress: _Progress) -> Manifest:
     cfg = source.config
     source.check_names()
+    progress.step("tokenizer and embedding", 1)
     _log(f"building {cfg.arch}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
          f"vocab {cfg.vocab_size}, weights {scheme.name}, lm_head {post_scheme.name}")
     tok = source.tokenizer()
@@ -274,8 +342,8 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
     kept = kept_layers(opts.keep_s8, cfg.num_layers)
     keep_scheme = get_scheme("s8", opts.group_size, not opts.asymmetric)
     worst = 0.0
-    for i in tqdm(range(cfg.num_layers), desc="layers", unit="layer", file=sys.stderr,
-                  disable=None):
+    for i in range(cfg.num_layers):
+        progress.step(f"layer {i + 1}/{cfg.num_layers}", 1)
         name = fmt.layer_file(i)
         layer_scheme = keep_scheme if i in kept else scheme
         if layer_scheme != scheme:
@@ -284,12 +352,14 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
                                         calibration)
         worst = max(worst, err)
         layers.append(name)
+    progress.step("lm_head", 1)
     files[fmt.POST_FILE], post_err = _write_post(source, tmp / fmt.POST_FILE, post_scheme,
                                                  calibration)
     _log(f"worst relative weight error: layers {worst:.2e}, lm_head {post_err:.2e}")
 
     source.check_all_used()
     files[fmt.TOKENIZER_FILE] = _file_entry(tmp / fmt.TOKENIZER_FILE)
+    progress.step("ONNX graphs", 1)
     graphs = _emit_graphs(tmp, cfg, files, layers, scheme, post_scheme, opts, layer_schemes)
     return Manifest(
         format_version=fmt.FORMAT_VERSION,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.generator import GenerationResult, Generator
@@ -17,6 +18,41 @@ def _stats(r: GenerationResult) -> str:
             f"{len(r.token_ids)} tokens, {r.decode_tok_s:.1f} tok/s]")
 
 
+@dataclass
+class Totals:
+    """The conversation so far, for /stats."""
+
+    turns: int = 0
+    prefilled: int = 0  # prompt tokens run through the model
+    reused: int = 0  # prompt tokens whose K/V were already in the cache
+    generated: int = 0
+    decode_seconds: float = 0.0
+
+    def add(self, r: GenerationResult):
+        self.turns += 1
+        self.prefilled += r.prompt_tokens - r.reused_tokens
+        self.reused += r.reused_tokens
+        self.generated += len(r.token_ids)
+        if r.decode_tok_s > 0 and len(r.token_ids) > 1:
+            self.decode_seconds += (len(r.token_ids) - 1) / r.decode_tok_s
+
+    def line(self, used: int, capacity: int) -> str:
+        speed = (f", {(self.generated - self.turns) / self.decode_seconds:.1f} tok/s decode"
+                 if self.decode_seconds else "")
+        return (f"[{self.turns} turn(s) | KV cache {used} of {capacity} positions used "
+                f"({100 * used / capacity:.0f}%) | prefilled {self.prefilled} tokens, reused "
+                f"{self.reused} | generated {self.generated} tokens{speed}]")
+
+
+def _stopped_early(r: GenerationResult, capacity: int, max_new_tokens: int) -> str | None:
+    if r.stop_reason == "kv_cache_full":
+        return (f"[the answer stopped: the KV cache is full ({capacity} positions); the next turn "
+                f"drops the oldest turns, /reset starts afresh]")
+    if r.stop_reason == "length":
+        return f"[the answer stopped at --max-new-tokens {max_new_tokens}]"
+    return None
+
+
 class ChatLoop:
     def __init__(self, gen: Generator, sampling: SamplingConfig, max_new_tokens: int,
                  system: str | None = None, out=sys.stdout):
@@ -24,6 +60,7 @@ class ChatLoop:
         self.system = system
         self.messages: list[dict] = []
         self.last: GenerationResult | None = None
+        self.totals = Totals()
 
     def say(self, text: str = "", end: str = "\n"):
         print(text, end=end, file=self.out, flush=True)
@@ -58,7 +95,10 @@ class ChatLoop:
             self.system, self.messages = arg.strip() or None, []
             self.say("[system prompt set, conversation cleared]")
         elif name == "/stats":
-            self.say(_stats(self.last) if self.last else "[no answer yet]")
+            engine = self.gen.engine
+            self.say(self.totals.line(len(self.gen.cached_ids), engine.kv_cache_len))
+            if self.last:
+                self.say("last turn: " + _stats(self.last))
         else:
             self.say(HELP)
         return True
@@ -76,6 +116,10 @@ class ChatLoop:
             self.last = self.gen.generate(ids, self.sampling, self.max_new_tokens,
                                           on_text=show, reuse_cache=True)
             self.say()
+            self.totals.add(self.last)
+            early = _stopped_early(self.last, self.gen.engine.kv_cache_len, self.max_new_tokens)
+            if early:
+                self.say(early)
             self.say(_stats(self.last))
             self.messages.append({"role": "assistant", "content": self.last.text})
         except KeyboardInterrupt:  # stop this answer, keep what was said, stay in the chat

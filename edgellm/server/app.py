@@ -21,6 +21,7 @@ from edgellm.errors import EdgeLLMError
 from edgellm.runtime.generator import GenerationResult, Generator
 from edgellm.runtime.prefix_cache import PrefixCache
 from edgellm.runtime.sampler import SamplingConfig
+from edgellm.server.request_log import note_tokens
 from edgellm.server.schemas import ChatRequest, CompletionRequest
 from edgellm.server.upstream import SERVED_BY, Upstream
 
@@ -85,6 +86,7 @@ class Served:
         m["prefix_cache_hits_total"] += r.reused_tokens > 0
         m["prefix_cache_reused_tokens_total"] += r.reused_tokens
         m["last_decode_tok_s"], m["last_ttft_ms"] = r.decode_tok_s, r.ttft_ms
+        note_tokens(r.prompt_tokens, len(r.token_ids))
 
 
 def _sampling(req) -> SamplingConfig:
@@ -365,13 +367,3 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
     _add_error_handlers(app)
     _add_guards(app, api_key, max_body)
     return app
-
-
-def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
-          max_queue: int, upstream: Upstream | None = None, **engine_opts) -> None:
-    import uvicorn
-
-    gen = Generator.load(artifact, **engine_opts)
-    name = model_name or Path(artifact).name
-    uvicorn.run(create_app(gen, name, api_key, max_queue, upstream=upstream), host=host,
-                port=port, log_level="warning")

