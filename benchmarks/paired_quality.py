@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.eval import ReferenceModel, _windows, token_kl, token_nll, window_log_probs
+from edgellm.compiler.check import ReferenceModel
+from edgellm.eval import _windows, token_kl, token_nll, window_log_probs
 from edgellm.runtime.generator import Generator
 
 MODEL = Path.home() / ".cache/edgellm/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"

@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 
 from edgellm.bench import bench
-from edgellm.build.builder import BuildOptions, build
-from edgellm.eval import ReferenceModel, evaluate
+from edgellm.compiler import BuildOptions, build
+from edgellm.compiler.check import ReferenceModel
+from edgellm.eval import evaluate
 from edgellm.runtime.generator import Generator
 
 S4 = dict(weight_type="s4", post_weight_type="s4", asymmetric=False)  # spelled out: s4 alone

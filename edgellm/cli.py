@@ -214,7 +214,7 @@ def _exit_on_sigterm():
 
 
 def cmd_build(a) -> int:
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
 
     source = a.input or a.input_path
     if not source or not a.output:
@@ -270,7 +270,7 @@ def cmd_inspect(a) -> int:
 
     art = load_artifact(a.artifact, verify=a.verify)
     if a.vendor_config:
-        from edgellm.build.vendor_config import vendor_config
+        from edgellm.compiler.vendor_config import vendor_config
 
         print(json.dumps(vendor_config(art.config, art.path.name), indent=2))
     else:
@@ -321,7 +321,8 @@ def _boards() -> dict:
 def cmd_eval(a) -> int:
     from pathlib import Path
 
-    from edgellm.eval import SHORT_TEXT, evaluate_artifact
+    from edgellm.compiler.check import evaluate_artifact
+    from edgellm.eval import SHORT_TEXT
 
     try:
         text = Path(a.perplexity).read_text() if a.perplexity else SHORT_TEXT

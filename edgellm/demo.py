@@ -12,7 +12,7 @@ from edgellm.hub.pull import DEFAULT_MODEL, cache_dir, pull
 
 def cached_artifact(name: str, weight_type: str = "s8") -> Path:
     """The artifact of a known model in the cache, (re)built when missing or outdated."""
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
 
     gguf = pull(name)
     artifact = cache_dir() / "artifacts" / f"{name}-{weight_type}"

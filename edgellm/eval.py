@@ -3,18 +3,16 @@
 - perplexity: teacher-forced over a sliding window of `context` tokens moved by `stride`; every
   window starts from an empty KV cache and scores only the tokens the previous one did not (the
   first window scores all of its tokens), so each token is predicted from up to `context` tokens.
-- reference: the source checkpoint built as fp32 weights with an fp32 hidden state and run by
-  the numpy reference engine; on the same windows, the share of positions whose top-1 token is the
-  same, and the mean KL divergence KL(reference || artifact) of the next-token distributions.
+- reference: another engine on the same windows (edgellm.compiler.check builds it: the source
+  checkpoint as fp32 weights with an fp32 hidden state, run by the numpy reference engine); the
+  share of positions whose top-1 token is the same, and the mean KL divergence
+  KL(reference || artifact) of the next-token distributions.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -125,55 +123,3 @@ def evaluate(engine, ids: list[int], context: int | None = None, stride: int | N
         quality.top1_agreement = float(np.mean(agree))
         quality.mean_kl = float(np.mean(kl))
     return quality
-
-
-class ReferenceModel:
-    """The unquantized source, built as fp32 weights + fp32 hidden state into a temporary
-    artifact and run by the numpy reference engine (removed on close)."""
-
-    def __init__(self, source: str | Path, context: int):
-        from edgellm.artifact.reader import load_artifact
-        from edgellm.build.builder import BuildOptions, build
-        from edgellm.runtime.engine import NumpyEngine
-
-        self._tmp = Path(tempfile.mkdtemp(prefix="edgellm-reference-"))
-        print(f"eval: building the unquantized reference, an fp32 copy of {source}, in "
-              f"{self._tmp} (removed afterwards)", file=sys.stderr, flush=True)
-        try:
-            out = build(source, self._tmp / "reference", BuildOptions(
-                kv_cache_len=context, weight_type="fp32", hidden_state_type="fp32"),
-                quiet=True, label="eval: reference")
-            self.engine = NumpyEngine(load_artifact(out))
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self):
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def evaluate_artifact(artifact: str | Path, text: str, reference_source: str | Path | None = None,
-                      context: int | None = None, stride: int | None = None,
-                      max_tokens: int | None = None, **engine_opts) -> Quality:
-    from edgellm.runtime.generator import Generator
-
-    return evaluate_generator(Generator.load(artifact, **engine_opts), text, reference_source,
-                              context, stride, max_tokens)
-
-
-def evaluate_generator(gen, text: str, reference_source: str | Path | None = None,
-                       context: int | None = None, stride: int | None = None,
-                       max_tokens: int | None = None) -> Quality:
-    """evaluate_artifact on an artifact already loaded (a runtime.generator.Generator)."""
-    ids = gen.tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens]
-    context = min(context or gen.engine.kv_cache_len, gen.engine.kv_cache_len)
-    if reference_source is None:
-        return evaluate(gen.engine, ids, context, stride)
-    with ReferenceModel(reference_source, context) as ref:
-        return evaluate(gen.engine, ids, context, stride, ref.engine)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 
 from edgellm.artifact.inspect import layout_label
-from edgellm.build.memory import RUNTIME_OVERHEAD, footprint
+from edgellm.compiler.memory import RUNTIME_OVERHEAD, footprint
 from edgellm.errors import EdgeLLMError
 from edgellm.quant.schemes import get_scheme
 

@@ -35,7 +35,7 @@ def smol_gguf() -> Path:
 
 
 def _build(src: Path, out: Path) -> Path:
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
 
     return build(src, out, BuildOptions(kv_cache_len=512, weight_type="s8"))
 

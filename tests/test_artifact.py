@@ -112,7 +112,7 @@ def test_a_version_2_manifest_still_loads(tmp_path):
     import json
 
     from edgellm.artifact.reader import load_artifact
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
     from helpers import make_tiny_model
 
     make_tiny_model(tmp_path / "hf", "llama", tied=True)

@@ -17,7 +17,7 @@ from helpers import make_tiny_model
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
 
     src = tmp_path_factory.mktemp("src") / "hf"
     make_tiny_model(src, "qwen2", tied=False, scale=3.0, embed_boost=20.0)
@@ -61,7 +61,7 @@ def test_a_single_message_over_the_cache_is_an_error_not_a_crash(tiny):
 def test_ctrl_c_stops_the_answer_but_not_the_chat(tmp_path):
     """A cache of 4096 positions keeps the answer running for seconds (greedy never hits eos on
     this model); Ctrl-C must end the answer, not the chat."""
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
 
     pexpect = pytest.importorskip("pexpect")
     make_tiny_model(tmp_path / "hf", "qwen2", tied=False, scale=3.0, embed_boost=20.0)

@@ -62,7 +62,7 @@ def test_s4_defaults_to_group_32_asymmetric_with_an_s8_lm_head(tiny_hf, tmp_path
     m = json.loads((tmp_path / "g128" / "manifest.json").read_text())
     assert (m["weight_scheme"]["group_size"], m["weight_scheme"]["symmetric"]) == (128, True)
     assert m["post_scheme"]["name"] == "s4"
-    from edgellm.build.builder import BuildOptions
+    from edgellm.compiler import BuildOptions
     from edgellm.demo import _up_to_date
 
     s4 = BuildOptions(weight_type="s4")  # demo's cache rebuilds an artifact of the old default

@@ -9,7 +9,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-from edgellm.build.builder import BuildOptions, build  # noqa: E402
+from edgellm.compiler import BuildOptions, build  # noqa: E402
 from edgellm.runtime.generator import Generator  # noqa: E402
 from edgellm.server.app import create_app  # noqa: E402
 from helpers import make_tiny_model  # noqa: E402

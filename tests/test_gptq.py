@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from edgellm.build.builder import BuildOptions, build
-from edgellm.build.calibration import calibration_text
+from edgellm.compiler import BuildOptions, build
+from edgellm.compiler.calibration import calibration_text
 from edgellm.errors import EdgeLLMError
-from edgellm.eval import evaluate_artifact
+from edgellm.compiler.check import evaluate_artifact
 from edgellm.quant.gptq import Gram, _inverse_cholesky, gptq_quantize
 from edgellm.quant.schemes import get_scheme
 from helpers import edgellm, make_tiny_model
@@ -159,8 +159,8 @@ def test_calibration_steps_reach_every_linear():
 
 
 def test_gptq_calibration_counts_in_the_memory_check(tiny, tmp_path, monkeypatch):
-    from edgellm.build import memory
-    from edgellm.build.sources import open_source
+    from edgellm.compiler import memory
+    from edgellm.compiler.sources import open_source
 
     opts = dict(kv_cache_len=64, weight_type="s4", group_size=32)
     scheme = get_scheme("s4", 32, True)

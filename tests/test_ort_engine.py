@@ -7,7 +7,7 @@ import pytest
 
 from edgellm import dtypes
 from edgellm.artifact.reader import load_artifact
-from edgellm.build.builder import BuildOptions, build
+from edgellm.compiler import BuildOptions, build
 from edgellm.runtime import reference
 from edgellm.runtime.engine import NumpyEngine
 from edgellm.runtime.ort_engine import OrtEngine

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgellm.artifact.reader import load_artifact
-from edgellm.build.builder import BuildOptions, build
+from edgellm.compiler import BuildOptions, build
 from edgellm.runtime.engine import NumpyEngine
 from helpers import MINICPM, make_tiny_model
 

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from edgellm.build.builder import BuildOptions, build
-from edgellm.eval import SHORT_TEXT, _windows, evaluate_artifact
+from edgellm.compiler import BuildOptions, build
+from edgellm.compiler.check import evaluate_artifact
+from edgellm.eval import SHORT_TEXT, _windows
 from helpers import edgellm, make_tiny_model
 
 torch = pytest.importorskip("torch")

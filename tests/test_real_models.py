@@ -150,7 +150,7 @@ def test_llama31_gguf_rope_freqs_give_the_llama3_scaling(smol_gguf, smol_s8, tmp
     test_parity); without the tensor the logits differ, so the tensor is not ignored."""
     import json
 
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
 
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -189,7 +189,7 @@ def test_llama31_gguf_rope_freqs_give_the_llama3_scaling(smol_gguf, smol_s8, tmp
 
 @pytest.fixture(scope="module")
 def qwen_s4_default(qwen_gguf, tmp_path_factory):
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
 
     return build(qwen_gguf, tmp_path_factory.mktemp("qwen-s4") / "qwen-s4",
                  BuildOptions(kv_cache_len=512, weight_type="s4"))

@@ -272,7 +272,7 @@ def test_web_page_streams_an_answer_in_chromium(server):
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
     """A stand-in for a cloud server: another edgellm on loopback, tiny model, long context."""
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
     from helpers import make_tiny_model
 
     tmp = tmp_path_factory.mktemp("cloud")

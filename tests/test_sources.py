@@ -114,8 +114,8 @@ def test_phi3_sliding_window_is_honoured_or_refused(tmp_path):
 
 
 def test_a_model_too_large_for_the_machine_is_refused_with_the_numbers(tmp_path, monkeypatch):
-    from edgellm.build import memory
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import memory
+    from edgellm.compiler import BuildOptions, build
     from edgellm.errors import EdgeLLMError
 
     make_tiny_model(tmp_path / "hf", "qwen2", tied=False)
@@ -136,8 +136,8 @@ def test_check_level_2_without_room_for_the_float_reference_still_builds(tmp_pat
     build succeeds and says the comparison was skipped, with the reason; the artifact is loaded
     once for the prompt and both evaluations."""
     from edgellm.arch import get_arch
-    from edgellm.build import memory
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import memory
+    from edgellm.compiler import BuildOptions, build
     from edgellm.quant.schemes import get_scheme
     from edgellm.runtime.generator import Generator
 
@@ -165,7 +165,7 @@ def test_check_level_2_without_room_for_the_float_reference_still_builds(tmp_pat
 def test_the_seed_models_fit_this_machine():
     """The estimate for the largest seed model, Llama-3-8B as s8 (configs from its config.json)."""
     from edgellm.arch import get_arch
-    from edgellm.build.memory import footprint
+    from edgellm.compiler.memory import footprint
     from edgellm.quant.schemes import get_scheme
 
     cfg = get_arch("llama").config_from_hf(dict(
@@ -180,8 +180,8 @@ def test_the_seed_models_fit_this_machine():
 def test_the_footprint_matches_what_a_build_writes_and_the_engine_allocates(tmp_path, weight_type,
                                                                            group, asym):
     from edgellm.artifact.reader import load_artifact
-    from edgellm.build.builder import BuildOptions, build
-    from edgellm.build.memory import footprint
+    from edgellm.compiler import BuildOptions, build
+    from edgellm.compiler.memory import footprint
     from edgellm.quant.schemes import get_scheme
     from edgellm.runtime.ort_engine import OrtEngine
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from edgellm.build.sources import GGUFSource
+from edgellm.compiler.sources import GGUFSource
 
 SAMPLES = [
     "The quick brown fox jumps over the lazy dog. It's 2026, isn't it?",

@@ -13,8 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgellm.build.builder import BuildOptions, build
-from edgellm.eval import ReferenceModel, evaluate
+from edgellm.compiler import BuildOptions, build
+from edgellm.compiler.check import ReferenceModel
+from edgellm.eval import evaluate
 from edgellm.quant.schemes import GroupwiseIntScheme
 from edgellm.runtime.generator import Generator
 

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from edgellm import cli
-from edgellm.build import builder
+from edgellm.compiler import builder
 
 NORM_OF = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm",
            "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm", "lm_head": "output_norm"}

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.build.builder import BuildOptions, build
-from edgellm.eval import ReferenceModel, evaluate
+from edgellm.compiler import BuildOptions, build
+from edgellm.compiler.check import ReferenceModel
+from edgellm.eval import evaluate
 from edgellm.quant.schemes import GroupwiseIntScheme
 from edgellm.runtime.generator import Generator
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.arch import ArchSpec, ModelConfig, get_arch
-from edgellm.build import safetensors_io
-from edgellm.build.tokenizer_info import TokenizerInfo, from_gguf_metadata, from_hf_dir
+from edgellm.compiler import safetensors_io
+from edgellm.compiler.tokenizer_info import TokenizerInfo, from_gguf_metadata, from_hf_dir
 from edgellm.errors import EdgeLLMError
 
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency rope divisors (Llama-3.1/3.2)

@@ -6,11 +6,11 @@ so an interrupted or failed build leaves nothing behind at the output path.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import re
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +22,10 @@ from edgellm.arch.spec import LAYER_LINEARS
 from edgellm.artifact import format as fmt
 from edgellm.artifact.format import Manifest
 from edgellm.artifact.writer import TensorFileWriter, write_raw
-from edgellm.build.calibration import Calibration, calibration_ids, calibration_text
-from edgellm.build.memory import NotEnoughMemory, check_fits
-from edgellm.build.sources import Source, open_source
-from edgellm.build.vendor_config import apply_vendor_config, read_vendor_config
+from edgellm.compiler.calibration import Calibration, calibration_ids, calibration_text
+from edgellm.compiler.memory import check_fits
+from edgellm.compiler.sources import Source, open_source
+from edgellm.compiler.vendor_config import apply_vendor_config, read_vendor_config
 from edgellm.errors import EdgeLLMError
 from edgellm.fileutil import sha256_file
 from edgellm.quant.gptq import gptq_quantize
@@ -102,7 +102,7 @@ def _say(msg: str):
 _LOGGER: contextvars.ContextVar = contextvars.ContextVar("edgellm_build_log", default=_say)
 
 
-def _log(msg: str):
+def log(msg: str):
     _LOGGER.get()(msg)
 
 
@@ -214,7 +214,7 @@ def _write_layer(source: Source, index: int, path: Path, scheme, checker,
             writer.add(name, w.astype(np.float32))
             quant_w[name] = w
     if checker:
-        _log(f"  layer {index:3d}: worst weight error {worst:.2e}, "
+        log(f"  layer {index:3d}: worst weight error {worst:.2e}, "
              f"layer output relative error {checker.check(index, float_w, quant_w):.2e}")
     return writer.close(), worst
 
@@ -234,22 +234,31 @@ def _write_post(source: Source, path: Path, scheme,
     return writer.close(), error
 
 
-def build(input_path: str | Path, output: str | Path, opts: BuildOptions,
-          quiet: bool = False, label: str = "build") -> Path:
-    """Compile `input_path` (HF dir or GGUF) into the artifact directory `output`; `quiet`
-    keeps only the progress bar (named `label`) and errors."""
+@contextlib.contextmanager
+def quieted(quiet: bool):
+    """While inside: the build's informational lines are dropped (`quiet`) or printed."""
     token = _LOGGER.set((lambda msg: None) if quiet else _say)
-    progress = _Progress(label)
     try:
-        return _build(input_path, output, opts, progress)
+        yield
     finally:
-        progress.close()
         _LOGGER.reset(token)
 
 
-def _build(input_path: str | Path, output: str | Path, opts: BuildOptions,
-           progress: _Progress) -> Path:
-    start = time.perf_counter()
+def compile_artifact(input_path: str | Path, output: str | Path, opts: BuildOptions,
+                     quiet: bool = False, label: str = "build") -> Path:
+    """Compile `input_path` (HF dir or GGUF) into the artifact directory `output`, with
+    --check-level 1's per-layer check (level 2 is `edgellm.compiler.build`'s); `quiet` keeps
+    only the progress bar (named `label`) and errors."""
+    with quieted(quiet):
+        progress = _Progress(label)
+        try:
+            return _compile(input_path, output, opts, progress)
+        finally:
+            progress.close()
+
+
+def _compile(input_path: str | Path, output: str | Path, opts: BuildOptions,
+             progress: _Progress) -> Path:
     source = open_source(input_path)
     if opts.model_config:
         vendor = read_vendor_config(opts.model_config)
@@ -271,13 +280,6 @@ def _build(input_path: str | Path, output: str | Path, opts: BuildOptions,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress.step("done", 1)
-    progress.close()
-    seconds = time.perf_counter() - start
-    if opts.check_level >= 2:
-        _check_artifact(output, input_path, opts.check_prompt)
-    on_disk = sum(f["size"] for f in manifest.files.values())
-    _log(f"built {output} in {seconds:.1f} s: {on_disk / 1e6:,.1f} MB on disk, peak RSS "
-         f"{peak_rss() / 1e9:.2f} GB")
     return output
 
 
@@ -319,7 +321,7 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
     cfg = source.config
     source.check_names()
     progress.step("tokenizer and embedding", 1)
-    _log(f"building {cfg.arch}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+    log(f"building {cfg.arch}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
          f"vocab {cfg.vocab_size}, weights {scheme.name}, lm_head {post_scheme.name}")
     tok = source.tokenizer()
     (tmp / fmt.TOKENIZER_FILE).write_text(tok.tokenizer_json)
@@ -355,7 +357,7 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
     progress.step("lm_head", 1)
     files[fmt.POST_FILE], post_err = _write_post(source, tmp / fmt.POST_FILE, post_scheme,
                                                  calibration)
-    _log(f"worst relative weight error: layers {worst:.2e}, lm_head {post_err:.2e}")
+    log(f"worst relative weight error: layers {worst:.2e}, lm_head {post_err:.2e}")
 
     source.check_all_used()
     files[fmt.TOKENIZER_FILE] = _file_entry(tmp / fmt.TOKENIZER_FILE)
@@ -390,7 +392,7 @@ def _calibration(cfg, embed: np.ndarray, tokenizer_json: str,
         return None, {"method": "rtn"}
     ids = calibration_ids(tokenizer_json, calibration_text(opts.calibration),
                           opts.calibration_tokens)
-    _log(f"{opts.quant_method.upper()}: calibrating on {len(ids)} tokens of "
+    log(f"{opts.quant_method.upper()}: calibrating on {len(ids)} tokens of "
          f"{opts.calibration or 'the built-in calibration text'}")
     entry = {"method": opts.quant_method, "calibration_tokens": len(ids),
              "calibration_text": Path(opts.calibration).name if opts.calibration else "built-in"}
@@ -403,12 +405,12 @@ def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_sc
     from edgellm.onnx import graphs as og
 
     if not (og.supports(scheme.to_dict()) and og.supports(post_scheme.to_dict())):
-        _log(f"no ONNX graphs for weight type {scheme.name}/{post_scheme.name}: "
+        log(f"no ONNX graphs for weight type {scheme.name}/{post_scheme.name}: "
              "the numpy engine will run this artifact")
         return {}
     unsupported = og.unsupported_shape(cfg)
     if unsupported:
-        _log(f"no ONNX graphs for {unsupported}: the numpy engine will run this artifact")
+        log(f"no ONNX graphs for {unsupported}: the numpy engine will run this artifact")
         return {}
     names = []
     for layer in layers:
@@ -429,23 +431,3 @@ def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_sc
 
 def _file_entry(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": sha256_file(path), "tensors": {}}
-
-
-def _check_artifact(output: Path, source: str | Path, prompt: str):
-    """--check-level 2: a chat prompt, then `edgellm eval --reference` on a short built-in
-    text, on one load of the artifact."""
-    from edgellm.eval import SHORT_TEXT, evaluate_generator
-    from edgellm.runtime.generator import Generator
-    from edgellm.runtime.sampler import SamplingConfig
-
-    gen = Generator.load(output)
-    result = gen.generate(gen.encode_chat([{"role": "user", "content": prompt}]),
-                          SamplingConfig(), max_new_tokens=32)
-    _log(f"check prompt {prompt!r} -> {result.text!r}")
-    try:
-        quality = evaluate_generator(gen, SHORT_TEXT, reference_source=source)
-    except NotEnoughMemory as e:  # the fp32 reference, not the artifact: report, don't fail
-        _log(f"check quality: no comparison with the unquantized source, whose fp32 copy does "
-             f"not fit: {e}")
-        quality = evaluate_generator(gen, SHORT_TEXT)
-    _log(f"check quality on a short text: {quality.summary()}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from edgellm.build.gguf_tokenizer import tokenizer_json_from_gguf
+from edgellm.compiler.gguf_tokenizer import tokenizer_json_from_gguf
 from edgellm.errors import EdgeLLMError
 
 # Texts of tokens that end a turn in common chat formats; like llama.cpp, any of them that is a

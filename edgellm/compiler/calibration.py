@@ -20,13 +20,13 @@ from edgellm.errors import EdgeLLMError
 from edgellm.quant.gptq import Gram
 from edgellm.runtime import reference
 
-# edgellm/build/texts/ (SOURCES.md there): prose, code and chat turns, then Python's reference
+# edgellm/compiler/texts/ (SOURCES.md there): prose, code and chat turns, then Python's reference
 DEFAULT_TEXTS = ("mixed.txt", "python_docs.txt")
 
 
 def calibration_text(path: str | None) -> str:
     if path is None:
-        texts = resources.files("edgellm.build").joinpath("texts")
+        texts = resources.files("edgellm.compiler").joinpath("texts")
         return "\n\n".join(texts.joinpath(name).read_text("utf-8") for name in DEFAULT_TEXTS)
     try:
         return Path(path).read_text("utf-8")
