@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgellm.artifact.reader import load_artifact
-from edgellm.chat.template import ChatTemplate
+from edgellm.text.template import ChatTemplate
 from edgellm.errors import EdgeLLMError
 
 CONVERSATIONS = [

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from edgellm.runtime.generator import Generator, TextStream
+from edgellm.runtime.generator import Generator
+from edgellm.text import TextStream
 from edgellm.runtime.sampler import Sampler, SamplingConfig
 from helpers import edgellm, make_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory):
-    from edgellm.build.builder import BuildOptions, build
+    from edgellm.compiler import BuildOptions, build
 
     src = tmp_path_factory.mktemp("src") / "hf"
     make_tiny_model(src, "llama", tied=True, scale=3.0, embed_boost=20.0)
@@ -58,7 +59,7 @@ def test_sampling_frequencies_follow_temperature():
 
 
 def test_stream_never_splits_a_utf8_character(smol_gguf):
-    from edgellm.build.sources import GGUFSource
+    from edgellm.compiler.sources import GGUFSource
 
     tok = Tokenizer.from_str(GGUFSource(smol_gguf).tokenizer().tokenizer_json)
     text = "naïve 東京 🦙🚀 done"

@@ -1,1 +1,1 @@
-"""Chat templates (rendered from the artifact) and, later, tool-call parsing."""
+"""Conversations on top of the runtime: the terminal chat, tool calls and their grammars."""

@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tokenizers import Tokenizer
-
 from edgellm.artifact.reader import Artifact, load_artifact
-from edgellm.chat.template import ChatTemplate
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.engine import NumpyEngine
 from edgellm.runtime.sampler import Sampler, SamplingConfig
+from edgellm.text import ModelText, TextStream
 
 
 @dataclass
@@ -32,26 +30,6 @@ class GenerationResult:
         return {k: getattr(self, k) for k in ("text", "token_ids", "prompt_tokens", "ttft_ms",
                                                "prefill_tok_s", "decode_tok_s", "stop_reason",
                                                "reused_tokens")}
-
-
-class TextStream:
-    """Turns token ids into text pieces, holding back bytes of an unfinished UTF-8 character."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of decode(ids) already handed out
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
 ENGINES = ("auto", "ort", "numpy")
@@ -99,16 +77,15 @@ def _limit_blas_threads(threads: int):
 
 
 class Generator:
-    """An artifact ready to chat: engine, tokenizer, chat template and stop tokens."""
+    """An artifact ready to chat: its engine and the decode loop over token ids, with the
+    model's text interface (edgellm.text: tokenizer, chat template, end-of-turn ids) beside."""
 
     def __init__(self, artifact: Artifact, engine: str = "auto", threads: int | None = None,
                  providers: list[str] | None = None):
         self.artifact = artifact
-        tok = artifact.manifest.tokenizer
-        self.tokenizer = Tokenizer.from_file(str(artifact.path / tok["file"]))
-        self.eos_ids = set(tok["eos_ids"])
-        self.template = ChatTemplate(tok["chat_template"], tok["bos_token"], tok["eos_token"]) \
-            if tok.get("chat_template") else None
+        self.text = ModelText.from_artifact(artifact)
+        self.tokenizer, self.template = self.text.tokenizer, self.text.template
+        self.eos_ids = self.text.eos_ids
         self.engine = make_engine(artifact, engine, threads, providers)
         self.cached_ids: list[int] = []  # tokens whose K/V sit at positions 0.. of the cache
 
@@ -117,11 +94,7 @@ class Generator:
         return cls(load_artifact(path, verify=verify), **engine_opts)
 
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
-        if self.template is None:  # a base model: plain text, with the tokenizer's own specials
-            text = "\n".join(m["content"] for m in messages)
-            return self.tokenizer.encode(text).ids
-        text = self.template.render(messages, add_generation_prompt=True, **template_kwargs)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.text.encode_chat(messages, **template_kwargs)
 
     def _check_fits(self, n_prompt: int):
         limit = self.engine.kv_cache_len
