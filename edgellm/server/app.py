@@ -1,13 +1,11 @@
-"""The OpenAI-compatible API: one model, requests served in order through a bounded queue."""
+"""The OpenAI-compatible API's routes: one model; generation is the scheduler's (scheduler.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -15,78 +13,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgellm.chat.constrained import ToolCallGrammar, TokenMask
+from edgellm.chat.constrained import TokenMask
 from edgellm.chat.tools import forced_prefix, messages_for_template, parse_tool_calls
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.generator import GenerationResult, Generator
 from edgellm.runtime.prefix_cache import PrefixCache
 from edgellm.runtime.sampler import SamplingConfig
-from edgellm.server.request_log import note_tokens
+from edgellm.server.errors import APIError, error_body
+from edgellm.server.scheduler import Scheduler
 from edgellm.server.schemas import ChatRequest, CompletionRequest
 from edgellm.server.upstream import SERVED_BY, Upstream
 
 STATIC = Path(__file__).parent / "static"
 FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length",
           "kv_cache_full": "length"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
-        self.headers = headers
-
-
-def error_body(message: str, kind: str, code=None, param=None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-@dataclass
-class Served:
-    """The model and its one-at-a-time generation slot."""
-
-    gen: Generator
-    name: str
-    max_queue: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    pending: int = 0  # admitted requests (running + waiting)
-    prefix_cache: PrefixCache | None = None
-    upstream: Upstream | None = None
-    grammar: ToolCallGrammar | None = None  # built on the first forced tool call
-    metrics: dict = field(default_factory=lambda: {
-        "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
-        "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
-        "prefix_cache_reused_tokens_total": 0, "last_decode_tok_s": 0.0, "last_ttft_ms": 0.0})
-
-    def admit(self):
-        if self.pending > self.max_queue:
-            self.metrics["rejected_total"] += 1
-            raise APIError(429, "the server is busy; retry shortly", "rate_limit_error",
-                           "queue_full", headers={"Retry-After": "1"})
-        self.pending += 1
-        self.metrics["requests_total"] += 1
-
-    def tool_call_mask(self, prefix: str, tools: list[dict]) -> TokenMask | None:
-        """With tool_choice required or named (a non-empty forced prefix), a mask that keeps
-        the rest of the call valid JSON for the function's parameter schema."""
-        if not prefix:
-            return None
-        if self.grammar is None:
-            self.grammar = ToolCallGrammar.for_generator(self.gen)
-        try:
-            return self.grammar.mask_after(prefix, tools)
-        except EdgeLLMError as e:
-            raise APIError(400, str(e), param="tools") from None
-
-    def record(self, r: GenerationResult):
-        m = self.metrics
-        m["prompt_tokens_total"] += r.prompt_tokens
-        m["completion_tokens_total"] += len(r.token_ids)
-        m["prefix_cache_hits_total"] += r.reused_tokens > 0
-        m["prefix_cache_reused_tokens_total"] += r.reused_tokens
-        m["last_decode_tok_s"], m["last_ttft_ms"] = r.decode_tok_s, r.ttft_ms
-        note_tokens(r.prompt_tokens, len(r.token_ids))
 
 
 def _sampling(req) -> SamplingConfig:
@@ -112,15 +52,14 @@ def _stops(req) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
-def _check_model(served: Served, name: str):
-    if name != served.name:
+def _check_model(served_name: str, name: str):
+    if name != served_name:
         raise APIError(404, f"the model {name!r} does not exist; this server has "
-                            f"{served.name!r}", code="model_not_found", param="model")
+                            f"{served_name!r}", code="model_not_found", param="model")
 
 
-def _encode_chat(served: Served, req: ChatRequest) -> tuple[list[int], str, list[dict]]:
+def _encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list[dict]]:
     """Prompt ids, the forced start of the answer (tool_choice), and the active tools."""
-    gen = served.gen
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     choice = req.tool_choice or ("auto" if tools else "none")
     if choice != "none" and not tools:
@@ -143,36 +82,6 @@ def _encode_chat(served: Served, req: ChatRequest) -> tuple[list[int], str, list
     prefix = forced_prefix(choice, active) if active else ""
     ids = gen.tokenizer.encode(text + prefix, add_special_tokens=False).ids
     return ids, prefix, active
-
-
-def _check_context(served: Served, ids: list[int]):
-    limit = served.gen.engine.kv_cache_len
-    if len(ids) >= limit:
-        raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context holds "
-                            f"{limit}", code="context_length_exceeded", param="messages")
-
-
-async def _generate(served: Served, ids, sampling, max_tokens, stop, on_text=None,
-                    cancel: threading.Event | None = None, mask: TokenMask | None = None
-                    ) -> GenerationResult:
-    """Run one admitted request in the worker thread; its queue place is freed however it ends."""
-    cancel = cancel or threading.Event()
-    limit = served.gen.engine.kv_cache_len
-
-    def work():
-        with served.lock:
-            served.prefix_cache.prepare(ids)
-            return served.gen.generate(ids, sampling, min(max_tokens or limit, limit - len(ids)),
-                                       on_text=on_text, reuse_cache=True, stop=stop,
-                                       cancelled=cancel.is_set, mask=mask)
-
-    try:
-        _check_context(served, ids)
-        result = await asyncio.get_running_loop().run_in_executor(None, work)
-    finally:
-        served.pending -= 1
-    served.record(result)
-    return result
 
 
 def _usage(r: GenerationResult) -> dict:
@@ -200,40 +109,36 @@ def _chunk(cid: str, model: str, delta: dict, finish=None, **extra) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _stream_chat(served: Served, req: ChatRequest, ids, prefix, tools, sampling, stop,
-                       mask: TokenMask | None):
-    cid, queue = f"chatcmpl-{uuid.uuid4().hex}", asyncio.Queue()
-    loop, cancel = asyncio.get_running_loop(), threading.Event()
+async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, prefix, tools,
+                       sampling, stop, mask: TokenMask | None):
+    cid = f"chatcmpl-{uuid.uuid4().hex}"
     live = not tools  # tool answers are parsed whole, then sent
-    on_text = (lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)) if live else None
-    task = asyncio.ensure_future(_generate(served, ids, sampling,
-                                           req.max_completion_tokens or req.max_tokens, stop,
-                                           on_text, cancel, mask))
-    task.add_done_callback(lambda _: queue.put_nowait(None))
+    running = served.stream(ids, sampling, req.max_completion_tokens or req.max_tokens, stop,
+                            mask, pieces=live)
 
     async def events():
         try:
-            yield _chunk(cid, served.name, {"role": "assistant", "content": ""})
-            while (piece := await queue.get()) is not None:
-                yield _chunk(cid, served.name, {"content": piece})
-            result = task.result()
+            yield _chunk(cid, name, {"role": "assistant", "content": ""})
+            async for piece in running:
+                yield _chunk(cid, name, {"content": piece})
+            result = running.result()
             message, finish = _chat_message(result, prefix, tools)
             if not live:
                 delta = {k: v for k, v in message.items() if k != "role"}
                 if delta.get("tool_calls"):
                     delta["tool_calls"] = [{"index": i, **c}
                                            for i, c in enumerate(delta["tool_calls"])]
-                yield _chunk(cid, served.name, delta)
-            yield _chunk(cid, served.name, {}, finish)
+                yield _chunk(cid, name, delta)
+            yield _chunk(cid, name, {}, finish)
             if (req.stream_options or {}).get("include_usage"):
                 body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                        "model": served.name, "choices": [], "usage": _usage(result)}
+                        "model": name, "choices": [], "usage": _usage(result)}
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield f"data: {json.dumps(error_body(e.message, e.kind, e.code, e.param))}\n\n"
         finally:
-            cancel.set()  # a client that went away stops its generation
+            running.cancel()  # a client that went away stops its generation
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -243,14 +148,14 @@ def _body(req) -> dict:
     return req.model_dump(exclude_unset=True, exclude_none=True)
 
 
-def _add_routes(app: FastAPI, served: Served):
+def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream | None):
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.name}
+        return {"status": "ok", "model": name}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model",
+        return {"object": "list", "data": [{"id": name, "object": "model",
                                             "created": 0, "owned_by": "edgellm"}]}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -262,32 +167,33 @@ def _add_routes(app: FastAPI, served: Served):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        if served.upstream and req.model != served.name:
-            return await served.upstream.forward("/chat/completions", _body(req), "model")
-        _check_model(served, req.model)
+        if upstream and req.model != name:
+            return await upstream.forward("/chat/completions", _body(req), "model")
+        _check_model(name, req.model)
         sampling, stop = _sampling(req), _stops(req)
-        ids, prefix, tools = _encode_chat(served, req)
-        if served.upstream and len(ids) >= served.gen.engine.kv_cache_len:
-            return await served.upstream.forward("/chat/completions", _body(req), "context")
-        _check_context(served, ids)
+        ids, prefix, tools = _encode_chat(served.gen, req)
+        if upstream and len(ids) >= served.gen.engine.kv_cache_len:
+            return await upstream.forward("/chat/completions", _body(req), "context")
+        served.check_context(ids)
         mask = await asyncio.get_running_loop().run_in_executor(None, served.tool_call_mask,
                                                                 prefix, tools)
         served.admit()
         if req.stream:
-            return await _stream_chat(served, req, ids, prefix, tools, sampling, stop, mask)
-        result = await _generate(served, ids, sampling,
-                                 req.max_completion_tokens or req.max_tokens, stop, mask=mask)
+            return await _stream_chat(served, name, req, ids, prefix, tools, sampling, stop,
+                                      mask)
+        result = await served.run(ids, sampling, req.max_completion_tokens or req.max_tokens,
+                                  stop, mask=mask)
         message, finish = _chat_message(result, prefix, tools)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                "created": int(time.time()), "model": served.name,
+                "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": _usage(result)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        if served.upstream and req.model != served.name:
-            return await served.upstream.forward("/completions", _body(req), "model")
-        _check_model(served, req.model)
+        if upstream and req.model != name:
+            return await upstream.forward("/completions", _body(req), "model")
+        _check_model(name, req.model)
         if req.stream:
             raise APIError(400, "streaming is not supported on /v1/completions; use "
                                 "/v1/chat/completions", param="stream")
@@ -295,11 +201,11 @@ def _add_routes(app: FastAPI, served: Served):
         ids = served.gen.tokenizer.encode(req.prompt).ids
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        _check_context(served, ids)
+        served.check_context(ids)
         served.admit()
-        result = await _generate(served, ids, sampling, req.max_tokens, stop)
+        result = await served.run(ids, sampling, req.max_tokens, stop)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": served.name,
+                "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "text": result.text, "logprobs": None,
                              "finish_reason": FINISH[result.stop_reason]}],
                 "usage": _usage(result)}
@@ -360,10 +266,9 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                upstream: Upstream | None = None) -> FastAPI:
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`)."""
     app = FastAPI(title="edgellm", version="0.1.0")
-    served = Served(gen, model_name, max_queue, prefix_cache=PrefixCache(gen, cache_slots),
-                    upstream=upstream)
+    served = Scheduler(gen, max_queue, PrefixCache(gen, cache_slots))
     app.state.served = served
-    _add_routes(app, served)
+    _add_routes(app, served, model_name, upstream)
     _add_error_handlers(app)
     _add_guards(app, api_key, max_body)
     return app

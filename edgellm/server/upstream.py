@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from edgellm.server.errors import APIError
+
 SERVED_BY = "X-Edgellm-Served-By"
 
 
@@ -39,8 +41,6 @@ class Upstream:
             r = await client.send(request, stream=True)
         except (httpx.HTTPError, ValueError) as e:
             await client.aclose()
-            from edgellm.server.app import APIError
-
             raise APIError(502, f"the upstream server failed: {type(e).__name__}: {e}",
                            "upstream_error", "upstream_failed") from None
 

@@ -1,0 +1,128 @@
+"""Who generates when: one generation slot, requests admitted up to a bound and run in order.
+
+The routes only admit a request, run it (or stream its text pieces) and cancel it; batching
+several requests at once replaces this module, not the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+from edgellm.chat.constrained import TokenMask, ToolCallGrammar
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.generator import GenerationResult, Generator
+from edgellm.runtime.prefix_cache import PrefixCache
+from edgellm.server.errors import APIError
+from edgellm.server.request_log import note_tokens
+
+
+@dataclass
+class Scheduler:
+    """The model and its one-at-a-time generation slot."""
+
+    gen: Generator
+    max_queue: int
+    prefix_cache: PrefixCache
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: int = 0  # admitted requests (running + waiting)
+    grammar: ToolCallGrammar | None = None  # built on the first forced tool call
+    metrics: dict = field(default_factory=lambda: {
+        "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
+        "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
+        "prefix_cache_reused_tokens_total": 0, "last_decode_tok_s": 0.0, "last_ttft_ms": 0.0})
+
+    def admit(self):
+        """Take a request in line, or refuse it (429) past the queue bound."""
+        if self.pending > self.max_queue:
+            self.metrics["rejected_total"] += 1
+            raise APIError(429, "the server is busy; retry shortly", "rate_limit_error",
+                           "queue_full", headers={"Retry-After": "1"})
+        self.pending += 1
+        self.metrics["requests_total"] += 1
+
+    def check_context(self, ids: list[int]):
+        limit = self.gen.engine.kv_cache_len
+        if len(ids) >= limit:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context holds "
+                                f"{limit}", code="context_length_exceeded", param="messages")
+
+    def tool_call_mask(self, prefix: str, tools: list[dict]) -> TokenMask | None:
+        """With tool_choice required or named (a non-empty forced prefix), a mask that keeps
+        the rest of the call valid JSON for the function's parameter schema."""
+        if not prefix:
+            return None
+        if self.grammar is None:
+            self.grammar = ToolCallGrammar.for_generator(self.gen)
+        try:
+            return self.grammar.mask_after(prefix, tools)
+        except EdgeLLMError as e:
+            raise APIError(400, str(e), param="tools") from None
+
+    async def run(self, ids, sampling, max_tokens, stop, on_text=None,
+                  cancel: threading.Event | None = None, mask: TokenMask | None = None
+                  ) -> GenerationResult:
+        """Run one admitted request in the worker thread; its queue place is freed however it
+        ends."""
+        cancel = cancel or threading.Event()
+        limit = self.gen.engine.kv_cache_len
+
+        def work():
+            with self.lock:
+                self.prefix_cache.prepare(ids)
+                return self.gen.generate(ids, sampling,
+                                         min(max_tokens or limit, limit - len(ids)),
+                                         on_text=on_text, reuse_cache=True, stop=stop,
+                                         cancelled=cancel.is_set, mask=mask)
+
+        try:
+            self.check_context(ids)
+            result = await asyncio.get_running_loop().run_in_executor(None, work)
+        finally:
+            self.pending -= 1
+        self.record(result)
+        return result
+
+    def stream(self, ids, sampling, max_tokens, stop, mask: TokenMask | None = None,
+               pieces: bool = True) -> "TextPieces":
+        """Start an admitted request; iterate the result for its text pieces as they come
+        (none when `pieces` is False), then ask it for the whole result."""
+        return TextPieces(self, ids, sampling, max_tokens, stop, mask, pieces)
+
+    def record(self, r: GenerationResult):
+        m = self.metrics
+        m["prompt_tokens_total"] += r.prompt_tokens
+        m["completion_tokens_total"] += len(r.token_ids)
+        m["prefix_cache_hits_total"] += r.reused_tokens > 0
+        m["prefix_cache_reused_tokens_total"] += r.reused_tokens
+        m["last_decode_tok_s"], m["last_ttft_ms"] = r.decode_tok_s, r.ttft_ms
+        note_tokens(r.prompt_tokens, len(r.token_ids))
+
+
+class TextPieces:
+    """A running request: `async for piece in it`, then `result()`; `cancel()` stops it (a
+    client that went away)."""
+
+    def __init__(self, scheduler: Scheduler, ids, sampling, max_tokens, stop, mask, pieces):
+        self._queue, self._cancel = asyncio.Queue(), threading.Event()
+        loop = asyncio.get_running_loop()
+        on_text = (lambda piece: loop.call_soon_threadsafe(self._queue.put_nowait, piece)) \
+            if pieces else None
+        self._task = asyncio.ensure_future(scheduler.run(ids, sampling, max_tokens, stop,
+                                                         on_text, self._cancel, mask))
+        self._task.add_done_callback(lambda _: self._queue.put_nowait(None))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        piece = await self._queue.get()
+        if piece is None:
+            raise StopAsyncIteration
+        return piece
+
+    def result(self) -> GenerationResult:
+        return self._task.result()
+
+    def cancel(self):
+        self._cancel.set()
