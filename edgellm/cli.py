@@ -38,6 +38,20 @@ class _Help(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative")
+    return n
+
+
 def _command(sub, name: str, summary: str, description: str | None = None, **kw):
     return sub.add_parser(name, help=summary, description=description or summary,
                           formatter_class=_Help, **kw)
@@ -164,6 +178,7 @@ def _add_misc(sub):
     p = _command(sub, "chat", "talk to an artifact in the terminal (KV cache kept)")
     p.add_argument("artifact")
     p.add_argument("--system", help="system message")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 first")
     _add_sampling(p)
     _add_engine(p)
     p.set_defaults(func=cmd_chat)
@@ -171,11 +186,14 @@ def _add_misc(sub):
     p = _command(sub, "serve", "OpenAI-compatible HTTP server and web chat page")
     p.add_argument("artifact")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="name served (default: directory name)")
-    p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
+    p.add_argument("--max-queue", type=_count, default=8, help="waiting requests before 429")
     p.add_argument("--quiet", action="store_true", help="no line per request")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's sha256 before serving (a sample of each file is "
+                        "checked at every load anyway)")
     p.add_argument("--upstream", default=None,
                    help="OpenAI-compatible base URL (…/v1) answering other models and prompts "
                         "over the local context")
@@ -370,7 +388,7 @@ def cmd_chat(a) -> int:
     from edgellm.runtime.generator import Generator
 
     sampling = _sampling(a)
-    gen = Generator.load(a.artifact, **_engine_opts(a))
+    gen = Generator.load(a.artifact, verify=a.verify, **_engine_opts(a))
     ChatLoop(gen, sampling, a.max_new_tokens, a.system).run()
     return 0
 
@@ -381,7 +399,7 @@ def cmd_serve(a) -> int:
 
     upstream = Upstream(a.upstream, a.upstream_key, a.upstream_model) if a.upstream else None
     serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
-          quiet=a.quiet, **_engine_opts(a))
+          quiet=a.quiet, verify=a.verify, **_engine_opts(a))
     return 0
 
 

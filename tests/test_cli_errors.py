@@ -139,13 +139,22 @@ def test_truncated_artifact_file(tiny_artifact, tmp_path):
 
 
 def test_verify_catches_a_changed_byte(tiny_artifact, tmp_path):
+    """Every load checks sizes and a sample of pages (all of a small file); --verify every
+    byte."""
     art = tmp_path / "flip"
     shutil.copytree(tiny_artifact, art)
     data = bytearray((art / "post.bin").read_bytes())
     data[200] ^= 0xFF
     (art / "post.bin").write_bytes(bytes(data))
-    assert edgellm("inspect", art).returncode == 0  # sizes only
-    _fails_cleanly(edgellm("inspect", art, "--verify"), "post.bin", "sha256")
+    _fails_cleanly(edgellm("inspect", art), "post.bin", "sha256")  # small: sampled whole
+    shutil.copy(tiny_artifact / "post.bin", art / "post.bin")
+    embed = art / "model.embed_tokens.weight.bfloat16.bin"
+    data = bytearray(embed.read_bytes())
+    assert len(data) > 8 * 4096
+    data[4096 + 100] ^= 0xFF  # between the first two sampled pages
+    embed.write_bytes(bytes(data))
+    assert edgellm("inspect", art).returncode == 0
+    _fails_cleanly(edgellm("inspect", art, "--verify"), "bfloat16.bin", "sha256")
 
 
 def test_prompt_longer_than_kv_cache(tiny_artifact):

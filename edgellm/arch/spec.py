@@ -53,6 +53,14 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        sizes = {"hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                 "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                 "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                 "vocab_size": self.vocab_size}
+        wrong = [f"{k} {v}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+        if wrong:
+            raise EdgeLLMError(f"the model config has impossible sizes: {', '.join(wrong)} "
+                               f"(each must be a positive integer)")
         if self.num_heads % self.num_kv_heads:
             raise EdgeLLMError(
                 f"num_attention_heads {self.num_heads} is not a multiple of "

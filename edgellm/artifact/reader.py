@@ -10,7 +10,7 @@ import numpy as np
 from edgellm.arch.spec import ModelConfig
 from edgellm.artifact.format import MANIFEST_NAME, Manifest
 from edgellm.errors import EdgeLLMError
-from edgellm.fileutil import sha256_file
+from edgellm.fileutil import sample_sha256, sha256_file
 from edgellm.quant.schemes import scheme_from_dict
 
 NUMPY_DTYPES = {"uint8": np.uint8, "int8": np.int8, "bf16": np.uint16, "fp16": np.float16,
@@ -70,9 +70,17 @@ def load_artifact(path: str | Path, verify: bool = False) -> Artifact:
             raise EdgeLLMError(
                 f"artifact file {f} has {f.stat().st_size} bytes, the manifest says {info['size']}"
             )
-        if verify and sha256_file(f) != info["sha256"]:
-            raise EdgeLLMError(f"artifact file {f} does not match its sha256 in the manifest")
-    return Artifact(path, manifest, ModelConfig.from_dict(manifest.config))
+        sampled = info.get("sample_sha256")  # artifacts built before 2026-12-01 have none
+        if (verify and sha256_file(f) != info["sha256"]) or \
+                (sampled and sample_sha256(f) != sampled):
+            raise EdgeLLMError(f"artifact file {f} does not match its sha256 in the manifest: "
+                               f"the artifact is damaged; rebuild it (or restore the file)")
+    try:
+        config = ModelConfig.from_dict(manifest.config)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise EdgeLLMError(f"{path / MANIFEST_NAME}: the model config in it is incomplete or "
+                           f"wrong ({type(e).__name__}: {e}); rebuild the artifact") from None
+    return Artifact(path, manifest, config)
 
 
 def _refuse_a_source(path: Path):

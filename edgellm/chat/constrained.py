@@ -57,8 +57,12 @@ class ToolCallGrammar:
         """A mask for what follows `prefix`: the arguments object (and the closing brace), or,
         when the prefix stops inside the name, one of the tools' names and then its arguments."""
         lark = _lark_rest_of_call(prefix, tools)
-        matcher = self._llg.LLMatcher(self.tokenizer, self._llg.LLMatcher.grammar_from_lark(lark),
-                                      log_level=0)
+        try:
+            matcher = self._llg.LLMatcher(self.tokenizer,
+                                          self._llg.LLMatcher.grammar_from_lark(lark),
+                                          log_level=0)
+        except Exception as e:  # llguidance raises ValueError/RuntimeError on a bad schema
+            raise EdgeLLMError(f"cannot constrain this tool call: {e}") from None
         if matcher.is_error():
             raise EdgeLLMError(f"cannot constrain this tool call: {matcher.get_error()}")
         return TokenMask(matcher)
@@ -72,8 +76,10 @@ def _schema(tool: dict) -> str:
 
 def _lark_rest_of_call(prefix: str, tools: list[dict]) -> str:
     if prefix.endswith('"arguments": '):  # the name is fixed: arguments, then close the call
-        name = prefix.rsplit('"name": "', 1)[1].split('"', 1)[0]
-        tool = next(t for t in tools if t["function"]["name"] == name)
+        name = json.loads('"' + prefix.rsplit('"name": "', 1)[1].split('", "arguments"')[0] + '"')
+        tool = next((t for t in tools if t["function"]["name"] == name), None)
+        if tool is None:
+            raise EdgeLLMError(f"tool_choice names {name!r}, which is not among the tools")
         return f"start: %json {_schema(tool)} \"}}\"\n"
     after_name = '", "arguments": '
     rules = [f"call{i}: {json.dumps(t['function']['name'] + after_name)} "

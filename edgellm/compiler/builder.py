@@ -27,7 +27,7 @@ from edgellm.compiler.memory import check_fits
 from edgellm.compiler.sources import Source, open_source
 from edgellm.compiler.vendor_config import apply_vendor_config, read_vendor_config
 from edgellm.errors import EdgeLLMError
-from edgellm.fileutil import sha256_file
+from edgellm.fileutil import sample_sha256, sha256_file
 from edgellm.quant.gptq import gptq_quantize
 from edgellm.quant.schemes import (SCHEMES, GroupwiseIntScheme, get_scheme, layout_defaults,
                                    quantize_rows, worst_relative_error)
@@ -135,8 +135,13 @@ def _prepare_output(output: Path, force: bool) -> Path:
     if not output.parent.is_dir():
         raise EdgeLLMError(f"output directory's parent {output.parent} does not exist")
     tmp = output.parent / f".{output.name}.tmp-build"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # what an interrupted build left: its temporary directory, or (killed between the two
+    # renames of a --force build) the replaced artifact
+    for leftover in (tmp, output.parent / f".{output.name}.old"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        elif leftover.exists():
+            leftover.unlink()
     tmp.mkdir()
     return tmp
 
@@ -363,6 +368,8 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
     files[fmt.TOKENIZER_FILE] = _file_entry(tmp / fmt.TOKENIZER_FILE)
     progress.step("ONNX graphs", 1)
     graphs = _emit_graphs(tmp, cfg, files, layers, scheme, post_scheme, opts, layer_schemes)
+    for name, entry in files.items():  # checked at every load (the full sha256 by --verify)
+        entry["sample_sha256"] = sample_sha256(tmp / name)
     return Manifest(
         format_version=fmt.FORMAT_VERSION,
         producer=f"edgellm {__version__}",

@@ -137,8 +137,11 @@ class HFSource(Source):
             raise EdgeLLMError(f"{path}: no config.json (not a Hugging Face model directory)")
         try:
             raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EdgeLLMError(f"{cfg_path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise EdgeLLMError(f"{cfg_path} is not a JSON object (it holds a "
+                               f"{type(raw).__name__})")
         self.spec = get_arch(str(raw.get("model_type")))
         self.config = self.spec.config_from_hf(raw)
         self.hf_config = raw
@@ -189,6 +192,9 @@ class GGUFSource(Source):
                            "tokenizer.ggml.add_bos_token")}
         self._by_name = {t.name: t for t in self._reader.tensors}
         self.spec = get_arch(str(self.meta.get("general.architecture")))
+        if "tokenizer.ggml.tokens" not in self._reader.fields:
+            raise EdgeLLMError(f"{path}: the GGUF has no tokenizer (tokenizer.ggml.tokens is "
+                               f"missing), so its vocabulary is unknown")
         vocab = len(self._reader.fields["tokenizer.ggml.tokens"].data)
         tied = self.spec.gguf_global["lm_head"] not in self._by_name
         self.config = self.spec.config_from_gguf(self.meta, vocab, tied)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from edgellm.artifact.reader import Artifact, load_artifact
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.engine import NumpyEngine
@@ -30,6 +32,10 @@ class GenerationResult:
         return {k: getattr(self, k) for k in ("text", "token_ids", "prompt_tokens", "ttft_ms",
                                                "prefill_tok_s", "decode_tok_s", "stop_reason",
                                                "reused_tokens")}
+
+
+class DamagedModel(EdgeLLMError):
+    """The artifact computes garbage (non-finite logits)."""
 
 
 ENGINES = ("auto", "ort", "numpy")
@@ -106,15 +112,27 @@ class Generator:
         if n_prompt == 0:
             raise EdgeLLMError("the prompt is empty")
 
-    def prefill(self, ids: list[int], pos: int = 0):
-        """Feed ids at positions pos.. in chunks of prefill_len; logits of the last position."""
+    def prefill(self, ids: list[int], pos: int = 0, cancelled: Callable[[], bool] | None = None):
+        """Feed ids at positions pos.. in chunks of prefill_len; logits of the last position
+        (None when `cancelled` said so before a chunk)."""
         step = self.engine.prefill_len
         logits = None
         del self.cached_ids[pos:]
         for start in range(0, len(ids), step):
+            if cancelled and cancelled():
+                return None
             chunk = ids[start:start + step]
-            logits = self.engine.forward(chunk, pos + start)
+            logits = self._checked(self.engine.forward(chunk, pos + start), pos + start)
             self.cached_ids.extend(chunk)
+        return logits
+
+    def _checked(self, logits, pos: int):
+        """Logits as they are, or an error when they are not numbers (damaged weights answer
+        NaN, and argmax would turn that into token 0 with no complaint)."""
+        if not np.isfinite(logits).all():
+            raise DamagedModel(f"the model computed non-finite logits (NaN or inf) at position "
+                               f"{pos}: the artifact {self.artifact.path} looks damaged; check "
+                               f"it with `edgellm inspect {self.artifact.path} --verify`")
         return logits
 
     def reusable_prefix(self, prompt_ids: list[int]) -> int:
@@ -149,10 +167,12 @@ class Generator:
         history = list(prompt_ids)
         reused = self.reusable_prefix(prompt_ids) if reuse_cache else 0
         t0 = time.perf_counter()
-        logits = self.prefill(prompt_ids[reused:], reused)
+        logits = self.prefill(prompt_ids[reused:], reused, cancelled)
         t_prefill = time.perf_counter()
         pos, generated, reason = len(prompt_ids), [], "length"
         t_first, decode_calls, text, emitted = None, 0, "", 0
+        if logits is None:  # cancelled before or during the prefill
+            max_new_tokens, reason = 0, "cancelled"
         while len(generated) < max_new_tokens:
             if mask is not None:
                 logits = mask.apply(logits)
@@ -179,7 +199,7 @@ class Generator:
             if pos >= self.engine.kv_cache_len:
                 reason = "kv_cache_full"
                 break
-            logits = self.engine.forward([token], pos)
+            logits = self._checked(self.engine.forward([token], pos), pos)
             self.cached_ids.append(token)
             pos, decode_calls = pos + 1, decode_calls + 1
         if on_text and emitted < len(text):

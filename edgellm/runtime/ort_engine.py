@@ -41,6 +41,16 @@ def _session_options(ort, threads: int | None):
     return so
 
 
+def _session(ort, path, so, providers):
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime's own types: InvalidProtobuf, Fail, InvalidGraph, ...
+        raise EdgeLLMError(f"the ONNX graph {path} does not load ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); if the artifact is "
+                           f"damaged, `edgellm inspect {path.parent} --verify` says so; "
+                           f"rebuild it") from None
+
+
 class OrtEngine:
     """forward(tokens, pos) -> logits, like NumpyEngine, on ONNX Runtime."""
 
@@ -60,8 +70,7 @@ class OrtEngine:
         providers = providers or ["CPUExecutionProvider"]
         so = _session_options(ort, threads)
         self.threads = _GLOBAL_POOL[0]  # the process-wide pool's, made by the first engine
-        load = lambda name: ort.InferenceSession(str(artifact.path / name), so,  # noqa: E731
-                                                 providers=providers)
+        load = lambda name: _session(ort, artifact.path / name, so, providers)  # noqa: E731
         # the post session first: ORT prepacks the lm_head (136 MB for Qwen2-0.5B) through a
         # transient buffer, which then peaks before the layers are resident, not on top of them
         self.post = load(m.graphs["post"])

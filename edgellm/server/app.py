@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +28,7 @@ from edgellm.server.schemas import ChatRequest, CompletionRequest
 from edgellm.server.upstream import SERVED_BY, Upstream
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("edgellm.server")
 FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length",
           "kv_cache_full": "length"}
 
@@ -35,13 +39,13 @@ def _sampling(req) -> SamplingConfig:
     if req.presence_penalty or req.frequency_penalty:
         raise APIError(400, "presence_penalty and frequency_penalty are not supported; "
                             "edgellm has repetition_penalty", code="unsupported_value")
-    extra = req.model_extra or {}
     try:
         return SamplingConfig(temperature=1.0 if req.temperature is None else req.temperature,
-                              top_p=req.top_p or 1.0, seed=req.seed,
-                              top_k=int(extra.get("top_k", 0)),
-                              repetition_penalty=float(extra.get("repetition_penalty", 1.0)))
-    except (EdgeLLMError, TypeError, ValueError) as e:
+                              top_p=req.top_p or 1.0,
+                              seed=None if req.seed is None else req.seed % 2**64,
+                              top_k=req.top_k or 0,
+                              repetition_penalty=req.repetition_penalty or 1.0)
+    except EdgeLLMError as e:  # the schema has checked each field; this is their combination
         raise APIError(400, str(e), code="invalid_value") from None
 
 
@@ -62,10 +66,12 @@ def _encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list
     """Prompt ids, the forced start of the answer (tool_choice), and the active tools."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     choice = req.tool_choice or ("auto" if tools else "none")
+    if not isinstance(choice, str):  # {"type": "function", "function": {"name": ...}}
+        choice = choice.model_dump()
     if choice != "none" and not tools:
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
+        name = choice["function"]["name"]
         if name not in {t["function"]["name"] for t in tools}:
             raise APIError(400, f"tool_choice names an unknown function {name!r}",
                            param="tool_choice")
@@ -137,6 +143,9 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield f"data: {json.dumps(error_body(e.message, e.kind, e.code, e.param))}\n\n"
+        except Exception as e:  # a bug: the client still gets an error event, not a cut stream
+            log.exception("stream failed")
+            yield f"data: {json.dumps(_server_error(e))}\n\n"
         finally:
             running.cancel()  # a client that went away stops its generation
 
@@ -146,6 +155,21 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
 
 def _body(req) -> dict:
     return req.model_dump(exclude_unset=True, exclude_none=True)
+
+
+def _server_error(e: Exception) -> dict:
+    return error_body(f"internal error ({type(e).__name__}); the server's log has the details",
+                      "server_error", "internal_error")
+
+
+async def _watched(request: Request, run, cancel: threading.Event):
+    """Await `run` (a non-streamed generation), cancelling it once the client has gone."""
+    task = asyncio.ensure_future(run)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            cancel.set()
+    return task.result()
 
 
 def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream | None):
@@ -166,7 +190,7 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         return "\n".join(lines) + "\n"
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         if upstream and req.model != name:
             return await upstream.forward("/chat/completions", _body(req), "model")
         _check_model(name, req.model)
@@ -181,8 +205,10 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         if req.stream:
             return await _stream_chat(served, name, req, ids, prefix, tools, sampling, stop,
                                       mask)
-        result = await served.run(ids, sampling, req.max_completion_tokens or req.max_tokens,
-                                  stop, mask=mask)
+        cancel = threading.Event()
+        result = await _watched(request, served.run(
+            ids, sampling, req.max_completion_tokens or req.max_tokens, stop, cancel=cancel,
+            mask=mask), cancel)
         message, finish = _chat_message(result, prefix, tools)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": name,
@@ -190,7 +216,7 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
                 "usage": _usage(result)}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         if upstream and req.model != name:
             return await upstream.forward("/completions", _body(req), "model")
         _check_model(name, req.model)
@@ -203,7 +229,9 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
             raise APIError(400, "the prompt is empty", param="prompt")
         served.check_context(ids)
         served.admit()
-        result = await served.run(ids, sampling, req.max_tokens, stop)
+        cancel = threading.Event()
+        result = await _watched(request, served.run(ids, sampling, req.max_tokens, stop,
+                                                    cancel=cancel), cancel)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "text": result.text, "logprobs": None,
@@ -235,40 +263,102 @@ def _add_error_handlers(app: FastAPI):
     async def http_error(request, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail), "invalid_request_error"), e.status_code)
 
+    @app.exception_handler(Exception)
+    async def bug(request, e: Exception):  # never plain-text "Internal Server Error"
+        return JSONResponse(_server_error(e), 500)
 
-def _add_guards(app: FastAPI, api_key: str | None, max_body: int):
-    @app.middleware("http")
-    async def served_by(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault(SERVED_BY, "local")
-        return response
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key and request.url.path not in ("/health", "/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return JSONResponse(error_body("missing or wrong API key",
-                                               "authentication_error", "invalid_api_key"), 401)
-        length = request.headers.get("content-length")
-        if length and (not length.isdigit() or int(length) > max_body):
-            return JSONResponse(error_body(f"request body over {max_body} bytes",
-                                           "invalid_request_error", "body_too_large"), 413)
-        if request.method == "POST" and not length:
-            body = await request.body()  # chunked upload: measure what came
-            if len(body) > max_body:
-                return JSONResponse(error_body(f"request body over {max_body} bytes",
-                                               "invalid_request_error", "body_too_large"), 413)
-        return await call_next(request)
+class Guard:
+    """ASGI middleware (a plain one: Starlette's BaseHTTPMiddleware hides a client's disconnect
+    from the routes): the API key on every route but /health and /, and the served-by header."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and scope["path"] not in ("/health", "/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if given != f"Bearer {self.api_key}".encode():
+                response = JSONResponse(error_body("missing or wrong API key",
+                                                   "authentication_error", "invalid_api_key"),
+                                        401)
+                return await response(scope, receive, send)
+
+        async def served_by(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == SERVED_BY.lower().encode() for k, _ in headers):
+                    headers.append((SERVED_BY.lower().encode(), b"local"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, served_by)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_body` bytes gets a 413 as soon as that many
+    have come (a chunked upload is counted while it is read, never held whole)."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def _too_large(self, send):
+        body = json.dumps(error_body(f"request body over {self.max_body} bytes",
+                                     "invalid_request_error", "body_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_body:
+                return await self._too_large(send)
+            return await self.app(scope, receive, send)
+        chunks, total = [], 0
+        while True:  # no length given (chunked): read, counting, up to the limit
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            total += len(message.get("body", b""))
+            if total > self.max_body:
+                return await self._too_large(send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4,
                upstream: Upstream | None = None) -> FastAPI:
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`)."""
-    app = FastAPI(title="edgellm", version="0.1.0")
     served = Scheduler(gen, max_queue, PrefixCache(gen, cache_slots))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        served.close()  # shutting down: running and queued generations stop at their next step
+
+    app = FastAPI(title="edgellm", version="0.1.0", lifespan=lifespan)
     app.state.served = served
     _add_routes(app, served, model_name, upstream)
     _add_error_handlers(app)
-    _add_guards(app, api_key, max_body)
+    app.add_middleware(BodyLimit, max_body=max_body)
+    app.add_middleware(Guard, api_key=api_key)  # outermost: the key before the body
     return app

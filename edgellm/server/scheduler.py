@@ -27,6 +27,7 @@ class Scheduler:
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: int = 0  # admitted requests (running + waiting)
     grammar: ToolCallGrammar | None = None  # built on the first forced tool call
+    closing: threading.Event = field(default_factory=threading.Event)  # the server stops
     metrics: dict = field(default_factory=lambda: {
         "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
         "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
@@ -59,6 +60,10 @@ class Scheduler:
         except EdgeLLMError as e:
             raise APIError(400, str(e), param="tools") from None
 
+    def close(self):
+        """Stop every running and queued generation at its next step (server shutdown)."""
+        self.closing.set()
+
     async def run(self, ids, sampling, max_tokens, stop, on_text=None,
                   cancel: threading.Event | None = None, mask: TokenMask | None = None
                   ) -> GenerationResult:
@@ -66,20 +71,32 @@ class Scheduler:
         ends."""
         cancel = cancel or threading.Event()
         limit = self.gen.engine.kv_cache_len
+        stopped = lambda: cancel.is_set() or self.closing.is_set()  # noqa: E731
 
         def work():
-            with self.lock:
-                self.prefix_cache.prepare(ids)
+            while not self.lock.acquire(timeout=0.1):  # a request whose client left while it
+                if stopped():                          # waited leaves the line at once
+                    return None
+            try:
+                if not stopped():
+                    self.prefix_cache.prepare(ids)
                 return self.gen.generate(ids, sampling,
                                          min(max_tokens or limit, limit - len(ids)),
                                          on_text=on_text, reuse_cache=True, stop=stop,
-                                         cancelled=cancel.is_set, mask=mask)
+                                         cancelled=stopped, mask=mask)
+            finally:
+                self.lock.release()
 
         try:
             self.check_context(ids)
             result = await asyncio.get_running_loop().run_in_executor(None, work)
+        except EdgeLLMError as e:  # the model failed (damaged weights, a grammar dead end)
+            raise APIError(500, f"generation failed: {e}", "server_error", "model_error") \
+                from None
         finally:
             self.pending -= 1
+        if result is None:
+            return GenerationResult("", [], len(ids), 0.0, 0.0, 0.0, "cancelled")
         self.record(result)
         return result
 

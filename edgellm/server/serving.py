@@ -55,11 +55,12 @@ def _url(host: str, sock: socket.socket) -> str:
 
 
 def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
-          max_queue: int, upstream=None, quiet: bool = False, **engine_opts) -> None:
+          max_queue: int, upstream=None, quiet: bool = False, verify: bool = False,
+          **engine_opts) -> None:
     import uvicorn
 
     sock = bind(host, port)  # before the model loads: a busy port fails at once
-    gen = Generator.load(artifact, **engine_opts)
+    gen = Generator.load(artifact, verify=verify, **engine_opts)
     name = model_name or Path(artifact).name
     app = create_app(gen, name, api_key, max_queue, upstream=upstream)
     text = banner(_url(host, sock), name, gen, api_key)
@@ -70,6 +71,8 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
             if not self.should_exit:
                 print(text, file=sys.stderr, flush=True)
 
+    # on SIGTERM/Ctrl-C: connections still open after 5 s are closed (the scheduler has
+    # stopped their generations by then)
     config = uvicorn.Config(app if quiet else RequestLog(app), log_level="warning",
-                            access_log=False)
+                            access_log=False, timeout_graceful_shutdown=5)
     Server(config).run(sockets=[sock])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from edgellm.artifact.reader import Artifact
+from edgellm.errors import EdgeLLMError
 from edgellm.text.template import ChatTemplate
 
 
@@ -21,8 +22,12 @@ class ModelText:
         tok = artifact.manifest.tokenizer
         template = ChatTemplate(tok["chat_template"], tok["bos_token"], tok["eos_token"]) \
             if tok.get("chat_template") else None
-        return cls(Tokenizer.from_file(str(artifact.path / tok["file"])), template,
-                   set(tok["eos_ids"]))
+        try:
+            tokenizer = Tokenizer.from_file(str(artifact.path / tok["file"]))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise EdgeLLMError(f"the tokenizer {artifact.path / tok['file']} does not load "
+                               f"({e}); the artifact looks damaged: rebuild it") from None
+        return cls(tokenizer, template, set(tok["eos_ids"]))
 
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
         """Prompt ids of a conversation, ready for the model's answer."""
