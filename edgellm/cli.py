@@ -150,6 +150,9 @@ def _add_run(sub):
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt as is")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verify", action="store_true", help="check every file's sha256 first")
+    p.add_argument("--json-schema", metavar="FILE",
+                   help="decode the answer under this JSON Schema (the text always parses and "
+                        "validates); '{}' in the file means any JSON object")
     _add_sampling(p)
     _add_engine(p)
     p.set_defaults(func=cmd_run)
@@ -191,6 +194,9 @@ def _add_misc(sub):
     p.add_argument("--model-name", default=None, help="name served (default: directory name)")
     p.add_argument("--max-queue", type=_count, default=8, help="waiting requests before 429")
     p.add_argument("--quiet", action="store_true", help="no line per request")
+    p.add_argument("--no-tool-grammar", action="store_true",
+                   help="leave tool_choice auto unconstrained (the lazy grammar keeps every call "
+                        "the model opens valid; this is for measuring what it is worth)")
     p.add_argument("--verify", action="store_true",
                    help="check every file's sha256 before serving (a sample of each file is "
                         "checked at every load anyway)")
@@ -270,8 +276,9 @@ def cmd_run(a) -> int:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
                    [{"role": "user", "content": a.prompt}]
         ids = gen.encode_chat(messages)
+    mask = _schema_mask(gen, a.json_schema) if a.json_schema else None
     stream = None if a.json else (lambda piece: print(piece, end="", flush=True))
-    result = gen.generate(ids, sampling, a.max_new_tokens, on_text=stream)
+    result = gen.generate(ids, sampling, a.max_new_tokens, on_text=stream, mask=mask)
     if a.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
@@ -280,6 +287,20 @@ def cmd_run(a) -> int:
               f"{result.prefill_tok_s:.2f} tok/s | decode: {len(result.token_ids)} tokens, "
               f"{result.decode_tok_s:.2f} tok/s | stop: {result.stop_reason}", file=sys.stderr)
     return 0
+
+
+def _schema_mask(gen, path: str):
+    from pathlib import Path
+
+    from edgellm.chat.constrained import ToolCallGrammar
+
+    try:
+        schema = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeLLMError(f"--json-schema {path}: {e}") from None
+    if not isinstance(schema, dict):
+        raise EdgeLLMError(f"--json-schema {path}: a JSON Schema is an object")
+    return ToolCallGrammar.for_generator(gen).json_schema(schema or None)
 
 
 def cmd_inspect(a) -> int:
@@ -399,7 +420,8 @@ def cmd_serve(a) -> int:
 
     upstream = Upstream(a.upstream, a.upstream_key, a.upstream_model) if a.upstream else None
     serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
-          quiet=a.quiet, verify=a.verify, **_engine_opts(a))
+          quiet=a.quiet, verify=a.verify, tool_grammar=not a.no_tool_grammar,
+          **_engine_opts(a))
     return 0
 
 

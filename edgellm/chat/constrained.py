@@ -1,7 +1,15 @@
-"""Constrained decoding: a token mask that keeps a forced tool call valid JSON for its schema.
+"""Constrained decoding with llguidance (the grammar engine behind Guidance, vLLM's and llama.cpp's
+structured output): per step, which vocabulary tokens can extend the answer within a grammar.
 
-The grammar engine is llguidance (the Rust library behind Guidance and vLLM's structured output):
-it computes, per step, which vocabulary tokens can extend the text without leaving the grammar.
+Three grammars: the rest of a forced call (`tool_choice` required or named: the answer starts
+inside the call); the *lazy* grammar of `tool_choice` auto, free text until the model opens a call
+in one of the forms chat.tools reads, then that call, valid for its tool's schema, then free text
+again; and a JSON schema for `response_format`.
+
+How the lazy grammar leaves JSON written for another reason alone: a fenced or bare object only
+becomes a call once its first key is `"name"` and its value one of the offered tools' names (the
+trigger is that whole head, a lazy lexeme of llguidance's); `{"name": "Alice", ...}` never
+matches it and stays text. The template's tag, `<tool_call>`, is a call however it goes on.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import json
 
 import numpy as np
 
+from edgellm.chat.tools import CLOSE_TAG, OPEN_TAG
 from edgellm.errors import EdgeLLMError
 
 # The layout Qwen-style templates train on: json.dumps' default separators.
@@ -37,52 +46,115 @@ class TokenMask:
 
 
 class ToolCallGrammar:
-    """Builds token masks for the rest of a forced tool call (see chat.tools.forced_prefix)."""
+    """Builds token masks for one model: forced calls, lazy calls, JSON schemas."""
 
-    def __init__(self, tokenizer_json: str, n_vocab: int, eos_ids: list[int]):
+    def __init__(self, tokenizer_json: str, n_vocab: int, eos_ids: list[int],
+                 tag_is_token: bool = False):
         import llguidance
 
         self._llg = llguidance
         # Building the token trie takes about a second: done once per served model.
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=n_vocab,
                                                 eos_token=sorted(eos_ids))
+        # Qwen's <tool_call> is one added token, which llguidance matches as a special token
+        self._open, self._close = ((f"<{OPEN_TAG[1:-1]}>", f"<{CLOSE_TAG[1:-1]}>") if tag_is_token
+                                   else (json.dumps(OPEN_TAG), json.dumps(CLOSE_TAG)))
+        self.tag_is_token = tag_is_token
 
     @classmethod
     def for_generator(cls, gen) -> "ToolCallGrammar":
         """The grammar tokenizer of a runtime.generator.Generator's model."""
+        added = {t.content for t in gen.tokenizer.get_added_tokens_decoder().values()}
         return cls(gen.tokenizer.to_str(), gen.artifact.manifest.config["vocab_size"],
-                   gen.eos_ids)
+                   gen.eos_ids, tag_is_token={OPEN_TAG, CLOSE_TAG} <= added)
 
-    def mask_after(self, prefix: str, tools: list[dict]) -> TokenMask:
-        """A mask for what follows `prefix`: the arguments object (and the closing brace), or,
-        when the prefix stops inside the name, one of the tools' names and then its arguments."""
-        lark = _lark_rest_of_call(prefix, tools)
+    def _mask(self, lark: str, what: str) -> TokenMask:
         try:
             matcher = self._llg.LLMatcher(self.tokenizer,
                                           self._llg.LLMatcher.grammar_from_lark(lark),
                                           log_level=0)
         except Exception as e:  # llguidance raises ValueError/RuntimeError on a bad schema
-            raise EdgeLLMError(f"cannot constrain this tool call: {e}") from None
+            raise EdgeLLMError(f"cannot constrain {what}: {e}") from None
         if matcher.is_error():
-            raise EdgeLLMError(f"cannot constrain this tool call: {matcher.get_error()}")
+            raise EdgeLLMError(f"cannot constrain {what}: {matcher.get_error()}")
         return TokenMask(matcher)
+
+    def mask_after(self, prefix: str, tools: list[dict], parallel: bool = True) -> TokenMask:
+        """A mask for what follows a forced `prefix` (chat.tools.forced_prefix): the arguments
+        (or one of the names, then its arguments), the closing tag, and, `parallel`, more
+        calls."""
+        return self._mask(self._forced(prefix, tools, parallel), "this tool call")
+
+    def lazy_calls(self, tools: list[dict], parallel: bool = True) -> TokenMask:
+        """`tool_choice` auto: free text, and any call the model opens made valid."""
+        return self._mask(self._lazy(tools, parallel), "these tools")
+
+    def json_schema(self, schema: dict | None) -> TokenMask:
+        """`response_format`: the whole answer one JSON value of `schema` (None: any object)."""
+        schema = dict(schema or {"type": "object"})
+        return self._mask(f"start: %json {_styled(schema)}\n", "this JSON schema")
+
+    # --- grammars ------------------------------------------------------------------------
+
+    def _tag_calls(self, tools: list[dict]) -> list[str]:
+        rules = [f"tag_any: {' | '.join(f'tag_f{i}' for i in range(len(tools)))}"]
+        for i, t in enumerate(tools):
+            head = json.dumps(f'{{"name": "{_name(t)}", "arguments": ')
+            rules.append(f'tag_f{i}: {head} %json {_schema(t)} "}}"')
+        return rules + ["WS: /[ \\t\\n]+/"]
+
+    def _forced(self, prefix: str, tools: list[dict], parallel: bool) -> str:
+        if prefix.endswith('"arguments": '):  # the name is fixed: arguments, then close
+            name = prefix.rsplit('"name": "', 1)[1].split('", "arguments"')[0]
+            tool = next((t for t in tools if _name(t) == name), None)
+            if tool is None:
+                raise EdgeLLMError(f"tool_choice names {name!r}, which is not among the tools")
+            first = f'first: %json {_schema(tool)} "}}"'
+        else:
+            after = json.dumps('", "arguments": ')
+            first = "first: " + " | ".join(f"first{i}" for i in range(len(tools))) + "\n" + \
+                "\n".join(f'first{i}: {json.dumps(_name(t))[:-1]}{after[1:]} %json {_schema(t)} "}}"'
+                          for i, t in enumerate(tools))
+        more = (f"(WS? {self._close} (WS? {self._open} WS? tag_any WS? {self._close})*)?"
+                if parallel else f"(WS? {self._close})?")
+        return "\n".join([f"start: first {more}", first, *self._tag_calls(tools)]) + "\n"
+
+    def _lazy(self, tools: list[dict], parallel: bool) -> str:
+        segs, rules = [], ["TEXT: /(.|\\n)+/"]
+        if self.tag_is_token:
+            rules.append(f"tag_call: TEXT? {self._open} WS? tag_any WS? {self._close}")
+        else:
+            rules += ["tag_hd[lazy]: /(.|\\n)*<tool_call>/",
+                      f"tag_call: tag_hd WS? tag_any WS? {self._close}"]
+        segs.append("tag_call")
+        name_head = '\\{\\s*"name"\\s*:\\s*"%s"'
+        rest = '/\\s*,\\s*"arguments"\\s*:\\s*/ %%json %s'
+        for i, t in enumerate(tools):
+            head = name_head % _name(t)
+            rules += [f"bare_hd{i}[lazy]: /(.|\\n)*{head}/",
+                      f"bare_call{i}: bare_hd{i} {rest % _schema(t)} /\\s*\\}}/",
+                      f"fence_hd{i}[lazy]: /(.|\\n)*```(json)?\\s*{head}/",
+                      f"fence_call{i}: fence_hd{i} {rest % _schema(t)} /\\s*\\}}\\s*```/"]
+            segs += [f"bare_call{i}", f"fence_call{i}"]
+        start = "start: seg* TEXT?" if parallel else "start: seg? TEXT?"
+        return "\n".join([start, "seg: " + " | ".join(segs), *rules,
+                          *self._tag_calls(tools)]) + "\n"
+
+
+def _name(tool: dict) -> str:
+    return tool["function"]["name"]  # [A-Za-z0-9_-]: safe in literals and regexes alike
+
+
+def _styled(schema: dict) -> str:
+    return json.dumps({**schema, "x-guidance": _JSON_STYLE}, ensure_ascii=False)
 
 
 def _schema(tool: dict) -> str:
-    schema = dict(tool["function"].get("parameters") or {"type": "object"})
-    schema["x-guidance"] = _JSON_STYLE
-    return json.dumps(schema, ensure_ascii=False)
+    return _styled(dict(tool["function"].get("parameters") or {"type": "object"}))
 
 
 def _lark_rest_of_call(prefix: str, tools: list[dict]) -> str:
-    if prefix.endswith('"arguments": '):  # the name is fixed: arguments, then close the call
-        name = json.loads('"' + prefix.rsplit('"name": "', 1)[1].split('", "arguments"')[0] + '"')
-        tool = next((t for t in tools if t["function"]["name"] == name), None)
-        if tool is None:
-            raise EdgeLLMError(f"tool_choice names {name!r}, which is not among the tools")
-        return f"start: %json {_schema(tool)} \"}}\"\n"
-    after_name = '", "arguments": '
-    rules = [f"call{i}: {json.dumps(t['function']['name'] + after_name)} "
-             f"%json {_schema(t)} \"}}\"" for i, t in enumerate(tools)]
-    return "start: " + " | ".join(f"call{i}" for i in range(len(tools))) + "\n" + \
-        "\n".join(rules) + "\n"
+    """The forced-call grammar without a tokenizer (tests look at it)."""
+    grammar = ToolCallGrammar.__new__(ToolCallGrammar)
+    grammar._open, grammar._close = json.dumps(OPEN_TAG), json.dumps(CLOSE_TAG)
+    return grammar._forced(prefix, tools, parallel=True)

@@ -17,7 +17,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgellm.chat.constrained import TokenMask
-from edgellm.chat.tools import forced_prefix, messages_for_template, parse_tool_calls
+from edgellm.chat.tools import (ToolCallStream, forced_prefix, messages_for_template,
+                                parse_tool_calls)
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.generator import GenerationResult, Generator
 from edgellm.runtime.prefix_cache import PrefixCache
@@ -76,13 +77,18 @@ def _encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list
             raise APIError(400, f"tool_choice names an unknown function {name!r}",
                            param="tool_choice")
     active = tools if choice != "none" else []
-    messages = messages_for_template([m.model_dump(exclude_none=True) for m in req.messages])
+    if active and req.response_format and req.response_format.type != "text":
+        raise APIError(400, "response_format with tools is not supported; use one or the "
+                            "other", param="response_format")
     if gen.template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions")
-    if active and "tools" not in gen.template.source:
-        raise APIError(400, "this model's chat template does not render tools", param="tools")
+    # a template that cannot render tools gets them as Hermes-style instructions instead
+    renders_tools = "tools" in gen.template.source
+    messages = messages_for_template([m.model_dump(exclude_none=True) for m in req.messages],
+                                     active, renders_tools)
     try:
-        text = gen.template.render(messages, add_generation_prompt=True, tools=active or None)
+        text = gen.template.render(messages, add_generation_prompt=True,
+                                   tools=(active or None) if renders_tools else None)
     except EdgeLLMError as e:
         raise APIError(400, str(e)) from None
     prefix = forced_prefix(choice, active) if active else ""
@@ -95,10 +101,27 @@ def _usage(r: GenerationResult) -> dict:
             "total_tokens": r.prompt_tokens + len(r.token_ids)}
 
 
-def _chat_message(r: GenerationResult, prefix: str, tools: list[dict]) -> tuple[dict, str]:
+def _grammar(served: Scheduler, req: ChatRequest, prefix: str, tools: list[dict],
+             lazy: bool) -> TokenMask | None:
+    """The token mask of one request: a forced call's rest, the lazy grammar of `auto`
+    calls, or response_format's schema; None when the answer is free."""
+    parallel = req.parallel_tool_calls
+    fmt = req.response_format
+    if fmt and fmt.type != "text":
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        return served.mask(lambda g: g.json_schema(schema), "response_format")
+    if tools and prefix:
+        return served.mask(lambda g: g.mask_after(prefix, tools, parallel), "tools")
+    if tools and lazy:
+        return served.mask(lambda g: g.lazy_calls(tools, parallel), "tools")
+    return None
+
+
+def _chat_message(r: GenerationResult, prefix: str, tools: list[dict],
+                  parallel: bool = True) -> tuple[dict, str]:
     if not tools:
         return {"role": "assistant", "content": r.text}, FINISH[r.stop_reason]
-    parsed = parse_tool_calls(prefix + r.text, tools)
+    parsed = parse_tool_calls(prefix + r.text, tools, parallel)
     if parsed.calls:
         return ({"role": "assistant", "content": parsed.content or None,
                  "tool_calls": parsed.calls}, "tool_calls")
@@ -115,26 +138,58 @@ def _chunk(cid: str, model: str, delta: dict, finish=None, **extra) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+def _deltas(events: list[tuple]) -> list[dict]:
+    """ToolCallStream events -> OpenAI stream deltas: content; a call's first delta with its
+    index, id, type and name; then its arguments, fragment by fragment."""
+    out = []
+    for kind, *rest in events:
+        if kind == "content":
+            out.append({"content": rest[0]})
+        elif kind == "call":
+            index, call_id, fn = rest
+            out.append({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                        "function": {"name": fn, "arguments": ""}}]})
+        else:
+            index, fragment = rest
+            out.append({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+    return out
+
+
 async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, prefix, tools,
                        sampling, stop, mask: TokenMask | None):
     cid = f"chatcmpl-{uuid.uuid4().hex}"
-    live = not tools  # tool answers are parsed whole, then sent
+    # tool calls stream as they are decoded when a grammar keeps them valid; unconstrained
+    # ones are parsed whole (and checked) before anything of them is sent
+    calls = ToolCallStream(tools, req.parallel_tool_calls) if tools and mask else None
+    live = not tools or calls is not None
     running = served.stream(ids, sampling, req.max_completion_tokens or req.max_tokens, stop,
                             mask, pieces=live)
 
     async def events():
         try:
             yield _chunk(cid, name, {"role": "assistant", "content": ""})
+            answer = prefix
             async for piece in running:
-                yield _chunk(cid, name, {"content": piece})
+                if calls is None:
+                    yield _chunk(cid, name, {"content": piece})
+                    continue
+                answer += piece
+                for delta in _deltas(calls.feed(answer)):
+                    yield _chunk(cid, name, delta)
             result = running.result()
-            message, finish = _chat_message(result, prefix, tools)
-            if not live:
-                delta = {k: v for k, v in message.items() if k != "role"}
-                if delta.get("tool_calls"):
-                    delta["tool_calls"] = [{"index": i, **c}
-                                           for i, c in enumerate(delta["tool_calls"])]
-                yield _chunk(cid, name, delta)
+            if calls is not None:
+                for delta in _deltas(calls.finish()):
+                    yield _chunk(cid, name, delta)
+                finish = "tool_calls" if calls.calls and result.stop_reason != "length" \
+                    else FINISH[result.stop_reason]
+            else:
+                message, finish = _chat_message(result, prefix, tools, req.parallel_tool_calls)
+                if not live:
+                    delta = {k: v for k, v in message.items() if k != "role"}
+                    if delta.get("tool_calls"):
+                        delta["tool_calls"] = [{"index": i, **c}
+                                               for i, c in enumerate(delta["tool_calls"])]
+                    yield _chunk(cid, name, delta)
             yield _chunk(cid, name, {}, finish)
             if (req.stream_options or {}).get("include_usage"):
                 body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
@@ -172,7 +227,8 @@ async def _watched(request: Request, run, cancel: threading.Event):
     return task.result()
 
 
-def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream | None):
+def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream | None,
+                tool_grammar: bool):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name}
@@ -199,8 +255,8 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         if upstream and len(ids) >= served.gen.engine.kv_cache_len:
             return await upstream.forward("/chat/completions", _body(req), "context")
         served.check_context(ids)
-        mask = await asyncio.get_running_loop().run_in_executor(None, served.tool_call_mask,
-                                                                prefix, tools)
+        mask = await asyncio.get_running_loop().run_in_executor(
+            None, _grammar, served, req, prefix, tools, tool_grammar)
         served.admit()
         if req.stream:
             return await _stream_chat(served, name, req, ids, prefix, tools, sampling, stop,
@@ -209,7 +265,7 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         result = await _watched(request, served.run(
             ids, sampling, req.max_completion_tokens or req.max_tokens, stop, cancel=cancel,
             mask=mask), cancel)
-        message, finish = _chat_message(result, prefix, tools)
+        message, finish = _chat_message(result, prefix, tools, req.parallel_tool_calls)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
@@ -346,8 +402,10 @@ class BodyLimit:
 
 def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4,
-               upstream: Upstream | None = None) -> FastAPI:
-    """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`)."""
+               upstream: Upstream | None = None, tool_grammar: bool = True) -> FastAPI:
+    """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`).
+    `tool_grammar` False leaves `tool_choice` auto unconstrained (to measure what the lazy
+    grammar is worth)."""
     served = Scheduler(gen, max_queue, PrefixCache(gen, cache_slots))
 
     @contextlib.asynccontextmanager
@@ -357,7 +415,7 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="edgellm", version="0.1.0", lifespan=lifespan)
     app.state.served = served
-    _add_routes(app, served, model_name, upstream)
+    _add_routes(app, served, model_name, upstream, tool_grammar)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_body=max_body)
     app.add_middleware(Guard, api_key=api_key)  # outermost: the key before the body

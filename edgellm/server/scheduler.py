@@ -48,17 +48,15 @@ class Scheduler:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context holds "
                                 f"{limit}", code="context_length_exceeded", param="messages")
 
-    def tool_call_mask(self, prefix: str, tools: list[dict]) -> TokenMask | None:
-        """With tool_choice required or named (a non-empty forced prefix), a mask that keeps
-        the rest of the call valid JSON for the function's parameter schema."""
-        if not prefix:
-            return None
+    def mask(self, build, param: str) -> TokenMask:
+        """`build(grammar)`'s token mask for one request (the model's grammar tokenizer is made
+        on first use, about a second); a grammar llguidance refuses is the request's fault."""
         if self.grammar is None:
             self.grammar = ToolCallGrammar.for_generator(self.gen)
         try:
-            return self.grammar.mask_after(prefix, tools)
+            return build(self.grammar)
         except EdgeLLMError as e:
-            raise APIError(400, str(e), param="tools") from None
+            raise APIError(400, str(e), param=param) from None
 
     def close(self):
         """Stop every running and queued generation at its next step (server shutdown)."""
