@@ -30,14 +30,23 @@ class TokenMask:
 
     def __init__(self, matcher):
         self.matcher = matcher
+        self._bits = None  # the last bitmask, with the tokens it allows (and bans, if few)
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
-        allowed = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8),
-                                bitorder="little")[:len(logits)].astype(bool)
-        if not allowed.any():
-            raise EdgeLLMError(f"constrained decoding reached a dead end: "
-                               f"{self.matcher.get_error() or 'no token allowed'}")
-        return np.where(allowed, logits, -np.inf)
+        bits = self.matcher.compute_bitmask()
+        if bits != self._bits:  # free text asks for the same mask step after step
+            allowed = np.unpackbits(np.frombuffer(bits, dtype=np.uint8),
+                                    bitorder="little")[:len(logits)].astype(bool)
+            if not allowed.any():
+                raise EdgeLLMError(f"constrained decoding reached a dead end: "
+                                   f"{self.matcher.get_error() or 'no token allowed'}")
+            banned = np.flatnonzero(~allowed) if allowed.mean() > 0.5 else None
+            self._bits, self._allowed, self._banned = bits, allowed, banned
+        if self._banned is None:  # most tokens banned (inside a call): one pass
+            return np.where(self._allowed, logits, -np.inf)
+        masked = np.array(logits, dtype=np.float32)  # free text: a few specials banned
+        masked[self._banned] = -np.inf
+        return masked
 
     def advance(self, token: int):
         if not self.matcher.consume_token(token):
