@@ -43,10 +43,11 @@ def _one_pass(gen, prompt: list[int], gen_tokens: int) -> tuple[float, float, fl
 
 def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
           engine: str = "auto", threads: int | None = None,
-          providers: list[str] | None = None) -> dict:
+          providers: list[str] | None = None, allow_slow_kernels: bool = False) -> dict:
     from edgellm.runtime.generator import Generator
 
-    gen = Generator.load(artifact, engine=engine, threads=threads, providers=providers)
+    gen = Generator.load(artifact, engine=engine, threads=threads, providers=providers,
+                         allow_slow_kernels=allow_slow_kernels)
     if prompt_tokens + gen_tokens > gen.engine.kv_cache_len:
         raise EdgeLLMError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} "
                            f"exceeds the artifact's KV cache of {gen.engine.kv_cache_len}")

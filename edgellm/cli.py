@@ -135,11 +135,15 @@ def _add_engine(p):
     p.add_argument("--providers", default=None,
                    help="comma-separated ONNX Runtime execution providers "
                         "(default: CPUExecutionProvider)")
+    p.add_argument("--allow-slow-kernels", action="store_true",
+                   help="run even where ONNX Runtime has no kernel for a weight type on this "
+                        "CPU (8-bit without dotprod: it dequantizes every weight per token)")
 
 
 def _engine_opts(a) -> dict:
     providers = a.providers.split(",") if a.providers else None
-    return {"engine": a.engine, "threads": a.threads, "providers": providers}
+    return {"engine": a.engine, "threads": a.threads, "providers": providers,
+            "allow_slow_kernels": a.allow_slow_kernels}
 
 
 def _add_run(sub):
@@ -386,12 +390,16 @@ def cmd_plan(a) -> int:
         else board.bandwidth
     art = load_artifact(a.artifact)
     kv = a.kv_cache_len or art.manifest.kv_cache_len
-    rows = plan(art.config, kv, ram, bandwidth, art)
+    import onnxruntime
+
+    from edgellm.runtime.cpu import Cpu, read_cpu
+
+    cpu = Cpu.core(board.cpu) if board else read_cpu()
+    rows = plan(art.config, kv, ram, bandwidth, art, cpu, onnxruntime.__version__)
     if a.json:
         print(json.dumps({"ram": ram, "bandwidth": bandwidth, "kv_cache_len": kv, "rows": rows}))
     else:
-        if board:
-            print(board.note)
+        print(board.note if board else f"this machine's CPU: {cpu.name}")
         print(table(rows, ram, bandwidth, kv))
     return 0
 

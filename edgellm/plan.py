@@ -22,19 +22,26 @@ class Board:
     ram: float  # bytes, the common variant
     bandwidth: float  # bytes/s: peak = bus width x transfer rate of the published memory spec
     note: str
+    cpu: str  # the cores the runtime runs on (runtime.cpu.CORE_FEATURES)
 
 
 BOARDS = {
-    "rpi4": Board(4e9, 12.8e9, "Raspberry Pi 4: LPDDR4-3200, 32-bit bus (1-8 GB)"),
-    "rpi5": Board(4e9, 17.1e9, "Raspberry Pi 5: LPDDR4X-4267, 32-bit bus (2-16 GB)"),
+    "rpi3": Board(1e9, 3.6e9, "Raspberry Pi 3 B/B+: LPDDR2-900, 32-bit bus (1 GB), "
+                              "4x Cortex-A53", "cortex-a53"),
+    "rpi4": Board(4e9, 12.8e9, "Raspberry Pi 4: LPDDR4-3200, 32-bit bus (1-8 GB), "
+                               "4x Cortex-A72", "cortex-a72"),
+    "rpi5": Board(4e9, 17.1e9, "Raspberry Pi 5: LPDDR4X-4267, 32-bit bus (2-16 GB), "
+                               "4x Cortex-A76", "cortex-a76"),
     "rk3588": Board(8e9, 34.1e9, "RK3588 boards (Orange Pi 5, Rock 5B): LPDDR4X-4266, 64-bit "
-                                 "bus (4-32 GB)"),
-    "orin-nano": Board(8e9, 68e9, "Jetson Orin Nano 8GB: LPDDR5, 128-bit, 68 GB/s published"),
+                                 "bus (4-32 GB), 4x Cortex-A76 + 4x A55", "cortex-a76"),
+    "orin-nano": Board(8e9, 68e9, "Jetson Orin Nano 8GB: LPDDR5, 128-bit, 68 GB/s published, "
+                                  "6x Cortex-A78AE", "cortex-a78ae"),
 }
 # (weight type, post weight type, group size, symmetric): the layouts compared; the artifact's
 # own is marked, or added when it is none of these
 VARIANTS = [("bf16", "bf16", 128, True), ("s8", "s8", 128, True), ("s4", "s8", 32, False),
-            ("s4", "s4", 32, True), ("s4", "s8", 128, True), ("s4", "s4", 128, True)]
+            ("s4", "s4", 32, False), ("s4", "s4", 32, True), ("s4", "s8", 128, True),
+            ("s4", "s4", 128, True)]
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _LIMITS = {False: (64e6, 16e12, "B"), True: (0.1e9, 10e12, "B/s")}  # plausible devices
 
@@ -60,14 +67,32 @@ def parse_size(text: str, what: str, per_second: bool = False) -> float:
     return size
 
 
-def _row(label: str, per_token: int, need, ram: float, bandwidth: float, own: bool) -> dict:
+def _row(label: str, per_token: int, need, ram: float, bandwidth: float, own: bool,
+         kernel: str) -> dict:
     return {"weights": label, "weights_gb": per_token / 1e9,
             "kv_cache_gb": need.kv_cache / 1e9, "runtime_gb": need.runtime / 1e9,
             "embedding_gb": need.embedding / 1e9, "fits": need.runtime <= ram,
-            "decode_ceiling_tok_s": bandwidth / per_token, "this_artifact": own}
+            "decode_ceiling_tok_s": bandwidth / per_token, "this_artifact": own,
+            "kernel": kernel}
 
 
-def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None) -> list[dict]:
+def _kernel(cpu, schemes: list[dict], ort_version: str) -> str:
+    """'yes', or why ONNX Runtime would dequantize per token on `cpu` (runtime.cpu)."""
+    from edgellm.runtime.cpu import matmul_path
+
+    if not all(s.get("kind") == "int" for s in schemes):
+        return "numpy engine"
+    if cpu is None:
+        return "yes"
+    for s in schemes:
+        path, why = matmul_path(cpu, s["bits"], 4, ort_version)
+        if path != "kernel":
+            return f"no ({why})"
+    return "yes"
+
+
+def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cpu=None,
+         ort_version: str = "1.32") -> list[dict]:
     """One row per layout in VARIANTS; the artifact's own layout (from its manifest, its bytes
     as written) is marked, or added first when it is not among them."""
     own = None
@@ -81,12 +106,16 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None) ->
                                                                                  symmetric)
         need = footprint(cfg, scheme, post_scheme, kv_cache_len)
         label = layout_label(scheme.to_dict(), post_scheme.to_dict())
+        kernel = _kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()], ort_version)
         rows.append(_row(label, need.layer_weights + need.post_weights, need, ram, bandwidth,
-                         own is not None and own[0] == label))
+                         own is not None and own[0] == label, kernel))
     if own and not any(r["this_artifact"] for r in rows):
         need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len)
         need = replace(need, layer_weights=own[1], post_weights=0)
-        rows.insert(0, _row(own[0], own[1], need, ram, bandwidth, True))
+        m = artifact.manifest
+        kernel = _kernel(cpu, [m.weight_scheme, m.post_scheme, *m.layer_schemes.values()],
+                         ort_version)
+        rows.insert(0, _row(own[0], own[1], need, ram, bandwidth, True, kernel))
     return rows
 
 
@@ -95,12 +124,12 @@ def table(rows: list[dict], ram: float, bandwidth: float, kv_cache_len: int) -> 
              f"{kv_cache_len} positions; runtime overhead {RUNTIME_OVERHEAD / 1e9:.2f} GB",
              "",
              "| weights | weights read per token | KV cache | RAM needed | fits | "
-             "decode ceiling |",
-             "|---|---|---|---|---|---|"]
+             "decode ceiling | ONNX Runtime kernel |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"**{r['weights']}** (this artifact)" if r["this_artifact"] else r["weights"]
         lines.append(f"| {name} | {r['weights_gb']:.2f} GB | {r['kv_cache_gb']:.2f} GB | "
                      f"{r['runtime_gb']:.2f} GB | {'yes' if r['fits'] else 'no'} | "
-                     f"{r['decode_ceiling_tok_s']:.1f} tok/s |")
+                     f"{r['decode_ceiling_tok_s']:.1f} tok/s | {r['kernel']} |")
     lines += ["", f"(+ {rows[0]['embedding_gb']:.2f} GB bf16 embedding table on disk, mapped)"]
     return "\n".join(lines)

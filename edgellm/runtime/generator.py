@@ -42,7 +42,7 @@ ENGINES = ("auto", "ort", "numpy")
 
 
 def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = None,
-                providers: list[str] | None = None):
+                providers: list[str] | None = None, allow_slow_kernels: bool = False):
     """`ort` (ONNX Runtime graphs), `numpy` (the reference), or `auto`: ort when the artifact
     has graphs."""
     if engine not in ENGINES:
@@ -55,7 +55,8 @@ def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = 
         return numpy_engine
     from edgellm.runtime.ort_engine import OrtEngine
 
-    return OrtEngine(artifact, threads=threads or physical_cores(), providers=providers)
+    return OrtEngine(artifact, threads=threads or physical_cores(), providers=providers,
+                     allow_slow_kernels=allow_slow_kernels)
 
 
 def physical_cores() -> int:
@@ -87,12 +88,12 @@ class Generator:
     model's text interface (edgellm.text: tokenizer, chat template, end-of-turn ids) beside."""
 
     def __init__(self, artifact: Artifact, engine: str = "auto", threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, allow_slow_kernels: bool = False):
         self.artifact = artifact
         self.text = ModelText.from_artifact(artifact)
         self.tokenizer, self.template = self.text.tokenizer, self.text.template
         self.eos_ids = self.text.eos_ids
-        self.engine = make_engine(artifact, engine, threads, providers)
+        self.engine = make_engine(artifact, engine, threads, providers, allow_slow_kernels)
         self.cached_ids: list[int] = []  # tokens whose K/V sit at positions 0.. of the cache
 
     @classmethod

@@ -41,6 +41,28 @@ def _session_options(ort, threads: int | None):
     return so
 
 
+def _check_kernels(artifact: Artifact, ort_version: str, allow: bool):
+    """Never the per-call dequantizing path without saying so (runtime.cpu)."""
+    import sys
+
+    from edgellm.runtime.cpu import read_cpu, slow_parts
+
+    cpu = read_cpu()
+    slow = slow_parts(artifact.manifest, cpu, ort_version)
+    if not slow:
+        return
+    what = (f"onnxruntime {ort_version} on this CPU ({cpu.name}) has no kernel for "
+            f"{'; '.join(slow)}, so it would dequantize those weights on every token (tens of "
+            f"times slower)")
+    if allow:
+        print(f"edgellm: warning: {what}", file=sys.stderr)
+        return
+    fix = ("rebuild with --accuracy-level 4" if any("accuracy level" in s for s in slow) else
+           "build for this CPU: edgellm build SOURCE -o NAME --weight-type s4 "
+           "--post-weight-type s4 (4-bit has kernels on every ARM core)")
+    raise EdgeLLMError(f"{what}. To fix it, {fix}; or run anyway with --allow-slow-kernels")
+
+
 def _session(ort, path, so, providers):
     try:
         return ort.InferenceSession(str(path), so, providers=providers)
@@ -55,13 +77,14 @@ class OrtEngine:
     """forward(tokens, pos) -> logits, like NumpyEngine, on ONNX Runtime."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, allow_slow_kernels: bool = False):
         import onnxruntime as ort
 
         m = artifact.manifest
         if not m.graphs:
             raise EdgeLLMError(f"{artifact.path} has no ONNX graphs (weight type "
                                f"{m.weight_scheme['name']}); use --engine numpy")
+        _check_kernels(artifact, ort.__version__, allow_slow_kernels)
         self.ort = ort
         self.config = cfg = artifact.config
         self.kv_cache_len, self.prefill_len = m.kv_cache_len, m.prefill_len

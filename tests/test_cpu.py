@@ -1,0 +1,118 @@
+"""The runtime knows its CPU (issue 17): features from /proc/cpuinfo, which weight types ONNX
+Runtime runs with a kernel there, and no silent per-call dequantizing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgellm.runtime.cpu import Cpu, matmul_path, read_cpu
+from helpers import edgellm, make_tiny_model
+
+ARM = """processor\t: 0
+BogoMIPS\t: 48.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm {dp}
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x1
+CPU part\t: {part}
+CPU revision\t: 0
+"""
+X86 = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+
+
+@pytest.mark.parametrize("part,dp,name", [("0xd03", "", "cortex-a53"),
+                                          ("0xd05", "asimddp", "cortex-a55"),
+                                          ("0xd0b", "asimddp lrcpc", "cortex-a76"),
+                                          ("0xd08", "", "cortex-a72")])
+def test_arm_cores_and_their_dotprod_are_read(part, dp, name):
+    cpu = read_cpu(ARM.format(part=part, dp=dp), machine="aarch64")
+    assert cpu.name == name and cpu.dotprod == bool(dp)
+    path, why = matmul_path(cpu, 8, 4, "1.32.0")
+    assert path == ("kernel" if dp else "dequantize"), why
+    assert matmul_path(cpu, 4, 4, "1.32.0")[0] == "kernel"
+    assert matmul_path(cpu, 8, 4, "1.22.0")[0] == "unsupported"
+
+
+def test_x86_is_read_and_8_bit_needs_accuracy_level_4():
+    cpu = read_cpu(X86, machine="x86_64")
+    assert cpu.name == "AMD EPYC 9B14" and "avx512_vnni" in cpu.features
+    assert matmul_path(cpu, 8, 4, "1.32.0")[0] == "kernel"
+    assert matmul_path(cpu, 8, 0, "1.32.0")[0] == "dequantize"
+    assert matmul_path(cpu, 4, 0, "1.32.0")[0] == "kernel"
+    assert read_cpu("", machine="aarch64").name == "unknown arm core"
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cpu")
+    make_tiny_model(tmp / "hf", "qwen2", tied=False)
+    out = {}
+    for weights, level in (("s8", 4), ("s8", 0), ("s4", 0), ("s4", 4)):
+        art = tmp / f"{weights}-{level}"
+        done = edgellm("build", tmp / "hf", "-o", art, "--weight-type", weights,
+                       "--post-weight-type", weights, "--accuracy-level", str(level),
+                       "--kv-cache-len", "32")
+        assert done.returncode == 0, done.stderr
+        out[weights, level] = art
+    return out
+
+
+RUN_VERBOSE = """
+import sys
+import onnxruntime as ort
+ort.set_default_logger_severity(0)  # INFO: where ORT says it falls back
+from edgellm.runtime.generator import Generator
+Generator.load(sys.argv[1], threads=1, allow_slow_kernels=True).engine.forward([1, 2, 3], 0)
+"""
+
+
+@pytest.mark.parametrize("key", [("s8", 4), ("s8", 0), ("s4", 0), ("s4", 4)])
+def test_the_prediction_agrees_with_onnx_runtime_here(builds, key):
+    """ORT's own INFO line 'Falling back to using unpacked compute mode' appears exactly where
+    runtime.cpu predicts the dequantizing path for this machine's CPU."""
+    import onnxruntime
+
+    done = subprocess.run([sys.executable, "-c", RUN_VERBOSE, str(builds[key])],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fell_back = "Falling back to using unpacked compute mode" in done.stderr
+    predicted = matmul_path(read_cpu(), 8 if key[0] == "s8" else 4, key[1],
+                            onnxruntime.__version__)[0]
+    assert fell_back == (predicted == "dequantize"), (key, predicted)
+
+
+def test_loading_where_ort_would_dequantize_is_refused_with_the_fix(builds, monkeypatch):
+    done = edgellm("run", builds["s8", 0], "-p", "hi", "--max-new-tokens", "2")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert "accuracy level 4" in done.stderr and "--allow-slow-kernels" in done.stderr
+    done = edgellm("run", builds["s8", 0], "-p", "hi", "--max-new-tokens", "2",
+                   "--allow-slow-kernels")
+    assert done.returncode == 0 and "edgellm: warning: onnxruntime" in done.stderr
+
+
+def test_a53_refuses_s8_and_runs_s4(builds, monkeypatch):
+    from edgellm.errors import EdgeLLMError
+    from edgellm.runtime import cpu as cpu_module
+    from edgellm.runtime.generator import Generator
+
+    a53 = Cpu.core("cortex-a53")
+    monkeypatch.setattr(cpu_module, "read_cpu", lambda: a53)
+    with pytest.raises(EdgeLLMError, match="dotprod, which the cortex-a53 lacks") as e:
+        Generator.load(builds["s8", 4], threads=1)
+    assert "--weight-type s4 --post-weight-type s4" in str(e.value)
+    Generator.load(builds["s4", 4], threads=1)  # 4-bit: kernels on every core
+
+
+def test_plan_says_which_weight_types_have_a_kernel_on_the_board(builds):
+    rows = {}
+    for board in ("rpi3", "rpi4", "rpi5"):
+        out = json.loads(edgellm("plan", builds["s8", 4], "--board", board, "--json").stdout)
+        rows[board] = {r["weights"]: r["kernel"] for r in out["rows"]}
+    for board in ("rpi3", "rpi4"):  # Cortex-A53, A72: no dotprod
+        assert rows[board]["s8"].startswith("no (8-bit") and rows[board]["s4 g32 asym"] == "yes"
+        assert rows[board]["s4 g32 asym, s8 lm_head"].startswith("no")
+    assert rows["rpi5"]["s8"] == "yes" and rows["rpi5"]["bf16"] == "numpy engine"
