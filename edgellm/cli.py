@@ -68,10 +68,13 @@ def _add_build(sub):
                    metavar="DIR", help="the artifact directory to write (must not exist, "
                                        "unless --force)")
     p.add_argument("--input_path", "--input-path", dest="input_path", help=argparse.SUPPRESS)
-    p.add_argument("--weight-type", "--weight_type", default="s8", choices=sorted(SCHEMES),
+    p.add_argument("--weight-type", "--weight_type", default=None, choices=sorted(SCHEMES),
                    help="decoder layers' weights: s8 (int8), s4 (int4: group 32 and an s8 "
                         "lm_head unless --group-size / --post-weight-type say otherwise), "
-                        "or a float type")
+                        "or a float type (default: s8, or --target's choice)")
+    p.add_argument("--target", choices=sorted(_boards()),
+                   help="the board it will run on: the layout is chosen for its cores (ONNX "
+                        "Runtime kernels) and RAM, and checked if given")
     p.add_argument("--post-weight-type", "--post_weight_type", choices=sorted(SCHEMES),
                    help="weight type of the lm_head (default: s8 for s4 layers, else "
                         "--weight-type)")
@@ -255,7 +258,7 @@ def cmd_build(a) -> int:
                         memory_check=not a.no_memory_check, model_config=a.model_config,
                         keep_s8=a.keep_s8, accuracy_level=a.accuracy_level,
                         quant_method=a.quant_method, calibration=a.calibration,
-                        calibration_tokens=a.calibration_tokens)
+                        calibration_tokens=a.calibration_tokens, target=a.target)
     out = build(source, a.output, opts)
     print(out)
     return 0
@@ -356,7 +359,7 @@ def _add_quality(sub):
 
 
 def _boards() -> dict:
-    from edgellm.plan import BOARDS
+    from edgellm.boards import BOARDS
 
     return BOARDS
 

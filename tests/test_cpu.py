@@ -116,3 +116,19 @@ def test_plan_says_which_weight_types_have_a_kernel_on_the_board(builds):
         assert rows[board]["s8"].startswith("no (8-bit") and rows[board]["s4 g32 asym"] == "yes"
         assert rows[board]["s4 g32 asym, s8 lm_head"].startswith("no")
     assert rows["rpi5"]["s8"] == "yes" and rows["rpi5"]["bf16"] == "numpy engine"
+
+
+def test_build_target_picks_a_layout_with_kernels_and_checks_a_given_one(builds, tmp_path):
+    source = builds["s8", 4].parent / "hf"
+    for board, layout in (("rpi4", ("s4", "s4", 32, False)), ("rpi5", ("s8", "s8", 128, True))):
+        done = edgellm("build", source, "-o", tmp_path / board, "--target", board,
+                       "--kv-cache-len", "32")
+        assert done.returncode == 0, done.stderr
+        m = json.loads((tmp_path / board / "manifest.json").read_text())
+        w = m["weight_scheme"]
+        assert (w["name"], m["post_scheme"]["name"], w["group_size"], w["symmetric"]) == layout
+        assert m["target"] == {"board": board}
+    done = edgellm("build", source, "-o", tmp_path / "bad", "--target", "rpi4",
+                   "--weight-type", "s8", "--kv-cache-len", "32")
+    assert done.returncode == 1 and "dotprod, which the cortex-a72 lacks" in done.stderr
+    assert not (tmp_path / "bad").exists()

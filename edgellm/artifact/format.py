@@ -46,6 +46,8 @@ class Manifest:
     layer_schemes: dict[str, dict] = field(default_factory=dict)
     # how integer weights were chosen: {"method": "rtn"} or GPTQ with its calibration
     quantization: dict = field(default_factory=dict)
+    # the board the layout was chosen for (`build --target`): {"board": "rpi4"}, or {}
+    target: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)

@@ -37,7 +37,7 @@ from edgellm.quant.schemes import (SCHEMES, GroupwiseIntScheme, get_scheme, layo
 class BuildOptions:
     kv_cache_len: int = 1023
     prefill_len: int | None = None  # default: min(128, kv_cache_len)
-    weight_type: str = "s8"
+    weight_type: str | None = "s8"  # None with a target: the target's choice
     # None: schemes.layout_defaults(weight_type) (s4: group 32, asymmetric, s8 lm_head;
     # otherwise group 128, symmetric, the lm_head like the layers)
     post_weight_type: str | None = None
@@ -57,7 +57,19 @@ class BuildOptions:
     calibration: str | None = None  # text file for GPTQ; default: the built-in text
     calibration_tokens: int = 32768
 
+    target: str | None = None  # a plan.BOARDS name: the layout chosen for its cores and RAM
+
     def __post_init__(self):
+        if self.target is not None:
+            from edgellm.boards import BOARDS
+
+            if self.target not in BOARDS:
+                raise EdgeLLMError(f"--target {self.target!r}: known boards are "
+                                   f"{', '.join(BOARDS)}")
+        if self.weight_type is None and self.target is None:
+            object.__setattr__(self, "weight_type", "s8")
+        if self.weight_type is None:
+            return  # the builder chooses for the target once it knows the model's size
         for key, value in layout_defaults(self.weight_type).items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
@@ -268,6 +280,8 @@ def _compile(input_path: str | Path, output: str | Path, opts: BuildOptions,
     if opts.model_config:
         vendor = read_vendor_config(opts.model_config)
         source.config = apply_vendor_config(vendor, source.config)
+    if opts.target:
+        opts = for_target(opts, source.config)
     scheme = get_scheme(opts.weight_type, opts.group_size, not opts.asymmetric)
     post_scheme = get_scheme(opts.post_weight_type, opts.group_size, not opts.asymmetric)
     _check_sliding_window(source.config, opts)
@@ -294,6 +308,45 @@ def peak_rss() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+# what --target tries, best first: (weight type, lm_head, group, symmetric)
+TARGET_LAYOUTS = [("s8", "s8", 128, True), ("s4", "s8", 32, False), ("s4", "s4", 32, False)]
+
+
+def for_target(opts: BuildOptions, cfg) -> BuildOptions:
+    """The options with the layout for opts.target: the first of TARGET_LAYOUTS that ONNX
+    Runtime has kernels for on the board's cores and that fits its RAM (runtime.cpu, plan);
+    a layout the user gave is checked instead of chosen."""
+    import dataclasses
+
+    import onnxruntime
+
+    from edgellm.compiler.memory import footprint
+    from edgellm.boards import BOARDS
+    from edgellm.runtime.cpu import Cpu, matmul_path
+
+    board, cpu = BOARDS[opts.target], Cpu.core(BOARDS[opts.target].cpu)
+    given = opts.weight_type is not None
+    layouts = [(opts.weight_type, opts.post_weight_type, opts.group_size,
+                not opts.asymmetric)] if given else TARGET_LAYOUTS
+    tried = []
+    for weights, post, group, symmetric in layouts:
+        scheme, post_scheme = get_scheme(weights, group, symmetric), get_scheme(post, group,
+                                                                                 symmetric)
+        slow = [why for s in (scheme, post_scheme) if isinstance(s, GroupwiseIntScheme)
+                for path, why in [matmul_path(cpu, s.bits, opts.accuracy_level,
+                                              onnxruntime.__version__)] if path != "kernel"]
+        need = footprint(cfg, scheme, post_scheme, opts.kv_cache_len).runtime
+        if not slow and need <= board.ram:
+            log(f"target {opts.target} ({cpu.name}, {board.ram / 1e9:g} GB): weights {weights}, "
+                f"lm_head {post}, group {group}, {'symmetric' if symmetric else 'asymmetric'}")
+            return dataclasses.replace(opts, weight_type=weights, post_weight_type=post,
+                                       group_size=group, asymmetric=not symmetric)
+        tried.append(f"{weights}/{post}: " + (slow[0] if slow else
+                                              f"needs {need / 1e9:.2f} GB of RAM"))
+    raise EdgeLLMError(f"nothing fits --target {opts.target} ({board.note}): "
+                       + "; ".join(tried))
 
 
 def kept_layers(pattern: str | None, num_layers: int) -> set[int]:
@@ -389,6 +442,7 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
         files=files,
         layer_schemes=layer_schemes,
         quantization=quantization,
+        target={"board": opts.target} if opts.target else {},
     )
 
 

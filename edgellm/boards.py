@@ -1,0 +1,29 @@
+"""Boards edgellm is for: RAM, memory bandwidth (peak = bus width x transfer rate of the published
+memory spec) and the cores the runtime runs on. `plan` reads them; `build --target` chooses for
+them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Board:
+    ram: float  # bytes, the common variant
+    bandwidth: float  # bytes/s: peak = bus width x transfer rate of the published memory spec
+    note: str
+    cpu: str  # the cores the runtime runs on (runtime.cpu.CORE_FEATURES)
+
+
+BOARDS = {
+    "rpi3": Board(1e9, 3.6e9, "Raspberry Pi 3 B/B+: LPDDR2-900, 32-bit bus (1 GB), "
+                              "4x Cortex-A53", "cortex-a53"),
+    "rpi4": Board(4e9, 12.8e9, "Raspberry Pi 4: LPDDR4-3200, 32-bit bus (1-8 GB), "
+                               "4x Cortex-A72", "cortex-a72"),
+    "rpi5": Board(4e9, 17.1e9, "Raspberry Pi 5: LPDDR4X-4267, 32-bit bus (2-16 GB), "
+                               "4x Cortex-A76", "cortex-a76"),
+    "rk3588": Board(8e9, 34.1e9, "RK3588 boards (Orange Pi 5, Rock 5B): LPDDR4X-4266, 64-bit "
+                                 "bus (4-32 GB), 4x Cortex-A76 + 4x A55", "cortex-a76"),
+    "orin-nano": Board(8e9, 68e9, "Jetson Orin Nano 8GB: LPDDR5, 128-bit, 68 GB/s published, "
+                                  "6x Cortex-A78AE", "cortex-a78ae"),
+}
