@@ -116,8 +116,8 @@ def _add_build(sub):
     p.set_defaults(func=cmd_build)
 
 
-def _add_sampling(p, max_new_tokens: int = 256):
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+def _add_sampling(p):
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="stop after this many generated tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
@@ -217,9 +217,7 @@ def _add_misc(sub):
 
     from edgellm.hub.pull import DEFAULT_MODEL, MODELS
 
-    known = "\n".join(f"  {name:30s} {m.description}, {m.size / 1e6:,.0f} MB"
-                       f"{' (default)' if name == DEFAULT_MODEL else ''}"
-                       for name, m in MODELS.items())
+    known = "\n".join(f"  {line}" for line in _known_models())
     p = _command(sub, "pull", "download a known model into the cache, print its path",
                  epilog=f"known models:\n{known}\n\nor a Hugging Face repo id "
                         "(needs huggingface_hub and a network that reaches the Hub)")
@@ -436,12 +434,18 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def _known_models() -> list[str]:
+    from edgellm.hub.pull import DEFAULT_MODEL, MODELS
+
+    return [f"{name:30s} {m.description}, {m.size / 1e6:,.0f} MB"
+            f"{' (default)' if name == DEFAULT_MODEL else ''}" for name, m in MODELS.items()]
+
+
 def cmd_pull(a) -> int:
-    from edgellm.hub.pull import MODELS, pull
+    from edgellm.hub.pull import pull
 
     if not a.name:
-        for name, m in MODELS.items():
-            print(f"{name:30s} {m.description}, {m.size / 1e6:,.0f} MB")
+        print("\n".join(_known_models()))
         return 0
     print(pull(a.name))
     return 0

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+
+from edgellm.errors import EdgeLLMError
+
+
+def read_json(path: Path):
+    """The JSON value in a file, or a one-line error naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeLLMError(f"{path} is not valid JSON: {e}") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -59,17 +59,12 @@ def _row(label: str, per_token: int, need, ram: float, bandwidth: float, own: bo
 
 def _kernel(cpu, schemes: list[dict], ort_version: str) -> str:
     """'yes', or why ONNX Runtime would dequantize per token on `cpu` (runtime.cpu)."""
-    from edgellm.runtime.cpu import matmul_path
+    from edgellm.runtime.cpu import without_kernel
 
     if not all(s.get("kind") == "int" for s in schemes):
         return "numpy engine"
-    if cpu is None:
-        return "yes"
-    for s in schemes:
-        path, why = matmul_path(cpu, s["bits"], 4, ort_version)
-        if path != "kernel":
-            return f"no ({why})"
-    return "yes"
+    slow = without_kernel(cpu, schemes, 4, ort_version) if cpu else []
+    return f"no ({slow[0]})" if slow else "yes"
 
 
 def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cpu=None,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
+from edgellm.fileutil import read_json
 
 FORMAT_VERSION = 3
 SUPPORTED_VERSIONS = (2, 3)  # v2 lacks v3's config fields, whose defaults are v2's meaning
@@ -57,10 +58,7 @@ class Manifest:
         path = directory / MANIFEST_NAME
         if not path.is_file():
             raise EdgeLLMError(f"{directory} is not an edgellm artifact: no {MANIFEST_NAME}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EdgeLLMError(f"{path} is not valid JSON: {e}") from None
+        data = read_json(path)
         version = data.get("format_version") if isinstance(data, dict) else None
         if version not in SUPPORTED_VERSIONS:
             raise EdgeLLMError(

@@ -87,13 +87,13 @@ def _refuse_a_source(path: Path):
     """A model file or directory given where an artifact belongs: say how to build one."""
     if path.is_file():
         with open(path, "rb") as f:
-            gguf = f.read(4) == b"GGUF"
-        kind = "a GGUF model file" if gguf else "a file"
+            if f.read(4) != b"GGUF":
+                raise EdgeLLMError(f"{path} is a file; an artifact is a directory made by "
+                                   f"edgellm build")
+        kind = "a GGUF model file"
     elif (path / "config.json").is_file() and not (path / MANIFEST_NAME).exists():
         kind = "a Hugging Face model directory"
     else:
         return
-    if kind == "a file":
-        raise EdgeLLMError(f"{path} is a file; an artifact is a directory made by edgellm build")
     raise EdgeLLMError(f"{path} is {kind} (a source), not an edgellm artifact; compile it first: "
                        f"edgellm build {path} -o {path.stem or path.name}-s8")

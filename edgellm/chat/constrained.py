@@ -92,7 +92,8 @@ class ToolCallGrammar:
         """A mask for what follows a forced `prefix` (chat.tools.forced_prefix): the arguments
         (or one of the names, then its arguments), the closing tag, and, `parallel`, more
         calls."""
-        return self._mask(self._forced(prefix, tools, parallel), "this tool call")
+        return self._mask(_forced(prefix, tools, parallel, self._open, self._close),
+                          "this tool call")
 
     def lazy_calls(self, tools: list[dict], parallel: bool = True) -> TokenMask:
         """`tool_choice` auto: free text, and any call the model opens made valid."""
@@ -104,29 +105,6 @@ class ToolCallGrammar:
         return self._mask(f"start: %json {_styled(schema)}\n", "this JSON schema")
 
     # --- grammars ------------------------------------------------------------------------
-
-    def _tag_calls(self, tools: list[dict]) -> list[str]:
-        rules = [f"tag_any: {' | '.join(f'tag_f{i}' for i in range(len(tools)))}"]
-        for i, t in enumerate(tools):
-            head = json.dumps(f'{{"name": "{_name(t)}", "arguments": ')
-            rules.append(f'tag_f{i}: {head} %json {_schema(t)} "}}"')
-        return rules + ["WS: /[ \\t\\n]+/"]
-
-    def _forced(self, prefix: str, tools: list[dict], parallel: bool) -> str:
-        if prefix.endswith('"arguments": '):  # the name is fixed: arguments, then close
-            name = prefix.rsplit('"name": "', 1)[1].split('", "arguments"')[0]
-            tool = next((t for t in tools if _name(t) == name), None)
-            if tool is None:
-                raise EdgeLLMError(f"tool_choice names {name!r}, which is not among the tools")
-            first = f'first: %json {_schema(tool)} "}}"'
-        else:
-            after = json.dumps('", "arguments": ')
-            first = "first: " + " | ".join(f"first{i}" for i in range(len(tools))) + "\n" + \
-                "\n".join(f'first{i}: {json.dumps(_name(t))[:-1]}{after[1:]} %json {_schema(t)} "}}"'
-                          for i, t in enumerate(tools))
-        more = (f"(WS? {self._close} (WS? {self._open} WS? tag_any WS? {self._close})*)?"
-                if parallel else f"(WS? {self._close})?")
-        return "\n".join([f"start: first {more}", first, *self._tag_calls(tools)]) + "\n"
 
     def _lazy(self, tools: list[dict], parallel: bool) -> str:
         segs, rules = [], ["TEXT: /(.|\\n)+/"]
@@ -147,7 +125,35 @@ class ToolCallGrammar:
             segs += [f"bare_call{i}", f"fence_call{i}"]
         start = "start: seg* TEXT?" if parallel else "start: seg? TEXT?"
         return "\n".join([start, "seg: " + " | ".join(segs), *rules,
-                          *self._tag_calls(tools)]) + "\n"
+                          *_tag_calls(tools)]) + "\n"
+
+
+def _tag_calls(tools: list[dict]) -> list[str]:
+    """Calls in the template's tag: one of the tools' names, then its arguments."""
+    rules = [f"tag_any: {' | '.join(f'tag_f{i}' for i in range(len(tools)))}"]
+    for i, t in enumerate(tools):
+        head = json.dumps(f'{{"name": "{_name(t)}", "arguments": ')
+        rules.append(f'tag_f{i}: {head} %json {_schema(t)} "}}"')
+    return rules + ["WS: /[ \\t\\n]+/"]
+
+
+def _forced(prefix: str, tools: list[dict], parallel: bool, open_tag: str, close_tag: str) -> str:
+    """The rest of a call whose start is forced (`prefix`), then, `parallel`, more calls."""
+    if prefix.endswith('"arguments": '):  # the name is fixed: arguments, then close
+        name = prefix.rsplit('"name": "', 1)[1].split('", "arguments"')[0]
+        tool = next((t for t in tools if _name(t) == name), None)
+        if tool is None:
+            raise EdgeLLMError(f"tool_choice names {name!r}, which is not among the tools")
+        first = f'first: %json {_schema(tool)} "}}"'
+    else:
+        rules = ["first: " + " | ".join(f"first{i}" for i in range(len(tools)))]
+        for i, t in enumerate(tools):  # the prefix stops inside the name's string
+            rest_of_name = json.dumps(f'{_name(t)}", "arguments": ')
+            rules.append(f'first{i}: {rest_of_name} %json {_schema(t)} "}}"')
+        first = "\n".join(rules)
+    more = (f"(WS? {close_tag} (WS? {open_tag} WS? tag_any WS? {close_tag})*)?"
+            if parallel else f"(WS? {close_tag})?")
+    return "\n".join([f"start: first {more}", first, *_tag_calls(tools)]) + "\n"
 
 
 def _name(tool: dict) -> str:
@@ -163,7 +169,5 @@ def _schema(tool: dict) -> str:
 
 
 def _lark_rest_of_call(prefix: str, tools: list[dict]) -> str:
-    """The forced-call grammar without a tokenizer (tests look at it)."""
-    grammar = ToolCallGrammar.__new__(ToolCallGrammar)
-    grammar._open, grammar._close = json.dumps(OPEN_TAG), json.dumps(CLOSE_TAG)
-    return grammar._forced(prefix, tools, parallel=True)
+    """The forced-call grammar with the tags as text (tests look at it)."""
+    return _forced(prefix, tools, True, json.dumps(OPEN_TAG), json.dumps(CLOSE_TAG))

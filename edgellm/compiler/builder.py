@@ -56,8 +56,7 @@ class BuildOptions:
     quant_method: str = "rtn"
     calibration: str | None = None  # text file for GPTQ; default: the built-in text
     calibration_tokens: int = 32768
-
-    target: str | None = None  # a plan.BOARDS name: the layout chosen for its cores and RAM
+    target: str | None = None  # a boards.BOARDS name: the layout chosen for its cores and RAM
 
     def __post_init__(self):
         if self.target is not None:
@@ -66,11 +65,11 @@ class BuildOptions:
             if self.target not in BOARDS:
                 raise EdgeLLMError(f"--target {self.target!r}: known boards are "
                                    f"{', '.join(BOARDS)}")
-        if self.weight_type is None and self.target is None:
+        elif self.weight_type is None:
             object.__setattr__(self, "weight_type", "s8")
-        if self.weight_type is None:
-            return  # the builder chooses for the target once it knows the model's size
-        for key, value in layout_defaults(self.weight_type).items():
+        # with a target and no weight type, the builder chooses (for_target) once it knows
+        # the model's size; the layout's defaults follow then
+        for key, value in layout_defaults(self.weight_type).items() if self.weight_type else ():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
         if self.kv_cache_len < 2:
@@ -93,7 +92,7 @@ class BuildOptions:
             raise EdgeLLMError("--calibration-tokens must be at least 2")
         integer = [isinstance(SCHEMES.get(t), GroupwiseIntScheme)
                    for t in (self.weight_type, self.post_weight_type)]
-        if self.quant_method == "gptq" and not any(integer):
+        if self.quant_method == "gptq" and self.weight_type and not any(integer):
             raise EdgeLLMError("--quant-method gptq needs integer weights (--weight-type or "
                                "--post-weight-type s8 or s4)")
         if self.calibration is not None:
@@ -149,7 +148,7 @@ def _prepare_output(output: Path, force: bool) -> Path:
     tmp = output.parent / f".{output.name}.tmp-build"
     # what an interrupted build left: its temporary directory, or (killed between the two
     # renames of a --force build) the replaced artifact
-    for leftover in (tmp, output.parent / f".{output.name}.old"):
+    for leftover in (tmp, _replaced(output)):
         if leftover.is_dir():
             shutil.rmtree(leftover)
         elif leftover.exists():
@@ -158,10 +157,15 @@ def _prepare_output(output: Path, force: bool) -> Path:
     return tmp
 
 
+def _replaced(output: Path) -> Path:
+    """Where an existing output waits, during `_commit`, to be deleted."""
+    return output.parent / f".{output.name}.old"
+
+
 def _commit(tmp: Path, output: Path):
     """Move the finished build into place; an existing output (with --force) goes only now."""
     if output.exists():
-        old = output.parent / f".{output.name}.old"
+        old = _replaced(output)
         output.rename(old)
         tmp.rename(output)
         shutil.rmtree(old) if old.is_dir() else old.unlink()
@@ -324,7 +328,7 @@ def for_target(opts: BuildOptions, cfg) -> BuildOptions:
 
     from edgellm.compiler.memory import footprint
     from edgellm.boards import BOARDS
-    from edgellm.runtime.cpu import Cpu, matmul_path
+    from edgellm.runtime.cpu import Cpu, without_kernel
 
     board, cpu = BOARDS[opts.target], Cpu.core(BOARDS[opts.target].cpu)
     given = opts.weight_type is not None
@@ -334,9 +338,8 @@ def for_target(opts: BuildOptions, cfg) -> BuildOptions:
     for weights, post, group, symmetric in layouts:
         scheme, post_scheme = get_scheme(weights, group, symmetric), get_scheme(post, group,
                                                                                  symmetric)
-        slow = [why for s in (scheme, post_scheme) if isinstance(s, GroupwiseIntScheme)
-                for path, why in [matmul_path(cpu, s.bits, opts.accuracy_level,
-                                              onnxruntime.__version__)] if path != "kernel"]
+        slow = without_kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()],
+                              opts.accuracy_level, onnxruntime.__version__)
         need = footprint(cfg, scheme, post_scheme, opts.kv_cache_len).runtime
         if not slow and need <= board.ram:
             log(f"target {opts.target} ({cpu.name}, {board.ram / 1e9:g} GB): weights {weights}, "

@@ -4,7 +4,6 @@ fp32 and run by the numpy engine), `edgellm eval --reference` and `build --check
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,8 +21,8 @@ class ReferenceModel:
         from edgellm.runtime.engine import NumpyEngine
 
         self._tmp = Path(tempfile.mkdtemp(prefix="edgellm-reference-"))
-        print(f"eval: building the unquantized reference, an fp32 copy of {source}, in "
-              f"{self._tmp} (removed afterwards)", file=sys.stderr, flush=True)
+        log(f"eval: building the unquantized reference, an fp32 copy of {source}, in "
+            f"{self._tmp} (removed afterwards)")
         try:
             out = compile_artifact(source, self._tmp / "reference", BuildOptions(
                 kv_cache_len=context, weight_type="fp32", hidden_state_type="fp32"),

@@ -8,7 +8,6 @@ that was neither used nor deliberately ignored, so a wrong mapping is an error, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from edgellm.arch import ArchSpec, ModelConfig, get_arch
 from edgellm.compiler import safetensors_io
 from edgellm.compiler.tokenizer_info import TokenizerInfo, from_gguf_metadata, from_hf_dir
 from edgellm.errors import EdgeLLMError
+from edgellm.fileutil import read_json
 
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency rope divisors (Llama-3.1/3.2)
 
@@ -135,10 +135,7 @@ class HFSource(Source):
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise EdgeLLMError(f"{path}: no config.json (not a Hugging Face model directory)")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EdgeLLMError(f"{cfg_path} is not valid JSON: {e}") from None
+        raw = read_json(cfg_path)
         if not isinstance(raw, dict):
             raise EdgeLLMError(f"{cfg_path} is not a JSON object (it holds a "
                                f"{type(raw).__name__})")

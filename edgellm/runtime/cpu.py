@@ -93,6 +93,15 @@ def matmul_path(cpu: Cpu, bits: int, accuracy_level: int, ort_version: str) -> t
     return "kernel", "8-bit aarch64 kernels (dotprod)"
 
 
+def without_kernel(cpu: Cpu, schemes: list[dict], accuracy_level: int,
+                   ort_version: str) -> list[str]:
+    """Why ONNX Runtime would not run these schemes' integer weights with a kernel on `cpu`
+    (empty: it would)."""
+    return [why for s in schemes if s.get("kind") == "int"
+            for path, why in [matmul_path(cpu, s["bits"], accuracy_level, ort_version)]
+            if path != "kernel"]
+
+
 def slow_parts(manifest, cpu: Cpu, ort_version: str) -> list[str]:
     """The graphs of an artifact that ONNX Runtime would not run with a kernel on `cpu`, each
     with the reason."""

@@ -360,14 +360,11 @@ class BodyLimit:
     def __init__(self, app, max_body: int):
         self.app, self.max_body = app, max_body
 
-    async def _too_large(self, send):
-        body = json.dumps(error_body(f"request body over {self.max_body} bytes",
-                                     "invalid_request_error", "body_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _too_large(self, scope, receive, send):
+        response = JSONResponse(error_body(f"request body over {self.max_body} bytes",
+                                           "invalid_request_error", "body_too_large"), 413,
+                                headers={"Connection": "close"})
+        await response(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -375,7 +372,7 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit() or int(length) > self.max_body:
-                return await self._too_large(send)
+                return await self._too_large(scope, receive, send)
             return await self.app(scope, receive, send)
         chunks, total = [], 0
         while True:  # no length given (chunked): read, counting, up to the limit
@@ -384,7 +381,7 @@ class BodyLimit:
                 return  # the client left
             total += len(message.get("body", b""))
             if total > self.max_body:
-                return await self._too_large(send)
+                return await self._too_large(scope, receive, send)
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break

@@ -26,7 +26,7 @@ class Scheduler:
     prefix_cache: PrefixCache
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: int = 0  # admitted requests (running + waiting)
-    grammar: ToolCallGrammar | None = None  # built on the first forced tool call
+    grammar: ToolCallGrammar | None = None  # built by the first request that needs a mask
     closing: threading.Event = field(default_factory=threading.Event)  # the server stops
     metrics: dict = field(default_factory=lambda: {
         "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
