@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny random HF checkpoints made from configs, and the CLI runner."""
+"""Shared test helpers: tiny random HF checkpoints made from configs, the CLI runner, and a
+uvicorn server on loopback."""
 
 from __future__ import annotations
 
@@ -79,3 +80,26 @@ def make_tiny_model(directory: Path, arch: str, tied: bool, seed: int = 0, scale
 def edgellm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgellm.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd)
+
+
+def start_server(app, **config):
+    """(server, thread, base URL) of `app` served by uvicorn on a free loopback port, once it
+    is up; stop it with `server.should_exit = True` and `thread.join()`."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           **{"log_level": "warning", **config}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"

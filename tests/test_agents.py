@@ -11,7 +11,7 @@ import pytest
 
 from edgellm.runtime.generator import GenerationResult, Generator
 from edgellm.server.app import create_app
-from test_server import _start
+from helpers import start_server
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def generator(qwen_s8):
 
 
 def _client(app):
-    srv, thread, url = _start(app)
+    srv, thread, url = start_server(app)
     return srv, thread, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0), url
 
 

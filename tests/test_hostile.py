@@ -17,7 +17,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from helpers import edgellm, make_tiny_model
+from helpers import edgellm, make_tiny_model, start_server
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -51,21 +51,6 @@ def artifact(source, tmp_path_factory):
                  BuildOptions(kv_cache_len=4096, prefill_len=16), quiet=True)
 
 
-def _start(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="module")
 def served(artifact):
     from edgellm.runtime.generator import Generator
@@ -73,7 +58,7 @@ def served(artifact):
 
     app = create_app(Generator.load(artifact, threads=1), MODEL, max_queue=8,
                      max_body=1 << 20)
-    server, thread, url = _start(app)
+    server, thread, url = start_server(app, log_level="error", timeout_graceful_shutdown=2)
     yield url, app.state.served
     server.should_exit = True
     thread.join(10)
@@ -206,7 +191,8 @@ def test_a_damaged_model_answers_an_error_not_garbage(artifact, tmp_path):
     from edgellm.server.app import create_app
 
     copy = _damaged_copy(artifact, tmp_path, keep_samples=False)
-    server, thread, url = _start(create_app(Generator.load(copy, threads=1), MODEL))
+    server, thread, url = start_server(create_app(Generator.load(copy, threads=1), MODEL),
+                                        log_level="error", timeout_graceful_shutdown=2)
     try:
         status, payload = post(url, chat())
         assert_openai_error(status, payload, 500, "non-finite logits")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +11,7 @@ import pytest
 
 from edgellm.runtime.generator import Generator
 from edgellm.server.app import create_app
+from helpers import start_server
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -26,20 +25,6 @@ TOOLS = [{"type": "function", "function": {
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _start(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="module")
 def generator(qwen_s8):
     return Generator.load(qwen_s8, threads=2)
@@ -48,7 +33,7 @@ def generator(qwen_s8):
 @pytest.fixture(scope="module")
 def server(generator):
     app = create_app(generator, MODEL, max_queue=4, max_body=64 * 1024)
-    srv, thread, url = _start(app)
+    srv, thread, url = start_server(app)
     yield url, app
     srv.should_exit = True
     thread.join(10)
@@ -208,7 +193,7 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cli
 
 
 def test_api_key_guards_every_route_but_health(generator):
-    srv, thread, url = _start(create_app(generator, MODEL, api_key="s3cret"))
+    srv, thread, url = start_server(create_app(generator, MODEL, api_key="s3cret"))
     try:
         with urllib.request.urlopen(url + "/health") as r:
             assert r.status == 200
@@ -279,7 +264,7 @@ def cloud(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cloud")
     make_tiny_model(tmp / "hf", "qwen2", tied=False)
     art = build(tmp / "hf", tmp / "art", BuildOptions(kv_cache_len=2048))
-    srv, thread, url = _start(create_app(Generator.load(art, threads=1), "cloud-model"))
+    srv, thread, url = start_server(create_app(Generator.load(art, threads=1), "cloud-model"))
     yield url
     srv.should_exit = True
     thread.join(10)
@@ -289,7 +274,7 @@ def test_upstream_answers_other_models_and_long_prompts(generator, cloud):
     from edgellm.server.upstream import Upstream
 
     edge = create_app(generator, MODEL, upstream=Upstream(cloud + "/v1", model="cloud-model"))
-    srv, thread, url = _start(edge)
+    srv, thread, url = start_server(edge)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         local = client.chat.completions.with_raw_response.create(
