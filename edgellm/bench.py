@@ -41,9 +41,42 @@ def _one_pass(gen, prompt: list[int], gen_tokens: int) -> tuple[float, float, fl
     return t_prefill - t0, t_first - t0, (gen_tokens - 1) / max(t_end - t_first, 1e-9)
 
 
+def _answers(gen, prompt: str, gen_tokens: int, repeats: int, speculate: str) -> dict:
+    """Greedy answers to a user message: plain decode and, unless speculate is "off",
+    speculative decode, alternating in one run; medians."""
+    from edgellm.runtime.sampler import SamplingConfig
+
+    ids = gen.encode_chat([{"role": "user", "content": prompt}])
+    gen._check_fits(len(ids) + gen_tokens - 1)
+    modes = ["off"] + ([speculate] if speculate != "off" else [])
+    gen.generate(ids[:8], SamplingConfig(), 4)  # warm-up
+    runs: dict[str, list] = {m: [] for m in modes}
+    for _ in range(repeats):
+        for m in modes:
+            runs[m].append(gen.generate(ids, SamplingConfig(), gen_tokens, speculate=m))
+    plain = runs["off"]
+    out = {"prompt_tokens": len(ids), "answer_tokens": len(plain[0].token_ids),
+           "prefill_tok_s": statistics.median(r.prefill_tok_s for r in plain),
+           "ttft_ms": statistics.median(r.ttft_ms for r in plain),
+           "decode_tok_s": statistics.median(r.decode_tok_s for r in plain)}
+    if speculate != "off":
+        spec = runs[speculate]
+        s = spec[0].speculation
+        out.update(speculate=speculate,
+                   speculative_decode_tok_s=statistics.median(r.decode_tok_s for r in spec),
+                   tokens_per_forward=round(len(spec[0].token_ids) / max(s.forwards, 1), 2),
+                   draft_proposed=s.proposed, draft_accepted=s.accepted,
+                   same_answer=spec[0].token_ids == plain[0].token_ids)
+        out["speedup"] = round(out["speculative_decode_tok_s"] / max(out["decode_tok_s"], 1e-9), 2)
+    return out
+
+
 def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
           engine: str = "auto", threads: int | None = None,
-          providers: list[str] | None = None, allow_slow_kernels: bool = False) -> dict:
+          providers: list[str] | None = None, allow_slow_kernels: bool = False,
+          prompt: str | None = None, speculate: str = "off") -> dict:
+    """The fixed-prompt measurement, or with `prompt` (a user message) its greedy answer, plain
+    and with `speculate`."""
     from edgellm.runtime.generator import Generator
 
     gen = Generator.load(artifact, engine=engine, threads=threads, providers=providers,
@@ -53,17 +86,24 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
                            f"exceeds the artifact's KV cache of {gen.engine.kv_cache_len}")
     if prompt_tokens < 1 or gen_tokens < 2:
         raise EdgeLLMError("bench needs --prompt-tokens >= 1 and --gen-tokens >= 2")
-    prompt = _prompt_ids(gen.tokenizer, prompt_tokens)
-    _one_pass(gen, prompt[:8], 4)  # warm-up: sessions, thread pool, prepacked weights
-    runs = [_one_pass(gen, prompt, gen_tokens) for _ in range(repeats)]
     m = gen.artifact.manifest
-    return {
+    about = {
         "model": gen.artifact.path.name,
         "source": m.source.get("path", "").rsplit("/", 1)[-1],
         "params": parameter_count(gen.artifact.config),
         "weight_type": layout_label(m.weight_scheme, m.post_scheme, bool(m.layer_schemes)),
         "engine": type(gen.engine).__name__,
         "threads": gen.engine.threads,  # as used: ORT's pool size; numpy: None (BLAS default)
+    }
+    if prompt is not None:
+        return {**about, "gen_tokens": gen_tokens, "repeats": repeats,
+                **_answers(gen, prompt, gen_tokens, repeats, speculate),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    prompt = _prompt_ids(gen.tokenizer, prompt_tokens)
+    _one_pass(gen, prompt[:8], 4)  # warm-up: sessions, thread pool, prepacked weights
+    runs = [_one_pass(gen, prompt, gen_tokens) for _ in range(repeats)]
+    return {
+        **about,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "repeats": repeats,
@@ -75,6 +115,8 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
 
 
 def markdown(r: dict) -> str:
+    if "answer_tokens" in r:
+        return _answer_markdown(r)
     return "\n".join([
         "| model | params | weight type | engine | threads | prefill tok/s | decode tok/s "
         "| TTFT | peak RSS |",
@@ -83,3 +125,17 @@ def markdown(r: dict) -> str:
         f"| {r['threads'] or 'BLAS default'} | {r['prefill_tok_s']:.1f} ({r['prompt_tokens']} tokens) "
         f"| {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB |",
     ])
+
+
+def _answer_markdown(r: dict) -> str:
+    head = (f"{r['model']} ({r['weight_type']}, {r['engine']}, {r['threads'] or 'BLAS default'} "
+            f"threads): a {r['prompt_tokens']}-token prompt, {r['answer_tokens']}-token greedy "
+            f"answer, medians of {r['repeats']}")
+    rows = ["| decode | tok/s | tokens per forward | drafts accepted |", "|---|---|---|---|",
+            f"| plain | {r['decode_tok_s']:.1f} | 1 | |"]
+    if "speculate" in r:
+        rows.append(f"| speculative ({r['speculate']}) | {r['speculative_decode_tok_s']:.1f} "
+                    f"| {r['tokens_per_forward']:.2f} | {r['draft_accepted']}/{r['draft_proposed']} |")
+        rows.append(f"\nspeedup {r['speedup']:.2f}x; same answer as plain: "
+                    f"{'yes' if r['same_answer'] else 'no (a near tie: different kernels)'}")
+    return "\n".join([head, ""] + rows)

@@ -127,6 +127,14 @@ def _add_sampling(p):
     p.add_argument("--penalty-window", type=int, default=20, metavar="N",
                    help="recent tokens the repetition penalty looks at")
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    _add_speculate(p)
+
+
+def _add_speculate(p):
+    p.add_argument("--speculate", default="auto", choices=("auto", "lookup", "off"),
+                   help="prompt lookup: draft tokens from the text so far and verify several in "
+                        "one forward (same answer as plain decoding); auto pauses it where "
+                        "drafts keep failing")
 
 
 def _add_engine(p):
@@ -182,6 +190,10 @@ def _add_misc(sub):
                    help="tokens decoded (greedy, never stopping early)")
     p.add_argument("--repeats", type=int, default=3, help="runs; the medians are printed")
     p.add_argument("--json", action="store_true", help="print one JSON object of medians")
+    p.add_argument("--prompt-file", metavar="FILE",
+                   help="decode an answer to this file's text (a user message) instead of a "
+                        "fixed prompt; with --speculate, plain and speculative in the same run")
+    _add_speculate(p)
     _add_engine(p)
     p.set_defaults(func=cmd_bench)
 
@@ -212,6 +224,7 @@ def _add_misc(sub):
                         "over the local context")
     p.add_argument("--upstream-key", default=None, help="API key sent upstream")
     p.add_argument("--upstream-model", default=None, help="model name to send upstream")
+    _add_speculate(p)
     _add_engine(p)
     p.set_defaults(func=cmd_serve)
 
@@ -283,15 +296,29 @@ def cmd_run(a) -> int:
         ids = gen.encode_chat(messages)
     mask = _schema_mask(gen, a.json_schema) if a.json_schema else None
     stream = None if a.json else (lambda piece: print(piece, end="", flush=True))
-    result = gen.generate(ids, sampling, a.max_new_tokens, on_text=stream, mask=mask)
+    result = gen.generate(ids, sampling, a.max_new_tokens, on_text=stream, mask=mask,
+                          speculate=a.speculate)
     if a.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
         print()
+        s = result.speculation
+        drafts = (f" | drafts: {s.accepted}/{s.proposed} accepted, "
+                  f"{len(result.token_ids) / max(s.forwards, 1):.2f} tokens/forward") if s else ""
         print(f"ttft: {result.ttft_ms:.2f} ms | prefill: {result.prompt_tokens} tokens, "
               f"{result.prefill_tok_s:.2f} tok/s | decode: {len(result.token_ids)} tokens, "
-              f"{result.decode_tok_s:.2f} tok/s | stop: {result.stop_reason}", file=sys.stderr)
+              f"{result.decode_tok_s:.2f} tok/s | stop: {result.stop_reason}{drafts}",
+              file=sys.stderr)
     return 0
+
+
+def _read_text(path: str) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeLLMError(f"{path}: {e}") from None
 
 
 def _schema_mask(gen, path: str):
@@ -408,7 +435,9 @@ def cmd_plan(a) -> int:
 def cmd_bench(a) -> int:
     from edgellm.bench import bench, markdown
 
-    result = bench(a.artifact, a.prompt_tokens, a.gen_tokens, a.repeats, **_engine_opts(a))
+    prompt = _read_text(a.prompt_file) if a.prompt_file else None
+    result = bench(a.artifact, a.prompt_tokens, a.gen_tokens, a.repeats, prompt=prompt,
+                   speculate=a.speculate, **_engine_opts(a))
     print(json.dumps(result) if a.json else markdown(result))
     return 0
 
@@ -419,7 +448,7 @@ def cmd_chat(a) -> int:
 
     sampling = _sampling(a)
     gen = Generator.load(a.artifact, verify=a.verify, **_engine_opts(a))
-    ChatLoop(gen, sampling, a.max_new_tokens, a.system).run()
+    ChatLoop(gen, sampling, a.max_new_tokens, a.system, speculate=a.speculate).run()
     return 0
 
 
@@ -430,6 +459,7 @@ def cmd_serve(a) -> int:
     upstream = Upstream(a.upstream, a.upstream_key, a.upstream_model) if a.upstream else None
     serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
           quiet=a.quiet, verify=a.verify, tool_grammar=not a.no_tool_grammar,
+          speculate=a.speculate,
           **_engine_opts(a))
     return 0
 

@@ -55,8 +55,9 @@ def _stopped_early(r: GenerationResult, capacity: int, max_new_tokens: int) -> s
 
 class ChatLoop:
     def __init__(self, gen: Generator, sampling: SamplingConfig, max_new_tokens: int,
-                 system: str | None = None, out=sys.stdout):
+                 system: str | None = None, out=sys.stdout, speculate: str = "auto"):
         self.gen, self.sampling, self.max_new_tokens, self.out = gen, sampling, max_new_tokens, out
+        self.speculate = speculate
         self.system = system
         self.messages: list[dict] = []
         self.last: GenerationResult | None = None
@@ -114,7 +115,8 @@ class ChatLoop:
         try:
             ids = self._fit()
             self.last = self.gen.generate(ids, self.sampling, self.max_new_tokens,
-                                          on_text=show, reuse_cache=True)
+                                          on_text=show, reuse_cache=True,
+                                          speculate=self.speculate)
             self.say()
             self.totals.add(self.last)
             early = _stopped_early(self.last, self.gen.engine.kv_cache_len, self.max_new_tokens)

@@ -14,6 +14,7 @@ from edgellm.artifact.reader import Artifact, load_artifact
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.engine import NumpyEngine
 from edgellm.runtime.sampler import Sampler, SamplingConfig
+from edgellm.runtime.speculative import MODES, PromptLookup, SpeculationStats
 from edgellm.text import ModelText, TextStream
 
 
@@ -27,11 +28,15 @@ class GenerationResult:
     decode_tok_s: float
     stop_reason: str  # "eos" | "length" | "stop" | "cancelled" | "kv_cache_full"
     reused_tokens: int = 0  # prompt tokens whose K/V came from the previous call
+    speculation: SpeculationStats | None = None  # with speculative decoding
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ("text", "token_ids", "prompt_tokens", "ttft_ms",
-                                               "prefill_tok_s", "decode_tok_s", "stop_reason",
-                                               "reused_tokens")}
+        out = {k: getattr(self, k) for k in ("text", "token_ids", "prompt_tokens", "ttft_ms",
+                                              "prefill_tok_s", "decode_tok_s", "stop_reason",
+                                              "reused_tokens")}
+        if self.speculation:
+            out["speculation"] = self.speculation.to_json()
+        return out
 
 
 class DamagedModel(EdgeLLMError):
@@ -159,50 +164,93 @@ class Generator:
     def generate(self, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int = 256,
                  on_text: Callable[[str], None] | None = None, reuse_cache: bool = False,
                  stop: tuple[str, ...] = (), cancelled: Callable[[], bool] | None = None,
-                 mask=None) -> GenerationResult:
+                 mask=None, speculate: str = "off") -> GenerationResult:
         """Sample up to max_new_tokens after prompt_ids. With reuse_cache, the prompt's prefix
         that the previous call left in the KV cache is not computed again. `mask` (a
-        chat.constrained.TokenMask) limits each step to the tokens its grammar allows."""
+        chat.constrained.TokenMask) limits each step to the tokens its grammar allows.
+        `speculate` "lookup"/"auto" drafts tokens by prompt lookup (runtime.speculative) and
+        verifies them in one forward: the same tokens as plain decoding (greedy), or the same
+        distribution (sampling)."""
         self._check_fits(len(prompt_ids))
+        if speculate not in MODES:
+            raise EdgeLLMError(f"speculate must be one of {', '.join(MODES)}, not {speculate!r}")
         sampler, stream = Sampler(sampling), TextStream(self.tokenizer)
+        lookup = PromptLookup() if speculate != "off" else None
+        stats = SpeculationStats()
         history = list(prompt_ids)
+        if lookup:
+            lookup.extend(history)
         reused = self.reusable_prefix(prompt_ids) if reuse_cache else 0
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids[reused:], reused, cancelled)
         t_prefill = time.perf_counter()
         pos, generated, reason = len(prompt_ids), [], "length"
-        t_first, decode_calls, text, emitted = None, 0, "", 0
+        t_first, decoded, text, emitted, exclude = None, 0, "", 0, None
         if logits is None:  # cancelled before or during the prefill
             max_new_tokens, reason = 0, "cancelled"
-        while len(generated) < max_new_tokens:
-            if mask is not None:
-                logits = mask.apply(logits)
-            token = sampler(logits, history)
-            t_first = t_first or time.perf_counter()
+
+        def choose(logits):
+            return sampler(mask.apply(logits) if mask is not None else logits, history, exclude)
+
+        def take(token) -> str | None:
+            """Emit one token; the reason to stop after it, if any."""
+            nonlocal text, emitted
             if mask is not None:
                 mask.advance(token)
             if token in self.eos_ids:
-                reason = "eos"
-                break
+                return "eos"
             generated.append(token)
             history.append(token)
+            if lookup:
+                lookup.extend([token])
             text += stream.push(token)
             cut = min((text.index(s) for s in stop if s in text), default=None)
             if cut is not None:
-                text, reason = text[:cut], "stop"
+                text = text[:cut]
             if on_text:
                 emitted = self._emit(text, emitted, stop if cut is None else (), on_text)
-            if cut is not None or len(generated) >= max_new_tokens:
-                break
+            if cut is not None:
+                return "stop"
+            if len(generated) >= max_new_tokens:
+                return "length"
             if cancelled and cancelled():
-                reason = "cancelled"
-                break
+                return "cancelled"
             if pos >= self.engine.kv_cache_len:
-                reason = "kv_cache_full"
+                return "kv_cache_full"
+            return None
+
+        while len(generated) < max_new_tokens:
+            token = choose(logits)
+            t_first = t_first or time.perf_counter()
+            if (why := take(token)) is not None:
+                reason = why
                 break
-            logits = self._checked(self.engine.forward([token], pos), pos)
+            room = self.engine.kv_cache_len - pos - 1
+            draft = lookup.propose(min(room, max_new_tokens - len(generated))) if lookup else []
+            rows = self._checked(self.engine.forward([token] + draft, pos,
+                                                     all_logits=bool(draft)), pos)
+            rows = rows.reshape(len(draft) + 1, -1)
             self.cached_ids.append(token)
-            pos, decode_calls = pos + 1, decode_calls + 1
+            pos, decoded, stats.forwards, exclude = pos + 1, decoded + 1, stats.forwards + 1, None
+            accepted, why = 0, None
+            for i, d in enumerate(draft):
+                masked = mask.apply(rows[i]) if mask is not None else rows[i]
+                if not sampler.accepts(masked, history, d):
+                    exclude = d if sampling.temperature > 0 else None
+                    break
+                accepted += 1
+                self.cached_ids.append(d)
+                pos, decoded = pos + 1, decoded + 1
+                if (why := take(d)) is not None:
+                    break
+            if draft:
+                stats.proposed, stats.accepted = stats.proposed + len(draft), \
+                    stats.accepted + accepted
+                lookup.update(len(draft), accepted)
+            if why is not None:
+                reason = why
+                break
+            logits = rows[accepted]
         if on_text and emitted < len(text):
             on_text(text[emitted:])
         t_end = time.perf_counter()
@@ -214,7 +262,8 @@ class Generator:
             prompt_tokens=len(prompt_ids),
             ttft_ms=round((t_first - t0) * 1000, 2),
             prefill_tok_s=round(n_prefilled / max(t_prefill - t0, 1e-9), 2),
-            decode_tok_s=round(decode_calls / (t_end - t_first), 2) if decode_calls else 0.0,
+            decode_tok_s=round(decoded / (t_end - t_first), 2) if decoded else 0.0,
             stop_reason=reason,
             reused_tokens=reused,
+            speculation=stats if lookup else None,
         )

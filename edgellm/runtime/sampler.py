@@ -45,11 +45,12 @@ class Sampler:
                                   vals * c.repetition_penalty)
         return logits
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+    def distribution(self, logits: np.ndarray, history: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, their probabilities) that a draw samples from; greedy: the argmax alone."""
         c = self.config
         logits = self.penalize(np.asarray(logits, dtype=np.float64), history)
         if c.temperature == 0:
-            return int(np.argmax(logits))
+            return np.array([int(np.argmax(logits))]), np.ones(1)
         logits = logits / c.temperature
         order = np.argsort(-logits, kind="stable")
         if c.top_k:
@@ -61,4 +62,27 @@ class Sampler:
             cut = int(np.searchsorted(np.cumsum(probs), c.top_p) + 1)
             probs = probs[:cut] / probs[:cut].sum()
             order = order[:cut]
+        return order, probs
+
+    def __call__(self, logits: np.ndarray, history: list[int], exclude: int | None = None) -> int:
+        """A token drawn from the distribution (without `exclude`: after a drafted token was
+        rejected, the rest of the distribution, renormalised, as speculative sampling needs)."""
+        order, probs = self.distribution(logits, history)
+        if exclude is not None and len(order) > 1:
+            probs = np.where(order == exclude, 0.0, probs)
+            if probs.sum() > 0:
+                probs = probs / probs.sum()
+            else:
+                probs = np.ones(len(order)) / len(order)
+        if len(order) == 1:
+            return int(order[0])
         return int(order[self.rng.choice(len(order), p=probs)])
+
+    def accepts(self, logits: np.ndarray, history: list[int], token: int) -> bool:
+        """Keep a drafted token? Greedy: it is the argmax. Sampling: with the probability the
+        model gives it (the draft proposed it with certainty, so min(1, p/q) = p)."""
+        order, probs = self.distribution(logits, history)
+        if self.config.temperature == 0:
+            return int(order[0]) == token
+        hit = np.flatnonzero(order == token)
+        return bool(hit.size) and self.rng.random() < probs[hit[0]]

@@ -399,11 +399,12 @@ class BodyLimit:
 
 def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4,
-               upstream: Upstream | None = None, tool_grammar: bool = True) -> FastAPI:
+               upstream: Upstream | None = None, tool_grammar: bool = True,
+               speculate: str = "auto") -> FastAPI:
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`).
     `tool_grammar` False leaves `tool_choice` auto unconstrained (to measure what the lazy
     grammar is worth)."""
-    served = Scheduler(gen, max_queue, PrefixCache(gen, cache_slots))
+    served = Scheduler(gen, max_queue, PrefixCache(gen, cache_slots), speculate=speculate)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -28,10 +28,12 @@ class Scheduler:
     pending: int = 0  # admitted requests (running + waiting)
     grammar: ToolCallGrammar | None = None  # built by the first request that needs a mask
     closing: threading.Event = field(default_factory=threading.Event)  # the server stops
+    speculate: str = "auto"  # runtime.speculative mode for every request
     metrics: dict = field(default_factory=lambda: {
         "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
         "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
-        "prefix_cache_reused_tokens_total": 0, "last_decode_tok_s": 0.0, "last_ttft_ms": 0.0})
+        "prefix_cache_reused_tokens_total": 0, "draft_tokens_proposed_total": 0,
+        "draft_tokens_accepted_total": 0, "last_decode_tok_s": 0.0, "last_ttft_ms": 0.0})
 
     def admit(self):
         """Take a request in line, or refuse it (429) past the queue bound."""
@@ -81,7 +83,8 @@ class Scheduler:
                 return self.gen.generate(ids, sampling,
                                          min(max_tokens or limit, limit - len(ids)),
                                          on_text=on_text, reuse_cache=True, stop=stop,
-                                         cancelled=stopped, mask=mask)
+                                         cancelled=stopped, mask=mask,
+                                         speculate=self.speculate)
             finally:
                 self.lock.release()
 
@@ -110,6 +113,9 @@ class Scheduler:
         m["completion_tokens_total"] += len(r.token_ids)
         m["prefix_cache_hits_total"] += r.reused_tokens > 0
         m["prefix_cache_reused_tokens_total"] += r.reused_tokens
+        if r.speculation:
+            m["draft_tokens_proposed_total"] += r.speculation.proposed
+            m["draft_tokens_accepted_total"] += r.speculation.accepted
         m["last_decode_tok_s"], m["last_ttft_ms"] = r.decode_tok_s, r.ttft_ms
         note_tokens(r.prompt_tokens, len(r.token_ids))
 

@@ -56,13 +56,14 @@ def _url(host: str, sock: socket.socket) -> str:
 
 def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
           max_queue: int, upstream=None, quiet: bool = False, verify: bool = False,
-          tool_grammar: bool = True, **engine_opts) -> None:
+          tool_grammar: bool = True, speculate: str = "auto", **engine_opts) -> None:
     import uvicorn
 
     sock = bind(host, port)  # before the model loads: a busy port fails at once
     gen = Generator.load(artifact, verify=verify, **engine_opts)
     name = model_name or Path(artifact).name
-    app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar)
+    app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar,
+                     speculate=speculate)
     text = banner(_url(host, sock), name, gen, api_key)
 
     class Server(uvicorn.Server):
