@@ -199,3 +199,54 @@ def test_speculation_under_a_json_schema_mask_stays_valid(qwen_s8, seed):
         plain = gen.generate(ids, sampling, 80, mask=grammar.json_schema(SCHEMA))
         assert r.token_ids == plain.token_ids
         assert r.speculation.accepted > 0
+
+
+# -- where generation runs: run, bench, serve -------------------------------------------------
+
+def test_run_json_reports_drafts(tiny_artifact):
+    from helpers import edgellm
+
+    out = edgellm("run", str(tiny_artifact), "-p", "hello world hello world hello", "--json",
+                  "--engine", "numpy", "--speculate", "lookup", "--repetition-penalty", "1.5",
+                  "--penalty-window", "6", "--max-new-tokens", "40")
+    assert out.returncode == 0, out.stderr
+    spec = json.loads(out.stdout)["speculation"]
+    assert spec["draft_proposed"] >= spec["draft_accepted"] > 0 and spec["forwards"] > 0
+    plain = edgellm("run", str(tiny_artifact), "-p", "hello world hello world hello", "--json",
+                    "--engine", "numpy", "--speculate", "off", "--repetition-penalty", "1.5",
+                    "--penalty-window", "6", "--max-new-tokens", "40")
+    assert "speculation" not in json.loads(plain.stdout)
+    assert json.loads(plain.stdout)["token_ids"] == json.loads(out.stdout)["token_ids"]
+
+
+def test_bench_prompt_file_measures_plain_and_speculative(tiny_artifact, tmp_path):
+    from helpers import edgellm
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("world " * 6)
+    out = edgellm("bench", str(tiny_artifact), "--prompt-file", str(prompt), "--gen-tokens", "30",
+                  "--repeats", "1", "--speculate", "lookup", "--engine", "numpy", "--json")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["same_answer"] is True and r["draft_proposed"] > 0
+    assert r["tokens_per_forward"] > 1 and r["speedup"] > 0
+    missing = edgellm("bench", str(tiny_artifact), "--prompt-file", str(tmp_path / "none.txt"))
+    assert missing.returncode == 1 and missing.stderr.startswith("edgellm: error:")
+
+
+def test_metrics_count_drafts(tiny_artifact):
+    from starlette.testclient import TestClient
+
+    from edgellm.server.app import create_app
+
+    app = create_app(Generator.load(tiny_artifact, engine="numpy"), "tiny", speculate="lookup")
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={
+            "model": "tiny", "max_tokens": 40, "temperature": 0,
+            "messages": [{"role": "user", "content": "world " * 6}]})
+        assert r.status_code == 200, r.text
+        metrics = dict(line.split() for line in client.get("/metrics").text.splitlines()
+                       if line.startswith("edgellm_"))
+    assert int(metrics["edgellm_draft_tokens_proposed_total"]) > 0
+    assert 0 < int(metrics["edgellm_draft_tokens_accepted_total"]) \
+        <= int(metrics["edgellm_draft_tokens_proposed_total"])
