@@ -3,8 +3,10 @@
 ONNX Runtime's MatMulNBits (what every s8/s4 graph runs on), from its sources and wheels and
 checked here where this machine can show it (tests/test_cpu.py):
 - 4-bit: kernels at every accuracy level, x86-64 (AVX2, AVX-512) and aarch64 (NEON; the
-  int8-activation path, accuracy level 4, uses dotprod where the CPU has it, a slower NEON path
-  where it does not).
+  int8-activation path of accuracy level 4 needs dotprod: without it ONNX Runtime runs its fp32
+  NEON kernel, which unpacks the 4-bit blocks as it goes -- no per-call dequantization, but under
+  emulation a Cortex-A53 took the same instructions per token at levels 1 and 4, 15 times an
+  A55's s8; benchmarks/arm/check.sh).
 - 8-bit: kernels only with accuracy level 4 (on x86-64 too: ORT 1.32 falls back at levels
   0-3); on aarch64 only from 1.23 on and only on CPUs with dotprod (`asimddp`: Cortex-A55, A76
   and later; not A53, A72). Otherwise the op dequantizes the whole weight on every call
@@ -78,8 +80,8 @@ def matmul_path(cpu: Cpu, bits: int, accuracy_level: int, ort_version: str) -> t
     """("kernel" | "dequantize" | "unsupported", why) for MatMulNBits of `bits` on `cpu`."""
     arm = cpu.arch == "aarch64"
     if bits == 4:
-        slower = arm and accuracy_level == 4 and not cpu.dotprod
-        return "kernel", "4-bit kernels" + (" (no dotprod: the slower int8 path)" if slower
+        fp32 = arm and not cpu.dotprod
+        return "kernel", "4-bit kernels" + (" (no dotprod: the fp32 NEON kernel)" if fp32
                                             else "")
     if arm and _version(ort_version) < (1, 23):
         return "unsupported", f"onnxruntime {ort_version} has no 8-bit kernels for aarch64"
