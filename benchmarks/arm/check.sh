@@ -65,7 +65,7 @@ host_packages() {
 build_qemu() {
     local q=$ARM_WORK/qemu
     [[ -x $q/qemu-aarch64 && $q/libinsn_marks.so -nt $REPO/benchmarks/arm/insn_marks.c ]] && return
-    log "QEMU 10 with plugins (Debian trixie's source; about 15 minutes on 2 cores)"
+    log "QEMU 10 with plugins (Debian trixie's source; 5-15 minutes on 2 cores)"
     mkdir -p "$q/apt/lists/partial" "$q/apt/cache/archives/partial" "$q/src"
     echo "deb-src $MIRROR trixie main" > "$q/apt/sources.list"
     local apt=(-o Dir::Etc::sourcelist="$q/apt/sources.list" -o Dir::Etc::sourceparts=-
