@@ -47,7 +47,9 @@ def _answers(gen, prompt: str, gen_tokens: int, repeats: int, speculate: str) ->
     from edgellm.runtime.sampler import SamplingConfig
 
     ids = gen.encode_chat([{"role": "user", "content": prompt}])
-    gen._check_fits(len(ids) + gen_tokens - 1)
+    if len(ids) + gen_tokens > gen.engine.kv_cache_len:
+        raise EdgeLLMError(f"the prompt file's {len(ids)} tokens + --gen-tokens {gen_tokens} "
+                           f"exceed the artifact's KV cache of {gen.engine.kv_cache_len}")
     modes = ["off"] + ([speculate] if speculate != "off" else [])
     gen.generate(ids[:8], SamplingConfig(), 4)  # warm-up
     runs: dict[str, list] = {m: [] for m in modes}
