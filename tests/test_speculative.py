@@ -254,3 +254,15 @@ def test_metrics_count_drafts(tiny_artifact):
     assert int(metrics["edgellm_draft_tokens_proposed_total"]) > 0
     assert 0 < int(metrics["edgellm_draft_tokens_accepted_total"]) \
         <= int(metrics["edgellm_draft_tokens_proposed_total"])
+
+
+def test_lookup_never_pauses_and_auto_does():
+    from edgellm.runtime.speculative import drafter
+
+    assert drafter("off") is None
+    for mode, pauses in (("auto", True), ("lookup", False)):
+        lookup = drafter(mode)
+        lookup.extend([1, 2, 3, 1, 2])
+        for _ in range(6):
+            lookup.update(1, 0)
+        assert (lookup.propose(room=10) == []) is pauses, mode

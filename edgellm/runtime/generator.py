@@ -14,7 +14,7 @@ from edgellm.artifact.reader import Artifact, load_artifact
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.engine import NumpyEngine
 from edgellm.runtime.sampler import Sampler, SamplingConfig
-from edgellm.runtime.speculative import MODES, PromptLookup, SpeculationStats
+from edgellm.runtime.speculative import SpeculationStats, drafter
 from edgellm.text import ModelText, TextStream
 
 
@@ -172,10 +172,8 @@ class Generator:
         verifies them in one forward: the same tokens as plain decoding (greedy), or the same
         distribution (sampling)."""
         self._check_fits(len(prompt_ids))
-        if speculate not in MODES:
-            raise EdgeLLMError(f"speculate must be one of {', '.join(MODES)}, not {speculate!r}")
+        lookup = drafter(speculate)
         sampler, stream = Sampler(sampling), TextStream(self.tokenizer)
-        lookup = PromptLookup() if speculate != "off" else None
         stats = SpeculationStats()
         history = list(prompt_ids)
         if lookup:
@@ -236,7 +234,7 @@ class Generator:
             for i, d in enumerate(draft):
                 masked = mask.apply(rows[i]) if mask is not None else rows[i]
                 if not sampler.accepts(masked, history, d):
-                    exclude = d if sampling.temperature > 0 else None
+                    exclude = d  # sampling draws the next token without it
                     break
                 accepted += 1
                 self.cached_ids.append(d)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgellm.errors import EdgeLLMError
+
 MODES = ("auto", "lookup", "off")
 
 
@@ -26,6 +28,14 @@ class SpeculationStats:
                 "draft_accepted": self.accepted}
 
 
+def drafter(mode: str) -> "PromptLookup | None":
+    """The drafter of a --speculate mode: `auto` pauses where drafts keep failing, `lookup`
+    drafts wherever a match is, `off` none."""
+    if mode not in MODES:
+        raise EdgeLLMError(f"speculate must be one of {', '.join(MODES)}, not {mode!r}")
+    return None if mode == "off" else PromptLookup(patience=4 if mode == "auto" else None)
+
+
 @dataclass
 class PromptLookup:
     """N-gram drafting over the token history (grows by `extend`; `propose` reads its tail)."""
@@ -35,7 +45,7 @@ class PromptLookup:
     k_min: int = 1
     k_max: int = 10
     k: int = 4
-    patience: int = 4  # drafts in a row with nothing accepted before a pause
+    patience: int | None = 4  # drafts in a row with nothing accepted before a pause (None: never)
     pause: int = 16  # decode steps without drafting after that
     history: list[int] = field(default_factory=list)
     _index: dict = field(default_factory=dict)  # n-gram -> position right after its latest end
@@ -77,5 +87,5 @@ class PromptLookup:
         else:
             self.k = max(min(self.k, accepted + 1), self.k_min)
         self._misses = 0 if accepted else self._misses + 1
-        if self._misses >= self.patience:
+        if self.patience is not None and self._misses >= self.patience:
             self._paused, self._misses = self.pause, 0
