@@ -43,23 +43,23 @@ def top1(gen) -> list[int]:
 
 
 def answer(gen, marks: bool) -> str:
+    """The greedy answer (ANSWER_TOKENS at most); decode steps 2 .. 2 + DECODE_TOKENS - 1 are
+    marked, and an answer that ends sooner is decoded on (its last token again) to fill them."""
     ids = gen.encode_chat([{"role": "user", "content": QUESTION}])
     logits = gen.prefill(ids)
-    pos, out = len(ids), []
-    for step in range(ANSWER_TOKENS):
+    pos, out, ended = len(ids), [], False
+    for step in range(max(ANSWER_TOKENS, 2 + DECODE_TOKENS)):
         token = int(logits.reshape(-1)[-logits.shape[-1]:].argmax())
-        if token in gen.eos_ids:
-            break
-        out.append(token)
+        ended = ended or token in gen.eos_ids or step >= ANSWER_TOKENS
+        if ended:
+            if step >= 2 + DECODE_TOKENS:
+                break
+            token = out[-1] if out else token
+        else:
+            out.append(token)
         if step == 2:
             mark(1, marks)
         logits = gen.engine.forward([token], pos)
-        pos += 1
-        if step == 2 + DECODE_TOKENS - 1:
-            mark(2, marks)
-    while step < 2 + DECODE_TOKENS - 1:  # an early end of turn: keep decoding for the count
-        step += 1
-        logits = gen.engine.forward([out[-1]], pos)
         pos += 1
         if step == 2 + DECODE_TOKENS - 1:
             mark(2, marks)
