@@ -190,8 +190,9 @@ def _post(client, body: dict) -> dict:
     return r.json()["choices"][0]
 
 
-def run_case(client, model: str, case: dict, choice: str) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": case["q"]}],
+def run_case(client, model: str, case: dict, choice: str, system: str | None = None) -> dict:
+    first = [{"role": "system", "content": system}] if system else []
+    body = {"model": model, "messages": first + [{"role": "user", "content": case["q"]}],
             "tools": TOOLS, "tool_choice": choice, "temperature": 0, "max_tokens": 160}
     answer = _post(client, body)
     message = answer["message"]
@@ -215,7 +216,7 @@ def run_case(client, model: str, case: dict, choice: str) -> dict:
     return row
 
 
-def evaluate(model: str, cases=CASES) -> dict:
+def evaluate(model: str, cases=CASES, configs=CONFIGS, system: str | None = None) -> dict:
     from starlette.testclient import TestClient
 
     from edgellm.demo import cached_artifact
@@ -224,10 +225,10 @@ def evaluate(model: str, cases=CASES) -> dict:
 
     gen = Generator.load(cached_artifact(model), threads=2)
     results = {}
-    for choice, grammar in CONFIGS:
+    for choice, grammar in configs:
         with TestClient(create_app(gen, model, tool_grammar=grammar)) as client:
             start = time.monotonic()
-            rows = [(case, run_case(client, model, case, choice)) for case in cases
+            rows = [(case, run_case(client, model, case, choice, system)) for case in cases
                     if not (choice == "required" and case["kind"] == "none")]
             results[(choice, grammar)] = summarize(rows, time.monotonic() - start)
             results[(choice, grammar)]["rows"] = rows
@@ -269,12 +270,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--details", action="store_true", help="print every case's answer")
+    p.add_argument("--configs", default="auto-on,auto-off,required",
+                   help="which of auto-on, auto-off, required to run")
+    p.add_argument("--system", help="a system message sent before every request")
     a = p.parse_args()
     kinds = {k: sum(1 for c in CASES if c["kind"] == k) for k in ("one", "two", "none", "trip")}
     print(f"{len(CASES)} cases: {kinds}; {len(TOOLS)} tools", file=sys.stderr)
     all_results = {}
     for model in a.models.split(","):
-        all_results[model] = evaluate(model)
+        configs = [c for c, name in zip(CONFIGS, ("auto-on", "auto-off", "required"))
+                   if name in a.configs.split(",")]
+        all_results[model] = evaluate(model, configs=configs, system=a.system)
         if a.details:
             for config, r in all_results[model].items():
                 for case, row in r["rows"]:
