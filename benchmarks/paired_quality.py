@@ -2,6 +2,9 @@
 
     python benchmarks/paired_quality.py ART_A ART_B [ART_C ...] [--text FILE] [--context 512]
 
+(ART@qgemm: that artifact with its 8-bit weights re-laid for ONNX Runtime's integer GEMM, as
+the engine does on Arm cores without dotprod; edgellm.onnx.qgemm.)
+
 For each artifact: perplexity vs the unquantized source (and the excess in mean negative
 log-likelihood, with its standard error) and mean KL divergence, as `edgellm eval --reference`
 prints them; then, against the first artifact, the mean per-token difference in
@@ -56,7 +59,8 @@ def main():
     ap.add_argument("--reference", default=MODEL)
     ap.add_argument("--context", type=int, default=512)
     args = ap.parse_args()
-    gens = [Generator.load(a) for a in args.artifacts]
+    gens = [Generator.load(a.removesuffix("@qgemm"), qgemm=True) if a.endswith("@qgemm")
+            else Generator.load(a) for a in args.artifacts]
     ids = gens[0].tokenizer.encode(Path(args.text).read_text("utf-8"),
                                    add_special_tokens=False).ids
     with ReferenceModel(args.reference, args.context) as ref:

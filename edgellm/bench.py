@@ -94,7 +94,9 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
         "source": m.source.get("path", "").rsplit("/", 1)[-1],
         "params": parameter_count(gen.artifact.config),
         "weight_type": layout_label(m.weight_scheme, m.post_scheme, bool(m.layer_schemes)),
-        "engine": type(gen.engine).__name__,
+        # the 8-bit graphs re-laid for ORT's integer GEMM (Arm without dotprod), noted once
+        "engine": type(gen.engine).__name__ + (" + QGEMM" if getattr(gen.engine, "relaid", None)
+                                               else ""),
         "threads": gen.engine.threads,  # as used: ORT's pool size; numpy: None (BLAS default)
     }
     if prompt is not None:

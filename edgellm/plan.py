@@ -59,12 +59,17 @@ def _row(label: str, per_token: int, need, ram: float, bandwidth: float, own: bo
 
 def _kernel(cpu, schemes: list[dict], ort_version: str) -> str:
     """'yes', or why ONNX Runtime would dequantize per token on `cpu` (runtime.cpu)."""
-    from edgellm.runtime.cpu import without_kernel
+    from edgellm.runtime.cpu import matmul_path, without_kernel
 
     if not all(s.get("kind") == "int" for s in schemes):
         return "numpy engine"
-    slow = without_kernel(cpu, schemes, 4, ort_version) if cpu else []
-    return f"no ({slow[0]})" if slow else "yes"
+    if not cpu:
+        return "yes"
+    slow = without_kernel(cpu, schemes, 4, ort_version)
+    if slow:
+        return f"no ({slow[0]})"
+    relaid = any(matmul_path(cpu, s["bits"], 4, ort_version)[0] == "qgemm" for s in schemes)
+    return "yes (8-bit on QGEMM, re-laid at load)" if relaid else "yes"
 
 
 def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cpu=None,
@@ -76,17 +81,21 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
         m = artifact.manifest
         own = (layout_label(m.weight_scheme, m.post_scheme, bool(m.layer_schemes)),
                sum(m.files[f]["size"] for f in [*m.layers, m.post]))
+    from edgellm.runtime.cpu import relays_8bit
+
+    qgemm = relays_8bit(cpu, ort_version)
     rows = []
     for weights, post, group, symmetric in VARIANTS:
         scheme, post_scheme = get_scheme(weights, group, symmetric), get_scheme(post, group,
                                                                                  symmetric)
-        need = footprint(cfg, scheme, post_scheme, kv_cache_len)
+        need = footprint(cfg, scheme, post_scheme, kv_cache_len, qgemm=qgemm)
         label = layout_label(scheme.to_dict(), post_scheme.to_dict())
         kernel = _kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()], ort_version)
         rows.append(_row(label, need.layer_weights + need.post_weights, need, ram, bandwidth,
                          own is not None and own[0] == label, kernel))
     if own and not any(r["this_artifact"] for r in rows):
-        need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len)
+        need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len,
+                         qgemm=qgemm)
         need = replace(need, layer_weights=own[1], post_weights=0)
         m = artifact.manifest
         kernel = _kernel(cpu, [m.weight_scheme, m.post_scheme, *m.layer_schemes.values()],

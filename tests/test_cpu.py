@@ -32,9 +32,11 @@ def test_arm_cores_and_their_dotprod_are_read(part, dp, name):
     cpu = read_cpu(ARM.format(part=part, dp=dp), machine="aarch64")
     assert cpu.name == name and cpu.dotprod == bool(dp)
     path, why = matmul_path(cpu, 8, 4, "1.32.0")
-    assert path == ("kernel" if dp else "dequantize"), why
+    assert path == ("kernel" if dp else "qgemm"), why
     assert matmul_path(cpu, 4, 4, "1.32.0")[0] == "kernel"
-    assert matmul_path(cpu, 8, 4, "1.22.0")[0] == "unsupported"
+    # no 8-bit MatMulNBits on aarch64 before 1.23: re-laid for QGEMM, whatever the core
+    assert matmul_path(cpu, 8, 4, "1.22.0")[0] == "qgemm"
+    assert matmul_path(cpu, 8, 0, "1.32.0")[0] == ("dequantize" if dp else "qgemm")
 
 
 def test_x86_is_read_and_8_bit_needs_accuracy_level_4():
@@ -94,17 +96,26 @@ def test_loading_where_ort_would_dequantize_is_refused_with_the_fix(builds, monk
     assert done.returncode == 0 and "edgellm: warning: onnxruntime" in done.stderr
 
 
-def test_a53_refuses_s8_and_runs_s4(builds, monkeypatch):
-    from edgellm.errors import EdgeLLMError
+def test_a53_runs_s8_on_qgemm_and_it_agrees_with_the_reference(builds, monkeypatch):
+    """No dotprod: every 8-bit graph is re-laid for ORT's integer GEMM at load, at either
+    accuracy level, and computes what the numpy reference computes (within the int8
+    activation rounding MatMulNBits' level 4 has too)."""
+    import numpy as np
+
     from edgellm.runtime import cpu as cpu_module
     from edgellm.runtime.generator import Generator
 
-    a53 = Cpu.core("cortex-a53")
-    monkeypatch.setattr(cpu_module, "read_cpu", lambda: a53)
-    with pytest.raises(EdgeLLMError, match="dotprod, which the cortex-a53 lacks") as e:
-        Generator.load(builds["s8", 4], threads=1)
-    assert "--weight-type s4 --post-weight-type s4" in str(e.value)
-    Generator.load(builds["s4", 4], threads=1)  # 4-bit: kernels on every core
+    monkeypatch.setattr(cpu_module, "read_cpu", lambda: Cpu.core("cortex-a53"))
+    ref = Generator.load(builds["s8", 4], engine="numpy").engine.forward(
+        list(range(3, 19)), 0, all_logits=True)
+    for key in (("s8", 4), ("s8", 0)):
+        engine = Generator.load(builds[key], threads=1).engine
+        assert len(engine.relaid) == len(engine.layers) + 1
+        got = engine.forward(list(range(3, 19)), 0, all_logits=True)
+        assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max(), key
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9, key
+    s4 = Generator.load(builds["s4", 4], threads=1).engine  # 4-bit: kernels on every core
+    assert s4.relaid == set()
 
 
 def test_plan_says_which_weight_types_have_a_kernel_on_the_board(builds):
@@ -113,14 +124,16 @@ def test_plan_says_which_weight_types_have_a_kernel_on_the_board(builds):
         out = json.loads(edgellm("plan", builds["s8", 4], "--board", board, "--json").stdout)
         rows[board] = {r["weights"]: r["kernel"] for r in out["rows"]}
     for board in ("rpi3", "rpi4"):  # Cortex-A53, A72: no dotprod
-        assert rows[board]["s8"].startswith("no (8-bit") and rows[board]["s4 g32 asym"] == "yes"
-        assert rows[board]["s4 g32 asym, s8 lm_head"].startswith("no")
+        assert rows[board]["s8"] == "yes (8-bit on QGEMM, re-laid at load)"
+        assert rows[board]["s4 g32 asym, s8 lm_head"] == "yes (8-bit on QGEMM, re-laid at load)"
+        assert rows[board]["s4 g32 asym"] == "yes"
     assert rows["rpi5"]["s8"] == "yes" and rows["rpi5"]["bf16"] == "numpy engine"
 
 
 def test_build_target_picks_a_layout_with_kernels_and_checks_a_given_one(builds, tmp_path):
     source = builds["s8", 4].parent / "hf"
-    for board, layout in (("rpi4", ("s4", "s4", 32, False)), ("rpi5", ("s8", "s8", 128, True))):
+    # every board takes s8 when it fits: the A72 without dotprod on QGEMM (edgellm.onnx.qgemm)
+    for board, layout in (("rpi4", ("s8", "s8", 128, True)), ("rpi5", ("s8", "s8", 128, True))):
         done = edgellm("build", source, "-o", tmp_path / board, "--target", board,
                        "--kv-cache-len", "32")
         assert done.returncode == 0, done.stderr
@@ -128,7 +141,29 @@ def test_build_target_picks_a_layout_with_kernels_and_checks_a_given_one(builds,
         w = m["weight_scheme"]
         assert (w["name"], m["post_scheme"]["name"], w["group_size"], w["symmetric"]) == layout
         assert m["target"] == {"board": board}
-    done = edgellm("build", source, "-o", tmp_path / "bad", "--target", "rpi4",
-                   "--weight-type", "s8", "--kv-cache-len", "32")
-    assert done.returncode == 1 and "dotprod, which the cortex-a72 lacks" in done.stderr
+    done = edgellm("build", source, "-o", tmp_path / "bad", "--target", "rpi5",
+                   "--weight-type", "s8", "--accuracy-level", "0", "--kv-cache-len", "32")
+    assert done.returncode == 1 and "8-bit kernels need accuracy level 4" in done.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_qgemm_relayout_keeps_each_weight_within_half_a_channel_step(symmetric):
+    """edgellm.onnx.qgemm: the groups' 8-bit weights (zero point 128, or one per group),
+    quantized again per output column into int8 [K, N], stand for the same weights to within
+    half the column's step; K not a multiple of the group (a padded last group) included."""
+    import numpy as np
+
+    from edgellm.onnx.qgemm import per_channel_int8
+    from edgellm.quant.schemes import GroupwiseIntScheme
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(48, 200)).astype(np.float32) * rng.uniform(0.1, 3, size=(48, 1))
+    scheme = GroupwiseIntScheme("s8", bits=8, group_size=64, symmetric=symmetric)
+    parts = scheme.quantize(w)
+    grouped = scheme.dequantize(parts, 200)
+    q, col = per_channel_int8(parts["qweight"], parts["scales"].ravel(), 200,
+                              parts.get("zero_points"))
+    assert q.shape == (200, 48) and q.dtype == np.int8 and col.shape == (48,)
+    assert np.all(np.abs(q.T * col[:, None] - grouped) <= col[:, None] / 2 + 1e-6)
+    assert np.abs(q).max() == 127

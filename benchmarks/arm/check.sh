@@ -206,6 +206,8 @@ for cpu in ["host"] + cpus:
         same = sum(a == b for a, b in zip(r["top1"], ref["top1"]))
         insns = f"{r['insns_per_token'] / 1e6:,.0f}" if "insns_per_token" in r else "(host)"
         pred = "; ".join(r["predicted_slow"]) or "kernel"
+        if r.get("qgemm_graphs"):
+            pred += f" ({r['qgemm_graphs']} graphs on QGEMM)"
         print(f"| {cpu} | {name} | yes | {same}/{len(ref['top1'])} | {r['answer']!r} | {insns} "
               f"| {'yes' if r['ort_fell_back'] else 'no'} | {pred} |")
 EOF

@@ -88,6 +88,7 @@ def main():
                          allow_slow_kernels=True)
     if args.engine == "ort":
         result["predicted_slow"] = slow_parts(gen.artifact.manifest, cpu, ort.__version__)
+        result["qgemm_graphs"] = len(gen.engine.relaid)  # 8-bit graphs re-laid at load
     result["top1"] = top1(gen)
     result["answer"] = answer(gen, args.mark)
     sys.stderr.flush()

@@ -328,7 +328,7 @@ def for_target(opts: BuildOptions, cfg) -> BuildOptions:
 
     from edgellm.compiler.memory import footprint
     from edgellm.boards import BOARDS
-    from edgellm.runtime.cpu import Cpu, without_kernel
+    from edgellm.runtime.cpu import Cpu, relays_8bit, without_kernel
 
     board, cpu = BOARDS[opts.target], Cpu.core(BOARDS[opts.target].cpu)
     given = opts.weight_type is not None
@@ -340,7 +340,8 @@ def for_target(opts: BuildOptions, cfg) -> BuildOptions:
                                                                                  symmetric)
         slow = without_kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()],
                               opts.accuracy_level, onnxruntime.__version__)
-        need = footprint(cfg, scheme, post_scheme, opts.kv_cache_len).runtime
+        need = footprint(cfg, scheme, post_scheme, opts.kv_cache_len,
+                         qgemm=relays_8bit(cpu, onnxruntime.__version__)).runtime
         if not slow and need <= board.ram:
             log(f"target {opts.target} ({cpu.name}, {board.ram / 1e9:g} GB): weights {weights}, "
                 f"lm_head {post}, group {group}, {'symmetric' if symmetric else 'asymmetric'}")

@@ -12,7 +12,9 @@ checked here where this machine can show it (tests/test_cpu.py):
   and later; not A53, A72). Otherwise the op dequantizes the whole weight on every call
   ("Falling back to using unpacked compute mode", an INFO log line): under emulation an s8
   Cortex-A53 decode took 60 times the instructions of an A55's. Before 1.23 it refuses 8-bit on
-  aarch64.
+  aarch64. So on aarch64 without dotprod (or before 1.23) the engine re-lays 8-bit weights at
+  load for ORT's integer GEMM, which has plain NEON kernels (edgellm.onnx.qgemm): 61 M
+  instructions per token on the emulated A53 instead of 1,776 M.
 """
 
 from __future__ import annotations
@@ -77,22 +79,30 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def matmul_path(cpu: Cpu, bits: int, accuracy_level: int, ort_version: str) -> tuple[str, str]:
-    """("kernel" | "dequantize" | "unsupported", why) for MatMulNBits of `bits` on `cpu`."""
+    """("kernel" | "qgemm" | "dequantize", why) for MatMulNBits of `bits` on `cpu`; "qgemm":
+    the engine re-lays the weights at load for ORT's integer GEMM (edgellm.onnx.qgemm)."""
     arm = cpu.arch == "aarch64"
     if bits == 4:
         fp32 = arm and not cpu.dotprod
         return "kernel", "4-bit kernels" + (" (no dotprod: the fp32 NEON kernel)" if fp32
                                             else "")
-    if arm and _version(ort_version) < (1, 23):
-        return "unsupported", f"onnxruntime {ort_version} has no 8-bit kernels for aarch64"
+    if arm and (not cpu.dotprod or _version(ort_version) < (1, 23)):
+        lacks = (f"the {cpu.name} has no dotprod" if not cpu.dotprod else
+                 f"onnxruntime {ort_version} has no 8-bit MatMulNBits for aarch64")
+        return "qgemm", f"8-bit on ONNX Runtime's integer GEMM, re-laid at load ({lacks})"
     if accuracy_level != 4:
         return "dequantize", f"8-bit kernels need accuracy level 4 (the graphs have " \
                              f"{accuracy_level})"
-    if not arm:
-        return "kernel", "8-bit kernels"
-    if not cpu.dotprod:
-        return "dequantize", f"8-bit aarch64 kernels need dotprod, which the {cpu.name} lacks"
-    return "kernel", "8-bit aarch64 kernels (dotprod)"
+    return "kernel", "8-bit kernels" + (" (dotprod)" if arm else "")
+
+
+RUNS_WELL = ("kernel", "qgemm")
+
+
+def relays_8bit(cpu: Cpu | None, ort_version: str) -> bool:
+    """Whether the engine re-lays 8-bit weights for QGEMM on `cpu` (which then holds them
+    twice: compiler.memory counts it)."""
+    return cpu is not None and matmul_path(cpu, 8, 4, ort_version)[0] == "qgemm"
 
 
 def without_kernel(cpu: Cpu, schemes: list[dict], accuracy_level: int,
@@ -101,7 +111,7 @@ def without_kernel(cpu: Cpu, schemes: list[dict], accuracy_level: int,
     (empty: it would)."""
     return [why for s in schemes if s.get("kind") == "int"
             for path, why in [matmul_path(cpu, s["bits"], accuracy_level, ort_version)]
-            if path != "kernel"]
+            if path not in RUNS_WELL]
 
 
 def slow_parts(manifest, cpu: Cpu, ort_version: str) -> list[str]:
@@ -115,9 +125,21 @@ def slow_parts(manifest, cpu: Cpu, ort_version: str) -> list[str]:
     slow = {}
     for part, scheme in schemes:
         path, why = matmul_path(cpu, scheme.get("bits", 16), level, ort_version)
-        if path != "kernel":
+        if path not in RUNS_WELL:
             slow.setdefault(why, []).append(part)
     return [f"{_parts(parts)}: {why}" for why, parts in slow.items()]
+
+
+def qgemm_graphs(manifest, cpu: Cpu, ort_version: str) -> set[str]:
+    """The artifact's graph files whose 8-bit weights the engine re-lays for QGEMM on `cpu`."""
+    if not manifest.graphs:
+        return set()
+    level = manifest.graphs.get("accuracy_level", 4)
+    schemes = [(graph, manifest.layer_schemes.get(layer) or manifest.weight_scheme)
+               for graph, layer in zip(manifest.graphs["layers"], manifest.layers)]
+    schemes.append((manifest.graphs["post"], manifest.post_scheme))
+    return {graph for graph, scheme in schemes
+            if matmul_path(cpu, scheme.get("bits", 16), level, ort_version)[0] == "qgemm"}
 
 
 def _parts(parts: list[str]) -> str:

@@ -47,7 +47,8 @@ ENGINES = ("auto", "ort", "numpy")
 
 
 def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = None,
-                providers: list[str] | None = None, allow_slow_kernels: bool = False):
+                providers: list[str] | None = None, allow_slow_kernels: bool = False,
+                qgemm: bool | None = None):
     """`ort` (ONNX Runtime graphs), `numpy` (the reference), or `auto`: ort when the artifact
     has graphs."""
     if engine not in ENGINES:
@@ -61,7 +62,7 @@ def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = 
     from edgellm.runtime.ort_engine import OrtEngine
 
     return OrtEngine(artifact, threads=threads or physical_cores(), providers=providers,
-                     allow_slow_kernels=allow_slow_kernels)
+                     allow_slow_kernels=allow_slow_kernels, qgemm=qgemm)
 
 
 def physical_cores() -> int:
@@ -93,12 +94,13 @@ class Generator:
     model's text interface (edgellm.text: tokenizer, chat template, end-of-turn ids) beside."""
 
     def __init__(self, artifact: Artifact, engine: str = "auto", threads: int | None = None,
-                 providers: list[str] | None = None, allow_slow_kernels: bool = False):
+                 providers: list[str] | None = None, allow_slow_kernels: bool = False,
+                 qgemm: bool | None = None):
         self.artifact = artifact
         self.text = ModelText.from_artifact(artifact)
         self.tokenizer, self.template = self.text.tokenizer, self.text.template
         self.eos_ids = self.text.eos_ids
-        self.engine = make_engine(artifact, engine, threads, providers, allow_slow_kernels)
+        self.engine = make_engine(artifact, engine, threads, providers, allow_slow_kernels, qgemm)
         self.cached_ids: list[int] = []  # tokens whose K/V sit at positions 0.. of the cache
 
     @classmethod

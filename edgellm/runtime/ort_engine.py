@@ -41,31 +41,36 @@ def _session_options(ort, threads: int | None):
     return so
 
 
-def _check_kernels(artifact: Artifact, ort_version: str, allow: bool):
-    """Never the per-call dequantizing path without saying so (runtime.cpu)."""
+def _check_kernels(artifact: Artifact, ort_version: str, allow: bool) -> set[str]:
+    """Never the per-call dequantizing path without saying so (runtime.cpu); the graphs to
+    re-lay for QGEMM on this CPU."""
     import sys
 
-    from edgellm.runtime.cpu import read_cpu, slow_parts
+    from edgellm.runtime.cpu import qgemm_graphs, read_cpu, slow_parts
 
     cpu = read_cpu()
     slow = slow_parts(artifact.manifest, cpu, ort_version)
+    relaid = qgemm_graphs(artifact.manifest, cpu, ort_version)
     if not slow:
-        return
+        return relaid
     what = (f"onnxruntime {ort_version} on this CPU ({cpu.name}) has no kernel for "
             f"{'; '.join(slow)}, so it would dequantize those weights on every token (tens of "
             f"times slower)")
     if allow:
         print(f"edgellm: warning: {what}", file=sys.stderr)
-        return
-    fix = ("rebuild with --accuracy-level 4" if any("accuracy level" in s for s in slow) else
-           "build for this CPU: edgellm build SOURCE -o NAME --weight-type s4 "
-           "--post-weight-type s4 (4-bit has kernels on every ARM core)")
-    raise EdgeLLMError(f"{what}. To fix it, {fix}; or run anyway with --allow-slow-kernels")
+        return relaid
+    # (8-bit weights are re-laid for QGEMM where the CPU lacks the kernel; what is left is
+    # 8-bit graphs built at an accuracy level other than 4)
+    raise EdgeLLMError(f"{what}. To fix it, rebuild with --accuracy-level 4; or run anyway "
+                       f"with --allow-slow-kernels")
 
 
-def _session(ort, path, so, providers):
+def _session(ort, path, so, providers, relaid: bool = False):
+    from edgellm.onnx.qgemm import relayout
+
     try:
-        return ort.InferenceSession(str(path), so, providers=providers)
+        model = relayout(path) if relaid else None  # bytes, or None: nothing 8-bit in it
+        return ort.InferenceSession(model or str(path), so, providers=providers)
     except Exception as e:  # onnxruntime's own types: InvalidProtobuf, Fail, InvalidGraph, ...
         raise EdgeLLMError(f"the ONNX graph {path} does not load ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); if the artifact is "
@@ -77,14 +82,20 @@ class OrtEngine:
     """forward(tokens, pos) -> logits, like NumpyEngine, on ONNX Runtime."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None,
-                 providers: list[str] | None = None, allow_slow_kernels: bool = False):
+                 providers: list[str] | None = None, allow_slow_kernels: bool = False,
+                 qgemm: bool | None = None):
+        """qgemm: re-lay 8-bit weights for ORT's integer GEMM (edgellm.onnx.qgemm); None: where
+        this CPU needs it (aarch64 without dotprod)."""
         import onnxruntime as ort
 
         m = artifact.manifest
         if not m.graphs:
             raise EdgeLLMError(f"{artifact.path} has no ONNX graphs (weight type "
                                f"{m.weight_scheme['name']}); use --engine numpy")
-        _check_kernels(artifact, ort.__version__, allow_slow_kernels)
+        relaid = _check_kernels(artifact, ort.__version__, allow_slow_kernels)
+        if qgemm is not None:
+            relaid = set(m.graphs["layers"]) | {m.graphs["post"]} if qgemm else set()
+        self.relaid = relaid
         self.ort = ort
         self.config = cfg = artifact.config
         self.kv_cache_len, self.prefill_len = m.kv_cache_len, m.prefill_len
@@ -93,7 +104,8 @@ class OrtEngine:
         providers = providers or ["CPUExecutionProvider"]
         so = _session_options(ort, threads)
         self.threads = _GLOBAL_POOL[0]  # the process-wide pool's, made by the first engine
-        load = lambda name: _session(ort, artifact.path / name, so, providers)  # noqa: E731
+        load = lambda name: _session(ort, artifact.path / name, so, providers,  # noqa: E731
+                                     name in relaid)
         # the post session first: ORT prepacks the lm_head (136 MB for Qwen2-0.5B) through a
         # transient buffer, which then peaks before the layers are resident, not on top of them
         self.post = load(m.graphs["post"])
