@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Board:
-    ram: float  # bytes, the common variant
-    bandwidth: float  # bytes/s: peak = bus width x transfer rate of the published memory spec
+    ram: float | None  # bytes, the common variant (None: no published figure found)
+    bandwidth: float | None  # bytes/s: bus width x transfer rate of the published memory spec
     note: str
     cpu: str  # the cores the runtime runs on (runtime.cpu.CORE_FEATURES)
 
@@ -26,4 +26,14 @@ BOARDS = {
                                  "bus (4-32 GB), 4x Cortex-A76 + 4x A55", "cortex-a76"),
     "orin-nano": Board(8e9, 68e9, "Jetson Orin Nano 8GB: LPDDR5, 128-bit, 68 GB/s published, "
                                   "6x Cortex-A78AE", "cortex-a78ae"),
+    # the seed's own boards: their cores are known, their memory specs were not to be found
+    # from here, so `plan` asks for --ram and --bandwidth rather than guess them
+    "ax650n": Board(None, None, "AXERA AX650N boards: 8x Cortex-A55", "cortex-a55"),
+    "ax630c": Board(None, None, "AXERA AX630C boards: Cortex-A53", "cortex-a53"),
 }
+
+
+def memory_spec(board: Board) -> str:
+    if board.ram is None:
+        return "no memory spec found: give --ram and --bandwidth"
+    return f"{board.ram / 1e9:g} GB, {board.bandwidth / 1e9:g} GB/s"

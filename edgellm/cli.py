@@ -368,8 +368,9 @@ def _add_quality(sub):
     _add_engine(p)
     p.set_defaults(func=cmd_eval)
 
-    boards = "\n".join(f"  {k:10s} {v.note}: {v.ram / 1e9:g} GB, {v.bandwidth / 1e9:g} GB/s"
-                       for k, v in _boards().items())
+    from edgellm.boards import memory_spec
+
+    boards = "\n".join(f"  {k:10s} {v.note}: {memory_spec(v)}" for k, v in _boards().items())
     p = _command(sub, "plan", "will it fit a device, and its decode ceiling, per weight type",
                  epilog=f"boards:\n{boards}")
     p.add_argument("artifact")
@@ -416,6 +417,10 @@ def cmd_plan(a) -> int:
     ram = parse_size(a.ram, "--ram") if a.ram else board.ram
     bandwidth = parse_size(a.bandwidth, "--bandwidth", per_second=True) if a.bandwidth \
         else board.bandwidth
+    if ram is None or bandwidth is None:
+        raise EdgeLLMError(f"--board {a.board} ({board.note}) has no known RAM and memory "
+                           f"bandwidth to go by: give --ram and --bandwidth too (its cores, "
+                           f"{board.cpu}, still decide the kernel column)")
     art = load_artifact(a.artifact)
     kv = a.kv_cache_len or art.manifest.kv_cache_len
     import onnxruntime

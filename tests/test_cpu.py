@@ -167,3 +167,19 @@ def test_qgemm_relayout_keeps_each_weight_within_half_a_channel_step(symmetric):
     assert q.shape == (200, 48) and q.dtype == np.int8 and col.shape == (48,)
     assert np.all(np.abs(q.T * col[:, None] - grouped) <= col[:, None] / 2 + 1e-6)
     assert np.abs(q).max() == 127
+
+
+def test_the_axera_boards_give_their_cores_and_ask_for_what_is_unpublished(builds, tmp_path):
+    """ax650n / ax630c: the cores are known (A55, A53), the memory specs are not: plan asks
+    for --ram and --bandwidth instead of inventing them; build --target chooses by the cores."""
+    done = edgellm("plan", builds["s8", 4], "--board", "ax650n")
+    assert done.returncode == 1 and "give --ram and --bandwidth" in done.stderr
+    for board, kernel in (("ax650n", "yes"), ("ax630c", "yes (8-bit on QGEMM, re-laid at load)")):
+        out = json.loads(edgellm("plan", builds["s8", 4], "--board", board, "--ram", "2GB",
+                                 "--bandwidth", "10", "--json").stdout)
+        assert {r["weights"]: r["kernel"] for r in out["rows"]}["s8"] == kernel
+    done = edgellm("build", builds["s8", 4].parent / "hf", "-o", tmp_path / "ax", "--target",
+                   "ax630c", "--kv-cache-len", "32")
+    assert done.returncode == 0 and "RAM unknown: not checked" in done.stderr, done.stderr
+    assert json.loads((tmp_path / "ax" / "manifest.json").read_text())["weight_scheme"][
+        "name"] == "s8"

@@ -342,8 +342,9 @@ def for_target(opts: BuildOptions, cfg) -> BuildOptions:
                               opts.accuracy_level, onnxruntime.__version__)
         need = footprint(cfg, scheme, post_scheme, opts.kv_cache_len,
                          qgemm=relays_8bit(cpu, onnxruntime.__version__)).runtime
-        if not slow and need <= board.ram:
-            log(f"target {opts.target} ({cpu.name}, {board.ram / 1e9:g} GB): weights {weights}, "
+        if not slow and (board.ram is None or need <= board.ram):
+            ram = "RAM unknown: not checked" if board.ram is None else f"{board.ram / 1e9:g} GB"
+            log(f"target {opts.target} ({cpu.name}, {ram}): weights {weights}, "
                 f"lm_head {post}, group {group}, {'symmetric' if symmetric else 'asymmetric'}")
             return dataclasses.replace(opts, weight_type=weights, post_weight_type=post,
                                        group_size=group, asymmetric=not symmetric)
