@@ -212,6 +212,10 @@ def _add_misc(sub):
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="name served (default: directory name)")
     p.add_argument("--max-queue", type=_count, default=8, help="waiting requests before 429")
+    p.add_argument("--parallel", type=_count, default=None, metavar="N",
+                   help="requests generated at once, their decode steps batched, each with a KV "
+                        "cache of its own (default: as many as fit in free memory, at most 4; "
+                        "1 for artifacts built before batched graphs)")
     p.add_argument("--quiet", action="store_true", help="no line per request")
     p.add_argument("--no-tool-grammar", action="store_true",
                    help="leave tool_choice auto unconstrained (the lazy grammar keeps every call "
@@ -464,7 +468,7 @@ def cmd_serve(a) -> int:
     upstream = Upstream(a.upstream, a.upstream_key, a.upstream_model) if a.upstream else None
     serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
           quiet=a.quiet, verify=a.verify, tool_grammar=not a.no_tool_grammar,
-          speculate=a.speculate,
+          speculate=a.speculate, parallel=a.parallel,
           **_engine_opts(a))
     return 0
 

@@ -490,6 +490,7 @@ def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_sc
     for name in [*names, fmt.POST_GRAPH]:
         files[name] = _file_entry(tmp / name)
     return {"engine": "onnxruntime", "layers": names, "post": fmt.POST_GRAPH,
+            "batch": True,  # graphs with a batch dimension: `serve --parallel N` (2026-12-02)
             "kv_cache_dtype": "fp32", "accuracy_level": opts.accuracy_level,
             "activation": "fp32" + (", int8 inside MatMulNBits" if opts.accuracy_level == 4
                                     else "")}

@@ -5,10 +5,12 @@ weights are stored once. Ops are ONNX Runtime contrib ops where ORT has fast CPU
 MatMulNBits (8/4-bit weights in the artifact's layout, accuracy_level 4), SimplifiedLayerNorm /
 SkipSimplifiedLayerNormalization (RMSNorm), GroupQueryAttention (rotary + KV cache updated in place).
 
-Layer graph, for n new tokens:
-    hidden [1, n, D] fp32, past_key / past_value [1, kv_heads, kv_cache_len, head_dim] fp32,
-    seqlens_k [1] int32 (= tokens in the cache after this call - 1), total_seq_len [] int32
-    -> hidden_out [1, n, D], present_key / present_value (bound to the past buffers)
+Layer graph, for b sequences of n new tokens each (b > 1: one token each, the server's batched
+decode; each sequence at its own position):
+    hidden [b, n, D] fp32, past_key / past_value [b, kv_heads, kv_cache_len, head_dim] fp32,
+    seqlens_k [b] int32 (= tokens in that sequence's cache after this call - 1),
+    total_seq_len [] int32 (the largest of them + 1)
+    -> hidden_out [b, n, D], present_key / present_value (bound to the past buffers)
 """
 
 from __future__ import annotations
@@ -139,27 +141,27 @@ def layer_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sch
         g.node("Cast", ["h_bf16"], [out], to=TensorProto.FLOAT)
     else:
         g.node("Add", ["h2", down], [out])
-    cache = [1, cfg.num_kv_heads, kv_cache_len, cfg.head_dim]
+    cache = ["b", cfg.num_kv_heads, kv_cache_len, cfg.head_dim]
     f = TensorProto.FLOAT
-    inputs = [_value("hidden", f, [1, "n", cfg.hidden_size]), _value("past_key", f, cache),
-              _value("past_value", f, cache), _value("seqlens_k", TensorProto.INT32, [1]),
+    inputs = [_value("hidden", f, ["b", "n", cfg.hidden_size]), _value("past_key", f, cache),
+              _value("past_value", f, cache), _value("seqlens_k", TensorProto.INT32, ["b"]),
               _value("total_seq_len", TensorProto.INT32, [])]
-    outputs = [_value(out, f, [1, "n", cfg.hidden_size]), _value("present_key", f, cache),
+    outputs = [_value(out, f, ["b", "n", cfg.hidden_size]), _value("present_key", f, cache),
                _value("present_value", f, cache)]
     _save(g.nodes, g.inits, inputs, outputs, path, path.stem)
 
 
 def post_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, scheme: dict,
                accuracy_level: int = 4) -> None:
-    """hidden [1, n, D] -> logits [1, n, vocab]: final RMSNorm + lm_head."""
+    """hidden [b, n, D] -> logits [b, n, vocab]: final RMSNorm + lm_head."""
     g = _GraphBuilder(tensors, file_name, scheme, accuracy_level)
     g.in_features = _in_features(cfg)
     x = g.node("SimplifiedLayerNormalization", ["hidden", g.weight("output_norm")], ["x"],
                epsilon=cfg.norm_eps, axis=-1)
     g.matmul(g.scaled(x, cfg.logit_scale), "lm_head", "logits")
     f = TensorProto.FLOAT
-    _save(g.nodes, g.inits, [_value("hidden", f, [1, "n", cfg.hidden_size])],
-          [_value("logits", f, [1, "n", cfg.vocab_size])], path, path.stem)
+    _save(g.nodes, g.inits, [_value("hidden", f, ["b", "n", cfg.hidden_size])],
+          [_value("logits", f, ["b", "n", cfg.vocab_size])], path, path.stem)
 
 
 def supports(scheme: dict) -> bool:

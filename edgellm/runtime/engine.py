@@ -34,7 +34,7 @@ class NumpyEngine:
     Holds float32 copies of the weights (4 bytes per parameter): simple and exact, not fast.
     """
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, slots: int = 1):
         m = artifact.manifest
         self.config = cfg = artifact.config
         self.kv_cache_len = m.kv_cache_len
@@ -45,33 +45,45 @@ class NumpyEngine:
                                         LAYER_LINEARS, cfg) for f in m.layers]
         self.post_weights = _dequantize_file(artifact.tensors(m.post), artifact.post_scheme,
                                              ("lm_head",), cfg)
-        shape = (cfg.num_layers, m.kv_cache_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (slots, cfg.num_layers, m.kv_cache_len, cfg.num_kv_heads, cfg.head_dim)
         store = dtypes.STORAGE_DTYPE[self.hidden_type]
-        self.k_cache = np.zeros(shape, store)  # [layers, kv_len, kv_heads, head_dim]
-        self.v_cache = np.zeros(shape, store)
+        self.slots = slots
+        self.k_slots = np.zeros(shape, store)  # [slots, layers, kv_len, kv_heads, head_dim]
+        self.v_slots = np.zeros(shape, store)
+        self.k_cache, self.v_cache = self.k_slots[0], self.v_slots[0]  # slot 0's
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         return dtypes.round_to(embedding_rows(self.embed, tokens, self.config), self.hidden_type)
 
-    def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
-        """Run tokens at positions pos.. ; logits [vocab] of the last one (or [n, vocab])."""
+    def forward(self, tokens, pos: int, all_logits: bool = False, slot: int = 0) -> np.ndarray:
+        """Run tokens at positions pos.. of a slot; logits [vocab] of the last one (or
+        [n, vocab])."""
         tokens = np.asarray(tokens, dtype=np.int64)
         if pos + len(tokens) > self.kv_cache_len:
             raise EdgeLLMError(f"positions {pos}..{pos + len(tokens) - 1} exceed the KV cache "
                                f"of {self.kv_cache_len}")
         h = self.embed_tokens(tokens)
         for i, w in enumerate(self.layers):
-            h = reference.decoder_layer(h, w, self.config, pos, self.k_cache[i], self.v_cache[i],
-                                        self.hidden_type)
+            h = reference.decoder_layer(h, w, self.config, pos, self.k_slots[slot, i],
+                                        self.v_slots[slot, i], self.hidden_type)
         if not all_logits:
             h = h[-1:]
         logits = reference.post(h, self.post_weights, self.config)
         return logits if all_logits else logits[0]
 
-    def kv_snapshot(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the first n cache positions of every layer."""
-        return self.k_cache[:, :n].copy(), self.v_cache[:, :n].copy()
+    def decode_rows(self, first: int, tokens: list[int], positions: list[int]) -> np.ndarray:
+        """One token for each of the slots first, first+1, ... (-1: none; its row is zeros);
+        logits [rows, vocab]. The reference runs them one by one."""
+        out = np.zeros((len(tokens), self.config.vocab_size), np.float32)
+        for row, (token, pos) in enumerate(zip(tokens, positions)):
+            if token >= 0:
+                out[row] = self.forward([token], pos, slot=first + row)
+        return out
 
-    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray]) -> None:
+    def kv_snapshot(self, n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of a slot's first n cache positions of every layer."""
+        return self.k_slots[slot, :, :n].copy(), self.v_slots[slot, :, :n].copy()
+
+    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0) -> None:
         k, v = snapshot
-        self.k_cache[:, :k.shape[1]], self.v_cache[:, :v.shape[1]] = k, v
+        self.k_slots[slot, :, :k.shape[1]], self.v_slots[slot, :, :v.shape[1]] = k, v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ ENGINES = ("auto", "ort", "numpy")
 
 def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = None,
                 providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                qgemm: bool | None = None):
+                qgemm: bool | None = None, slots: int = 1):
     """`ort` (ONNX Runtime graphs), `numpy` (the reference), or `auto`: ort when the artifact
     has graphs."""
     if engine not in ENGINES:
@@ -56,13 +57,13 @@ def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = 
     if engine == "numpy" or (engine == "auto" and not artifact.manifest.graphs):
         if threads:
             _limit_blas_threads(threads)
-        numpy_engine = NumpyEngine(artifact)
+        numpy_engine = NumpyEngine(artifact, slots)
         numpy_engine.threads = threads  # None: the BLAS library's own default
         return numpy_engine
     from edgellm.runtime.ort_engine import OrtEngine
 
     return OrtEngine(artifact, threads=threads or physical_cores(), providers=providers,
-                     allow_slow_kernels=allow_slow_kernels, qgemm=qgemm)
+                     allow_slow_kernels=allow_slow_kernels, qgemm=qgemm, slots=slots)
 
 
 def physical_cores() -> int:
@@ -95,13 +96,21 @@ class Generator:
 
     def __init__(self, artifact: Artifact, engine: str = "auto", threads: int | None = None,
                  providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                 qgemm: bool | None = None):
+                 qgemm: bool | None = None, slots: int = 1):
         self.artifact = artifact
         self.text = ModelText.from_artifact(artifact)
         self.tokenizer, self.template = self.text.tokenizer, self.text.template
         self.eos_ids = self.text.eos_ids
-        self.engine = make_engine(artifact, engine, threads, providers, allow_slow_kernels, qgemm)
+        self.engine = make_engine(artifact, engine, threads, providers, allow_slow_kernels, qgemm,
+                                  slots)
         self.cached_ids: list[int] = []  # tokens whose K/V sit at positions 0.. of the cache
+
+    def for_engine(self, engine) -> "Generator":
+        """This model's text interface and decode loop over another engine (one slot of a
+        batched engine: runtime.batch), with a cache of its own."""
+        other = copy.copy(self)
+        other.engine, other.cached_ids = engine, []
+        return other
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = False, **engine_opts) -> "Generator":
@@ -226,7 +235,9 @@ class Generator:
                 reason = why
                 break
             room = self.engine.kv_cache_len - pos - 1
-            draft = lookup.propose(min(room, max_new_tokens - len(generated))) if lookup else []
+            drafting = lookup and getattr(self.engine, "drafts_welcome", lambda: True)()
+            draft = lookup.propose(min(room, max_new_tokens - len(generated))) if drafting \
+                else []
             rows = self._checked(self.engine.forward([token] + draft, pos,
                                                      all_logits=bool(draft)), pos)
             rows = rows.reshape(len(draft) + 1, -1)

@@ -1,9 +1,11 @@
 """The ONNX Runtime engine: one session per decoder layer + one for the post part.
 
 Sessions are created once; the KV cache is preallocated per layer as
-[1, kv_heads, kv_cache_len, head_dim] fp32 OrtValues bound as both past and present, so
-GroupQueryAttention updates it in place. Decode reuses bindings made once (two ping-pong
-hidden-state buffers), so a token costs one `run_with_iobinding` per session and no allocation.
+[slots, kv_heads, kv_cache_len, head_dim] fp32 OrtValues bound as both past and present, so
+GroupQueryAttention updates it in place; a slot is one sequence's region (one for the CLI,
+`serve --parallel N` has N). Decode reuses bindings made once per slot (two ping-pong
+hidden-state buffers), so a token costs one `run_with_iobinding` per session and no allocation;
+`decode_rows` runs one token for each of several neighbouring slots in one call per session.
 """
 
 from __future__ import annotations
@@ -83,15 +85,19 @@ class OrtEngine:
 
     def __init__(self, artifact: Artifact, threads: int | None = None,
                  providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                 qgemm: bool | None = None):
+                 qgemm: bool | None = None, slots: int = 1):
         """qgemm: re-lay 8-bit weights for ORT's integer GEMM (edgellm.onnx.qgemm); None: where
-        this CPU needs it (aarch64 without dotprod)."""
+        this CPU needs it (aarch64 without dotprod). slots: sequences with a KV cache each."""
         import onnxruntime as ort
 
         m = artifact.manifest
         if not m.graphs:
             raise EdgeLLMError(f"{artifact.path} has no ONNX graphs (weight type "
                                f"{m.weight_scheme['name']}); use --engine numpy")
+        if slots > 1 and not m.graphs.get("batch"):
+            raise EdgeLLMError(f"{artifact.path} was built before graphs took a batch (2026-12-02)"
+                               f": it serves one request at a time; rebuild it to serve "
+                               f"{slots} at once")
         relaid = _check_kernels(artifact, ort.__version__, allow_slow_kernels)
         if qgemm is not None:
             relaid = set(m.graphs["layers"]) | {m.graphs["post"]} if qgemm else set()
@@ -110,41 +116,56 @@ class OrtEngine:
         # transient buffer, which then peaks before the layers are resident, not on top of them
         self.post = load(m.graphs["post"])
         self.layers = [load(name) for name in m.graphs["layers"]]
-        shape = (len(self.layers), 1, cfg.num_kv_heads, m.kv_cache_len, cfg.head_dim)
-        # kv: [layers, 1, kv_heads, kv_cache_len, head_dim] fp32; each layer's slice is wrapped
-        # (not copied) as an OrtValue that GQA updates in place
+        self.slots = slots
+        shape = (len(self.layers), slots, cfg.num_kv_heads, m.kv_cache_len, cfg.head_dim)
+        # kv: [layers, slots, kv_heads, kv_cache_len, head_dim] fp32; a run of neighbouring
+        # slots of one layer is contiguous and wrapped (not copied) as an OrtValue that GQA
+        # updates in place
         self.k_np, self.v_np = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        self.k_cache = [ort.OrtValue.ortvalue_from_numpy(k) for k in self.k_np]
-        self.v_cache = [ort.OrtValue.ortvalue_from_numpy(v) for v in self.v_np]
-        self._seqlens = np.zeros(1, np.int32)  # seqlens_k: tokens in cache after the call - 1
-        self._total = np.zeros((), np.int32)  # total_seq_len
-        self._decode = self._decode_bindings()
+        self._views: dict[tuple[int, int], tuple[list, list]] = {}
+        self._decode: dict[int, tuple] = {}  # slot -> its one-token bindings and buffers
 
-    def _bind_layer(self, i: int, hidden, out, seqlens, total):
+    def _cache(self, first: int, count: int) -> tuple[list, list]:
+        """Per layer, OrtValues over slots first .. first+count-1 of the K and V caches."""
+        if (first, count) not in self._views:
+            wrap = self.ort.OrtValue.ortvalue_from_numpy
+            self._views[first, count] = (
+                [wrap(k[first:first + count]) for k in self.k_np],
+                [wrap(v[first:first + count]) for v in self.v_np])
+        return self._views[first, count]
+
+    def _bind_layer(self, i: int, hidden, out, seqlens, total, cache):
+        k, v = cache[0][i], cache[1][i]
         b = self.layers[i].io_binding()
         b.bind_ortvalue_input("hidden", hidden)
-        b.bind_ortvalue_input("past_key", self.k_cache[i])
-        b.bind_ortvalue_input("past_value", self.v_cache[i])
+        b.bind_ortvalue_input("past_key", k)
+        b.bind_ortvalue_input("past_value", v)
         b.bind_ortvalue_input("seqlens_k", seqlens)
         b.bind_ortvalue_input("total_seq_len", total)
         b.bind_ortvalue_output("hidden_out", out)
-        b.bind_ortvalue_output("present_key", self.k_cache[i])
-        b.bind_ortvalue_output("present_value", self.v_cache[i])
+        b.bind_ortvalue_output("present_key", k)
+        b.bind_ortvalue_output("present_value", v)
         return b
 
-    def _decode_bindings(self):
-        """Bindings for one token, made once: layer i reads buffer i%2 and writes the other."""
+    def _decode_bindings(self, slot: int):
+        """One slot's bindings for one token, made once: layer i reads buffer i%2 and writes
+        the other; (layer bindings, post binding, hidden buffer, seqlens, total, logits)."""
+        if slot in self._decode:
+            return self._decode[slot]
         ov = self.ort.OrtValue
-        self._hbuf = [np.zeros((1, 1, self.config.hidden_size), np.float32) for _ in range(2)]
-        bufs = [ov.ortvalue_from_numpy(h) for h in self._hbuf]
-        seq, tot = ov.ortvalue_from_numpy(self._seqlens), ov.ortvalue_from_numpy(self._total)
-        layers = [self._bind_layer(i, bufs[i % 2], bufs[(i + 1) % 2], seq, tot)
+        hbuf = [np.zeros((1, 1, self.config.hidden_size), np.float32) for _ in range(2)]
+        seqlens, total = np.zeros(1, np.int32), np.zeros((), np.int32)
+        bufs = [ov.ortvalue_from_numpy(h) for h in hbuf]
+        seq, tot = ov.ortvalue_from_numpy(seqlens), ov.ortvalue_from_numpy(total)
+        cache = self._cache(slot, 1)
+        layers = [self._bind_layer(i, bufs[i % 2], bufs[(i + 1) % 2], seq, tot, cache)
                   for i in range(len(self.layers))]
         post = self.post.io_binding()
         post.bind_ortvalue_input("hidden", bufs[len(self.layers) % 2])
-        self._logits = np.zeros((1, 1, self.config.vocab_size), np.float32)
-        post.bind_ortvalue_output("logits", ov.ortvalue_from_numpy(self._logits))
-        return layers, post
+        logits = np.zeros((1, 1, self.config.vocab_size), np.float32)
+        post.bind_ortvalue_output("logits", ov.ortvalue_from_numpy(logits))
+        self._decode[slot] = layers, post, hbuf[0], seqlens, total, logits
+        return self._decode[slot]
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         return embedding_rows(self.embed, tokens, self.config)
@@ -154,39 +175,65 @@ class OrtEngine:
             raise EdgeLLMError(f"positions {pos}..{pos + n - 1} exceed the KV cache "
                                f"of {self.kv_cache_len}")
 
-    def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
-        """Run tokens at positions pos.. ; logits [vocab] of the last one (or [n, vocab])."""
+    def forward(self, tokens, pos: int, all_logits: bool = False, slot: int = 0) -> np.ndarray:
+        """Run tokens at positions pos.. of a slot; logits [vocab] of the last one (or
+        [n, vocab])."""
         tokens = np.asarray(tokens, dtype=np.int64)
         self._check(pos, len(tokens))
-        self._seqlens[0], self._total[()] = pos + len(tokens) - 1, pos + len(tokens)
         if len(tokens) == 1 and not all_logits:
-            return self._decode_step(tokens)
+            return self._decode_step(tokens, pos, slot)
         h = self.embed_tokens(tokens)[None]
         ov = self.ort.OrtValue
-        seq, tot = ov.ortvalue_from_numpy(self._seqlens), ov.ortvalue_from_numpy(self._total)
+        seq = ov.ortvalue_from_numpy(np.array([pos + len(tokens) - 1], np.int32))
+        tot = ov.ortvalue_from_numpy(np.array(pos + len(tokens), np.int32))
+        cache = self._cache(slot, 1)
         for i in range(len(self.layers)):
             out = np.empty_like(h)
             b = self._bind_layer(i, ov.ortvalue_from_numpy(h), ov.ortvalue_from_numpy(out),
-                                 seq, tot)
+                                 seq, tot, cache)
             self.layers[i].run_with_iobinding(b)
             h = out
         last = h if all_logits else h[:, -1:]
         logits = self.post.run(["logits"], {"hidden": np.ascontiguousarray(last)})[0][0]
         return logits if all_logits else logits[0]
 
-    def _decode_step(self, tokens: np.ndarray) -> np.ndarray:
-        layers, post = self._decode
-        self._hbuf[0][0] = self.embed_tokens(tokens)
+    def _decode_step(self, tokens: np.ndarray, pos: int, slot: int) -> np.ndarray:
+        layers, post, hidden, seqlens, total, logits = self._decode_bindings(slot)
+        seqlens[0], total[()] = pos, pos + 1
+        hidden[0] = self.embed_tokens(tokens)
         for session, binding in zip(self.layers, layers):
             session.run_with_iobinding(binding)
         self.post.run_with_iobinding(post)
-        return self._logits[0, 0].copy()  # the buffer is reused by the next step
+        return logits[0, 0].copy()  # the buffer is reused by the next step
 
-    def kv_snapshot(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the first n cache positions of every layer."""
-        return self.k_np[:, :, :, :n].copy(), self.v_np[:, :, :, :n].copy()
+    def decode_rows(self, first: int, tokens: list[int], positions: list[int]) -> np.ndarray:
+        """One token for each of the slots first, first+1, ... at its own position, in one call
+        per session; logits [rows, vocab]. A row whose token is -1 has no request: it runs
+        token 0 (its result is dropped), so its position must not hold K/V anyone needs."""
+        for p in positions:
+            self._check(p, 1)
+        if len(tokens) == 1:  # one slot: its bindings made once
+            return self._decode_step(np.array(tokens, np.int64), positions[0], first)[None]
+        ov = self.ort.OrtValue
+        ids = np.array([max(t, 0) for t in tokens], np.int64)
+        h = self.embed_tokens(ids)[:, None, :]
+        seq = ov.ortvalue_from_numpy(np.asarray(positions, np.int32))
+        tot = ov.ortvalue_from_numpy(np.array(max(positions) + 1, np.int32))
+        cache = self._cache(first, len(tokens))
+        for i in range(len(self.layers)):
+            out = np.empty_like(h)
+            b = self._bind_layer(i, ov.ortvalue_from_numpy(h), ov.ortvalue_from_numpy(out),
+                                 seq, tot, cache)
+            self.layers[i].run_with_iobinding(b)
+            h = out
+        return self.post.run(["logits"], {"hidden": h})[0][:, 0]
 
-    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray]) -> None:
+    def kv_snapshot(self, n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of a slot's first n cache positions of every layer."""
+        return (self.k_np[:, slot:slot + 1, :, :n].copy(),
+                self.v_np[:, slot:slot + 1, :, :n].copy())
+
+    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0) -> None:
         k, v = snapshot
         n = k.shape[3]
-        self.k_np[:, :, :, :n], self.v_np[:, :, :, :n] = k, v
+        self.k_np[:, slot:slot + 1, :, :n], self.v_np[:, slot:slot + 1, :, :n] = k, v

@@ -21,7 +21,6 @@ from edgellm.chat.tools import (ToolCallStream, forced_prefix, messages_for_temp
                                 parse_tool_calls)
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.generator import GenerationResult, Generator
-from edgellm.runtime.prefix_cache import PrefixCache
 from edgellm.runtime.sampler import SamplingConfig
 from edgellm.server.errors import APIError, error_body
 from edgellm.server.scheduler import Scheduler
@@ -242,7 +241,9 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
     async def metrics():
         lines = [f"edgellm_{k} {v}" for k, v in served.metrics.items()]
         lines.append(f"edgellm_queue_depth {served.pending}")
-        lines.append(f"edgellm_prefix_cache_slot_swaps_total {served.prefix_cache.swaps}")
+        swaps = sum(slot.prefix_cache.swaps for slot in served.slots)
+        lines.append(f"edgellm_prefix_cache_slot_swaps_total {swaps}")
+        lines += [f"edgellm_{k} {v}" for k, v in served.state().items()]
         return "\n".join(lines) + "\n"
 
     @app.post("/v1/chat/completions")
@@ -404,7 +405,7 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`).
     `tool_grammar` False leaves `tool_choice` auto unconstrained (to measure what the lazy
     grammar is worth)."""
-    served = Scheduler(gen, max_queue, PrefixCache(gen, cache_slots), speculate=speculate)
+    served = Scheduler.batched(gen, max_queue, cache_slots, speculate=speculate)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -1,7 +1,8 @@
-"""Who generates when: one generation slot, requests admitted up to a bound and run in order.
+"""Who generates when: N generation slots (`serve --parallel N`), requests admitted up to a bound.
 
-The routes only admit a request, run it (or stream its text pieces) and cancel it; batching
-several requests at once replaces this module, not the routes."""
+A request takes a free slot (the one whose cache shares the longest prefix with its prompt) or
+waits for one; with several slots, their decode steps run batched (runtime.batch). The routes
+only admit a request, run it (or stream its text pieces) and cancel it."""
 
 from __future__ import annotations
 
@@ -11,29 +12,88 @@ from dataclasses import dataclass, field
 
 from edgellm.chat.constrained import TokenMask, ToolCallGrammar
 from edgellm.errors import EdgeLLMError
+from edgellm.runtime.batch import Batcher, SlotEngine
 from edgellm.runtime.generator import GenerationResult, Generator
-from edgellm.runtime.prefix_cache import PrefixCache
+from edgellm.runtime.prefix_cache import PrefixCache, common_prefix
 from edgellm.server.errors import APIError
 from edgellm.server.request_log import note_tokens
 
 
 @dataclass
-class Scheduler:
-    """The model and its one-at-a-time generation slot."""
+class Slot:
+    """One generation at a time: its decode loop over its own region of the KV cache."""
 
+    index: int
     gen: Generator
-    max_queue: int
     prefix_cache: PrefixCache
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    busy: bool = False
+
+
+@dataclass
+class Scheduler:
+    """The model and its generation slots."""
+
+    gen: Generator  # the model's text interface (and, with one slot, its only engine)
+    max_queue: int
+    prefix_cache: PrefixCache  # slot 0's
     pending: int = 0  # admitted requests (running + waiting)
     grammar: ToolCallGrammar | None = None  # built by the first request that needs a mask
     closing: threading.Event = field(default_factory=threading.Event)  # the server stops
     speculate: str = "auto"  # runtime.speculative mode for every request
+    slots: list[Slot] = field(default_factory=list)
+    batcher: Batcher | None = None
+    free: threading.Condition = field(default_factory=threading.Condition)
     metrics: dict = field(default_factory=lambda: {
         "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
         "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
         "prefix_cache_reused_tokens_total": 0, "draft_tokens_proposed_total": 0,
         "draft_tokens_accepted_total": 0, "last_decode_tok_s": 0.0, "last_ttft_ms": 0.0})
+
+    def __post_init__(self):
+        if not self.slots:
+            self.slots = [Slot(0, self.gen, self.prefix_cache)]
+
+    @classmethod
+    def batched(cls, gen: Generator, max_queue: int, cache_slots: int, **opts) -> "Scheduler":
+        """One slot per KV-cache slot of gen's engine (built with slots=N), decode batched."""
+        n = getattr(gen.engine, "slots", 1)
+        if n == 1:
+            return cls(gen, max_queue, PrefixCache(gen, cache_slots), **opts)
+        batcher = Batcher(gen.engine)
+        gens = [gen.for_engine(SlotEngine(batcher, i)) for i in range(n)]
+        per_slot = max(1, cache_slots // n)  # saved prefixes are whole KV copies
+        slots = [Slot(i, g, PrefixCache(g, per_slot)) for i, g in enumerate(gens)]
+        return cls(gen, max_queue, slots[0].prefix_cache, slots=slots, batcher=batcher, **opts)
+
+    def _take_slot(self, ids: list[int], stopped) -> Slot | None:
+        """A free slot, the one sharing the longest prefix with the prompt; None if the request
+        stopped while it waited."""
+        with self.free:
+            while True:
+                free = [s for s in self.slots if not s.busy]
+                if free:
+                    slot = max(free, key=lambda s: common_prefix(s.gen.cached_ids, ids[:-1]))
+                    slot.busy = True
+                    return slot
+                self.free.wait(0.1)  # a request whose client left while it waited leaves
+                if stopped():        # the line at once
+                    return None
+
+    def _give_back(self, slot: Slot):
+        if self.batcher:
+            self.batcher.release(slot.index)
+        with self.free:
+            slot.busy = False
+            self.free.notify()
+
+    def state(self) -> dict:
+        """Slots busy, requests waiting, and (batched) the decode throughput of the last 10 s."""
+        active = sum(s.busy for s in self.slots)
+        tok_s, batch = self.batcher.throughput() if self.batcher else (0.0, 0.0)
+        return {"slots": len(self.slots), "active_slots": active,
+                "queued_requests": max(self.pending - active, 0),
+                "batch_steps_total": self.batcher.steps if self.batcher else 0,
+                "batch_size_mean": round(batch, 2), "decode_tok_s_aggregate": round(tok_s, 1)}
 
     def admit(self):
         """Take a request in line, or refuse it (429) past the queue bound."""
@@ -74,19 +134,19 @@ class Scheduler:
         stopped = lambda: cancel.is_set() or self.closing.is_set()  # noqa: E731
 
         def work():
-            while not self.lock.acquire(timeout=0.1):  # a request whose client left while it
-                if stopped():                          # waited leaves the line at once
-                    return None
+            slot = self._take_slot(ids, stopped)
+            if slot is None:
+                return None
             try:
                 if not stopped():
-                    self.prefix_cache.prepare(ids)
-                return self.gen.generate(ids, sampling,
+                    slot.prefix_cache.prepare(ids)
+                return slot.gen.generate(ids, sampling,
                                          min(max_tokens or limit, limit - len(ids)),
                                          on_text=on_text, reuse_cache=True, stop=stop,
                                          cancelled=stopped, mask=mask,
                                          speculate=self.speculate)
             finally:
-                self.lock.release()
+                self._give_back(slot)
 
         try:
             self.check_context(ids)

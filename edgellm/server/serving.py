@@ -40,7 +40,8 @@ def banner(url: str, name: str, gen, api_key: str | None) -> str:
     m = gen.artifact.manifest
     return "\n".join([
         f"edgellm serve: {name} ({layout_label(m.weight_scheme, m.post_scheme)}, "
-        f"{type(gen.engine).__name__}, {gen.engine.kv_cache_len}-position KV cache)",
+        f"{type(gen.engine).__name__}, {gen.engine.kv_cache_len}-position KV cache, "
+        f"{getattr(gen.engine, 'slots', 1)} at once)",
         f"  OpenAI API  {url}/v1   model \"{name}\", "
         + ("API key required (Authorization: Bearer KEY)" if api_key else "no API key needed"),
         f"  web page    {url}/",
@@ -54,13 +55,48 @@ def _url(host: str, sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
+MAX_PARALLEL = 4
+
+
+def slots_for(artifact: str, parallel: int | None, engine: str = "auto") -> int:
+    """--parallel checked against the artifact and free memory; None: as many as fit, at most
+    MAX_PARALLEL (each slot is one more KV cache; the weights are shared)."""
+    from edgellm.artifact.reader import load_artifact
+    from edgellm.compiler.memory import machine_memory
+
+    art = load_artifact(artifact)
+    m, cfg = art.manifest, art.config
+    batched = engine == "numpy" or not m.graphs or m.graphs.get("batch", False)
+    if parallel is not None and parallel < 1:
+        raise EdgeLLMError("--parallel must be at least 1")
+    if not batched:
+        if parallel and parallel > 1:
+            raise EdgeLLMError(f"{artifact} was built before graphs took a batch (2026-12-02): "
+                               f"it serves one request at a time; rebuild it for --parallel "
+                               f"{parallel}")
+        return 1
+    kv = 2 * cfg.num_layers * m.kv_cache_len * cfg.num_kv_heads * cfg.head_dim * 4
+    _, available = machine_memory()
+    weights = sum(m.files[f]["size"] for f in [*m.layers, m.post])
+    fit = max(1, int((available - weights) * 0.5 // kv))  # half of what is left, for the rest
+    if parallel is None:
+        return min(MAX_PARALLEL, fit)
+    if parallel > fit:
+        raise EdgeLLMError(f"--parallel {parallel} needs {parallel} KV caches of "
+                           f"{kv / 1e6:.0f} MB beside {weights / 1e9:.2f} GB of weights; "
+                           f"{available / 1e9:.1f} GB are free: use --parallel {fit} or less")
+    return parallel
+
+
 def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
           max_queue: int, upstream=None, quiet: bool = False, verify: bool = False,
-          tool_grammar: bool = True, speculate: str = "auto", **engine_opts) -> None:
+          tool_grammar: bool = True, speculate: str = "auto", parallel: int | None = None,
+          **engine_opts) -> None:
     import uvicorn
 
+    slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"))
     sock = bind(host, port)  # before the model loads: a busy port fails at once
-    gen = Generator.load(artifact, verify=verify, **engine_opts)
+    gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
     name = model_name or Path(artifact).name
     app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar,
                      speculate=speculate)

@@ -1,0 +1,229 @@
+"""Several requests at once (issue 19): `serve --parallel N` runs N slots whose decode steps are
+batched into one engine call (runtime.batch); each request's answer is its answer alone."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from helpers import edgellm, make_tiny_model, start_server
+
+TOOL = {"type": "function", "function": {
+    "name": "set_alarm", "parameters": {"type": "object", "properties": {
+        "hour": {"type": "integer", "minimum": 0, "maximum": 23}}, "required": ["hour"],
+        "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("batching")
+    make_tiny_model(tmp / "hf", "qwen2", tied=False)
+    done = edgellm("build", tmp / "hf", "-o", tmp / "art", "--kv-cache-len", "1024")
+    assert done.returncode == 0, done.stderr
+    return tmp / "art"
+
+
+def _gen(artifact, engine, slots=1):
+    from edgellm.runtime.generator import Generator
+
+    return Generator.load(artifact, engine=engine, threads=1, slots=slots)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "ort"])
+def test_batched_rows_compute_what_each_slot_computes_alone(artifact, engine):
+    """decode_rows over slots 0..2 (slot 1 without a request) = one-slot forwards."""
+    batched, alone = _gen(artifact, engine, 3).engine, _gen(artifact, engine).engine
+    a, b = [5, 6, 7, 8, 9], [20, 21, 22]
+    batched.forward(a, 0, slot=0)
+    batched.forward(b, 0, slot=2)
+    rows = batched.decode_rows(0, [30, -1, 31], [5, 0, 3])
+    alone.forward(a, 0)
+    np.testing.assert_allclose(rows[0], alone.forward([30], 5), atol=1e-5)
+    alone.forward(b, 0)
+    np.testing.assert_allclose(rows[2], alone.forward([31], 3), atol=1e-5)
+
+
+def _ask(client, body: dict, out: dict, key):
+    r = client.post("/v1/chat/completions", json=body)
+    out[key] = r.json()["choices"][0] if r.status_code == 200 else (r.status_code, r.text)
+
+
+def _concurrently(client, bodies: list[dict]) -> dict:
+    out: dict = {}
+    threads = [threading.Thread(target=_ask, args=(client, b, out, i)) for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _bodies():
+    words = ["apple", "river", "stone", "cloud"]
+    return [{"model": "m", "messages": [{"role": "user", "content": f"{w} " * (3 + i)}],
+             "max_tokens": 40, "temperature": 0} for i, w in enumerate(words)]
+
+
+def test_four_concurrent_greedy_answers_equal_each_answer_alone(artifact):
+    """The numpy engine: exactly (its batch runs row by row through the same code)."""
+    from starlette.testclient import TestClient
+
+    from edgellm.server.app import create_app
+
+    bodies = _bodies()
+    with TestClient(create_app(_gen(artifact, "numpy"), "m")) as c:
+        alone = {i: c.post("/v1/chat/completions", json=b).json()["choices"][0]
+                 for i, b in enumerate(bodies)}
+    app = create_app(_gen(artifact, "numpy", 4), "m")
+    with TestClient(app) as c:
+        together = _concurrently(c, bodies)
+        metrics = c.get("/metrics").text
+    assert together == alone
+    steps = dict(line.split() for line in metrics.splitlines())
+    assert steps["edgellm_slots"] == "4" and steps["edgellm_active_slots"] == "0"
+    assert int(steps["edgellm_batch_steps_total"]) > 0
+
+
+def test_on_ort_concurrent_greedy_answers_leave_their_own_only_at_near_ties(artifact):
+    """ORT's kernels for 4 rows accumulate in another order than for one, so a batched answer
+    may leave its answer alone, but only where the two best logits (alone) nearly tie."""
+    from edgellm.runtime.batch import Batcher, SlotEngine
+    from edgellm.runtime.sampler import SamplingConfig
+
+    greedy = SamplingConfig(temperature=0)
+    prompts = [list(range(10 + 7 * i, 20 + 9 * i)) for i in range(4)]
+    alone_gen = _gen(artifact, "ort")
+    alone = [alone_gen.generate(p, greedy, max_new_tokens=40).token_ids for p in prompts]
+    gen = _gen(artifact, "ort", 4)
+    batcher = Batcher(gen.engine)
+    slots = [gen.for_engine(SlotEngine(batcher, i)) for i in range(4)]
+    together: dict = {}
+    runs = [threading.Thread(target=lambda i=i: together.update(
+        {i: slots[i].generate(prompts[i], greedy, max_new_tokens=40).token_ids}))
+        for i in range(4)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert max(n for _, n in batcher.recent) > 1  # the steps did run batched
+    for i, prompt in enumerate(prompts):
+        a, b = alone[i], together[i]
+        d = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if d is None:
+            assert a == b
+            continue
+        logits = alone_gen.engine.forward(prompt + a[:d], 0, all_logits=True)[-1]
+        top2 = np.sort(logits)[-2:]
+        assert top2[1] - top2[0] < 1e-3 * np.abs(logits).max(), (i, d, top2)
+
+
+def test_a_mixed_batch_gives_each_request_its_own_result(artifact):
+    """A forced tool call under its grammar, a plain answer and one cut by `stop`, at once
+    (the numpy engine: exactly as each alone)."""
+    from starlette.testclient import TestClient
+
+    from edgellm.server.app import create_app
+
+    plain = _bodies()[0]
+    tool = plain | {"tools": [TOOL], "tool_choice": "required", "max_tokens": 80}
+    with TestClient(create_app(_gen(artifact, "numpy"), "m")) as c:
+        alone = {"plain": c.post("/v1/chat/completions", json=plain).json()["choices"][0]}
+        content = alone["plain"]["message"]["content"]
+        first = content[12:15]  # a piece the answer reaches
+        stop = _bodies()[0] | {"stop": [first]}
+        alone["tool"] = c.post("/v1/chat/completions", json=tool).json()["choices"][0]
+        alone["stop"] = c.post("/v1/chat/completions", json=stop).json()["choices"][0]
+    with TestClient(create_app(_gen(artifact, "numpy", 3), "m")) as c:
+        out = _concurrently(c, [tool, plain, stop])
+    together = {"tool": out[0], "plain": out[1], "stop": out[2]}
+    for answer in (together, alone):  # call ids are random
+        answer["tool"]["message"]["tool_calls"][0]["id"] = "call"
+    assert together == alone
+    call = together["tool"]["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "set_alarm" and 0 <= json.loads(call["arguments"])["hour"] <= 23
+    assert together["stop"]["finish_reason"] == "stop"
+    assert together["stop"]["message"]["content"] == content[:content.index(first)]
+
+
+def test_an_idle_slots_cached_prefix_survives_the_others_batches(artifact):
+    """Slot 1 keeps a conversation while slots 0 and 2 decode around it (its row in their
+    batch has no request): reusing its prefix later answers as a fresh prefill does."""
+    from edgellm.runtime.batch import Batcher, SlotEngine
+    from edgellm.runtime.sampler import SamplingConfig
+
+    gen = _gen(artifact, "ort", 3)
+    batcher = Batcher(gen.engine)
+    slots = [gen.for_engine(SlotEngine(batcher, i)) for i in range(3)]
+    greedy = SamplingConfig(temperature=0)
+    kept = list(range(40, 70))
+    slots[1].generate(kept, greedy, max_new_tokens=4)
+    batcher.release(1)
+    runs = [threading.Thread(target=lambda s=s: slots[s].generate(
+        list(range(80 + s, 100 + s)), greedy, max_new_tokens=30)) for s in (0, 2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    reused = slots[1].generate(kept + [71, 72], greedy, max_new_tokens=12, reuse_cache=True)
+    fresh = _gen(artifact, "ort").generate(kept + [71, 72], greedy, max_new_tokens=12)
+    assert reused.reused_tokens == len(kept) and reused.token_ids == fresh.token_ids
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot_and_the_others_finish(artifact):
+    import httpx
+
+    from edgellm.server.app import create_app
+
+    app = create_app(_gen(artifact, "ort", 2), "m")
+    server, thread, url = start_server(app)
+    try:
+        long = {"model": "m", "messages": [{"role": "user", "content": "go on"}],
+                "max_tokens": 150, "temperature": 0, "stream": True}
+        other: dict = {}
+        worker = threading.Thread(target=lambda: other.update(httpx.post(
+            f"{url}/v1/chat/completions", json=_bodies()[1], timeout=60).json()))
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", f"{url}/v1/chat/completions", json=long) as r:
+                worker.start()
+                lines = r.iter_lines()
+                for _ in range(4):
+                    next(lines)
+            # left: the stream is closed with most of its 150 tokens ungenerated
+        worker.join(60)
+        assert other["choices"][0]["finish_reason"] in ("stop", "length")
+        for _ in range(100):
+            m = dict(line.split() for line in httpx.get(f"{url}/metrics").text.splitlines())
+            if m["edgellm_active_slots"] == "0":
+                break
+            threading.Event().wait(0.1)
+        assert m["edgellm_active_slots"] == "0" and m["edgellm_queue_depth"] == "0"
+        assert httpx.post(f"{url}/v1/chat/completions", json=_bodies()[2],
+                          timeout=60).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def test_parallel_is_checked_against_the_artifact_and_memory(artifact, tmp_path):
+    from edgellm.errors import EdgeLLMError
+    from edgellm.server.serving import slots_for
+
+    assert slots_for(str(artifact), None) == 4  # a tiny model: four fit
+    assert slots_for(str(artifact), 2) == 2
+    with pytest.raises(EdgeLLMError, match="at least 1"):
+        slots_for(str(artifact), 0)
+    with pytest.raises(EdgeLLMError, match="KV caches"):
+        slots_for(str(artifact), 10**6)
+    old = tmp_path / "old"  # an artifact from before the graphs took a batch
+    import shutil
+
+    shutil.copytree(artifact, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["graphs"]["batch"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert slots_for(str(old), None) == 1
+    with pytest.raises(EdgeLLMError, match="rebuild it for --parallel 2"):
+        slots_for(str(old), 2)
