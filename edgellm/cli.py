@@ -384,6 +384,8 @@ def _add_quality(sub):
     p.add_argument("--bandwidth", help="memory bandwidth, e.g. 17GB/s; a bare number is GB/s "
                                        "(overrides the board's)")
     p.add_argument("--kv-cache-len", type=int, metavar="N", help="default: the artifact's")
+    p.add_argument("--parallel", type=_count, default=1, metavar="N",
+                   help="requests served at once (`serve --parallel`): N KV caches")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
 
@@ -432,12 +434,14 @@ def cmd_plan(a) -> int:
     from edgellm.runtime.cpu import Cpu, read_cpu
 
     cpu = Cpu.core(board.cpu) if board else read_cpu()
-    rows = plan(art.config, kv, ram, bandwidth, art, cpu, onnxruntime.__version__)
+    if a.parallel < 1:
+        raise EdgeLLMError("--parallel must be at least 1")
+    rows = plan(art.config, kv, ram, bandwidth, art, cpu, onnxruntime.__version__, a.parallel)
     if a.json:
         print(json.dumps({"ram": ram, "bandwidth": bandwidth, "kv_cache_len": kv, "rows": rows}))
     else:
         print(board.note if board else f"this machine's CPU: {cpu.name}")
-        print(table(rows, ram, bandwidth, kv))
+        print(table(rows, ram, bandwidth, kv, a.parallel))
     return 0
 
 

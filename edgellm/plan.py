@@ -73,7 +73,7 @@ def _kernel(cpu, schemes: list[dict], ort_version: str) -> str:
 
 
 def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cpu=None,
-         ort_version: str = "1.32") -> list[dict]:
+         ort_version: str = "1.32", parallel: int = 1) -> list[dict]:
     """One row per layout in VARIANTS; the artifact's own layout (from its manifest, its bytes
     as written) is marked, or added first when it is not among them."""
     own = None
@@ -89,6 +89,7 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
         scheme, post_scheme = get_scheme(weights, group, symmetric), get_scheme(post, group,
                                                                                  symmetric)
         need = footprint(cfg, scheme, post_scheme, kv_cache_len, qgemm=qgemm)
+        need = replace(need, kv_cache=need.kv_cache * parallel)  # one cache per request
         label = layout_label(scheme.to_dict(), post_scheme.to_dict())
         kernel = _kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()], ort_version)
         rows.append(_row(label, need.layer_weights + need.post_weights, need, ram, bandwidth,
@@ -96,7 +97,8 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
     if own and not any(r["this_artifact"] for r in rows):
         need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len,
                          qgemm=qgemm)
-        need = replace(need, layer_weights=own[1], post_weights=0)
+        need = replace(need, layer_weights=own[1], post_weights=0,
+                       kv_cache=need.kv_cache * parallel)
         m = artifact.manifest
         kernel = _kernel(cpu, [m.weight_scheme, m.post_scheme, *m.layer_schemes.values()],
                          ort_version)
@@ -104,9 +106,11 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
     return rows
 
 
-def table(rows: list[dict], ram: float, bandwidth: float, kv_cache_len: int) -> str:
+def table(rows: list[dict], ram: float, bandwidth: float, kv_cache_len: int,
+          parallel: int = 1) -> str:
+    caches = f" x {parallel} (--parallel)" if parallel > 1 else ""
     lines = [f"device: {ram / 1e9:.1f} GB RAM, {bandwidth / 1e9:.1f} GB/s; KV cache "
-             f"{kv_cache_len} positions; runtime overhead {RUNTIME_OVERHEAD / 1e9:.2f} GB",
+             f"{kv_cache_len} positions{caches}; runtime overhead {RUNTIME_OVERHEAD / 1e9:.2f} GB",
              "",
              "| weights | weights read per token | KV cache | RAM needed | fits | "
              "decode ceiling | ONNX Runtime kernel |",

@@ -227,3 +227,12 @@ def test_parallel_is_checked_against_the_artifact_and_memory(artifact, tmp_path)
     assert slots_for(str(old), None) == 1
     with pytest.raises(EdgeLLMError, match="rebuild it for --parallel 2"):
         slots_for(str(old), 2)
+
+
+def test_plan_counts_a_kv_cache_per_parallel_request(artifact):
+    one = json.loads(edgellm("plan", artifact, "--board", "rpi5", "--json").stdout)["rows"]
+    four = json.loads(edgellm("plan", artifact, "--board", "rpi5", "--parallel", "4",
+                              "--json").stdout)["rows"]
+    for a, b in zip(one, four):
+        assert b["kv_cache_gb"] == pytest.approx(4 * a["kv_cache_gb"])
+        assert b["runtime_gb"] == pytest.approx(a["runtime_gb"] + 3 * a["kv_cache_gb"])
