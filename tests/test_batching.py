@@ -172,6 +172,38 @@ def test_an_idle_slots_cached_prefix_survives_the_others_batches(artifact):
     assert reused.reused_tokens == len(kept) and reused.token_ids == fresh.token_ids
 
 
+def test_a_prompt_prefilled_while_others_decode_keeps_its_cache_intact(artifact):
+    """A 300-token prompt (three prefill chunks) on slot 1 while slots 0 and 2 decode around
+    it: the batches between its chunks must not write into what its chunks wrote (slot 1's
+    row in them has no request), so its K/V equal a prefill alone's, exactly (numpy)."""
+    from edgellm.runtime.batch import Batcher, SlotEngine
+    from edgellm.runtime.sampler import SamplingConfig
+
+    greedy = SamplingConfig(temperature=0)
+    gen = _gen(artifact, "numpy", 3)
+    batcher = Batcher(gen.engine)
+    slots = [gen.for_engine(SlotEngine(batcher, i)) for i in range(3)]
+    long_prompt = [(7 * i) % 250 + 3 for i in range(300)]
+    runs = [threading.Thread(target=lambda s=s: slots[s].generate(
+        list(range(30 + s, 40 + s)), greedy, max_new_tokens=120)) for s in (0, 2)]
+    for t in runs:
+        t.start()
+    while batcher.steps < 3:  # they decode
+        threading.Event().wait(0.01)
+    steps = batcher.steps
+    slots[1].prefill(long_prompt)
+    during = batcher.steps - steps
+    for t in runs:
+        t.join()
+    alone = _gen(artifact, "numpy").engine
+    alone.forward(long_prompt[:128], 0)
+    alone.forward(long_prompt[128:256], 128)
+    alone.forward(long_prompt[256:], 256)
+    assert during >= 2  # the others stepped between the chunks
+    np.testing.assert_array_equal(gen.engine.k_slots[1][:, :300], alone.k_cache[:, :300])
+    np.testing.assert_array_equal(gen.engine.v_slots[1][:, :300], alone.v_cache[:, :300])
+
+
 def test_a_client_leaving_mid_stream_frees_its_slot_and_the_others_finish(artifact):
     import httpx
 

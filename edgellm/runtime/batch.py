@@ -59,22 +59,23 @@ class Batcher:
         first, last = min(batch), max(batch)
         rows = range(first, last + 1)
         tokens = [batch[s][0] if s in batch else -1 for s in rows]
-        # a row without a request writes where its slot holds nothing it needs: its first
-        # unwritten position (the last one of a full cache, which no prompt can reuse)
-        positions = [batch[s][1] if s in batch else min(self.fill[s],
-                                                        self.engine.kv_cache_len - 1)
-                     for s in rows]
         self.cond.release()
         try:
-            with self.engine_lock:
+            with self.engine_lock:  # (fill is read and written under the engine lock)
+                # a row without a request writes where its slot holds nothing it needs: its
+                # first unwritten position, read now, after any prefill chunk before this call
+                # (the last position of a full cache, which no prompt can reuse)
+                positions = [batch[s][1] if s in batch else
+                             min(self.fill[s], self.engine.kv_cache_len - 1) for s in rows]
                 logits = self.engine.decode_rows(first, tokens, positions)
+                for s in batch:
+                    self.fill[s] = max(self.fill[s], batch[s][1] + 1)
         except BaseException as e:  # every waiting slot hears of it
             logits = e
         finally:
             self.cond.acquire()
         for s in batch:
             self.results[s] = logits if isinstance(logits, BaseException) else logits[s - first]
-            self.fill[s] = max(self.fill[s], batch[s][1] + 1)
         self.running = False
         self.steps += 1
         self.recent.append((time.monotonic(), len(batch)))
@@ -87,8 +88,8 @@ class Batcher:
             self.cond.notify_all()
         with self.engine_lock:
             out = self.engine.forward(tokens, pos, all_logits, slot=slot)
-        with self.cond:
             self.fill[slot] = pos + len(tokens)
+        with self.cond:
             steps = self.steps
             while self.pending and self.steps == steps:  # the decoding slots' turn
                 if not self.running:
@@ -155,8 +156,7 @@ class SlotEngine:
 
     def kv_restore(self, snapshot) -> None:
         k = snapshot[0]
+        n = k.shape[3] if k.ndim == 5 else k.shape[1]  # ORT [l, 1, kvh, n, hd]; numpy [l, n, ..]
         with self.batcher.engine_lock:
             self.batcher.engine.kv_restore(snapshot, slot=self.slot)
-        with self.batcher.cond:  # ORT: [layers, 1, kv_heads, n, head_dim]; numpy: [layers, n, ...]
-            n = k.shape[3] if k.ndim == 5 else k.shape[1]
             self.batcher.fill[self.slot] = max(self.batcher.fill[self.slot], n)

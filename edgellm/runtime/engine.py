@@ -72,13 +72,12 @@ class NumpyEngine:
         return logits if all_logits else logits[0]
 
     def decode_rows(self, first: int, tokens: list[int], positions: list[int]) -> np.ndarray:
-        """One token for each of the slots first, first+1, ... (-1: none; its row is zeros);
-        logits [rows, vocab]. The reference runs them one by one."""
-        out = np.zeros((len(tokens), self.config.vocab_size), np.float32)
-        for row, (token, pos) in enumerate(zip(tokens, positions)):
-            if token >= 0:
-                out[row] = self.forward([token], pos, slot=first + row)
-        return out
+        """One token for each of the slots first, first+1, ... at its own position; logits
+        [rows, vocab]. The reference runs them one by one; a row whose token is -1 has no
+        request and runs token 0 there, as ONNX Runtime's batch does (so a position it must not
+        touch shows here too)."""
+        return np.stack([self.forward([max(token, 0)], pos, slot=first + row)
+                         for row, (token, pos) in enumerate(zip(tokens, positions))])
 
     def kv_snapshot(self, n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Copies of a slot's first n cache positions of every layer."""
