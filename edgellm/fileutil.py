@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
+
+
+def cache_dir() -> Path:
+    """~/.cache/edgellm (or $XDG_CACHE_HOME/edgellm, the standard override)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgellm"
 
 
 def read_json(path: Path):

@@ -81,22 +81,18 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
         m = artifact.manifest
         own = (layout_label(m.weight_scheme, m.post_scheme, bool(m.layer_schemes)),
                sum(m.files[f]["size"] for f in [*m.layers, m.post]))
-    from edgellm.runtime.cpu import relays_8bit
-
-    qgemm = relays_8bit(cpu, ort_version)
     rows = []
     for weights, post, group, symmetric in VARIANTS:
         scheme, post_scheme = get_scheme(weights, group, symmetric), get_scheme(post, group,
                                                                                  symmetric)
-        need = footprint(cfg, scheme, post_scheme, kv_cache_len, qgemm=qgemm)
+        need = footprint(cfg, scheme, post_scheme, kv_cache_len)
         need = replace(need, kv_cache=need.kv_cache * parallel)  # one cache per request
         label = layout_label(scheme.to_dict(), post_scheme.to_dict())
         kernel = _kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()], ort_version)
         rows.append(_row(label, need.layer_weights + need.post_weights, need, ram, bandwidth,
                          own is not None and own[0] == label, kernel))
     if own and not any(r["this_artifact"] for r in rows):
-        need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len,
-                         qgemm=qgemm)
+        need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len)
         need = replace(need, layer_weights=own[1], post_weights=0,
                        kv_cache=need.kv_cache * parallel)
         m = artifact.manifest

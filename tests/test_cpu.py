@@ -108,9 +108,16 @@ def test_a53_runs_s8_on_qgemm_and_it_agrees_with_the_reference(builds, monkeypat
     monkeypatch.setattr(cpu_module, "read_cpu", lambda: Cpu.core("cortex-a53"))
     ref = Generator.load(builds["s8", 4], engine="numpy").engine.forward(
         list(range(3, 19)), 0, all_logits=True)
+    from edgellm.fileutil import cache_dir
+
     for key in (("s8", 4), ("s8", 0)):
         engine = Generator.load(builds[key], threads=1).engine
         assert len(engine.relaid) == len(engine.layers) + 1
+        # the re-laid weights reach ORT memory-mapped from unlinked files (inline, ORT kept
+        # them beside its packed copy: twice the weights' memory); none is left on disk
+        for session in [engine.post, *engine.layers]:
+            assert all(isinstance(a, np.memmap) for a in session.edgellm_external.values())
+        assert not list((cache_dir() / "tmp").glob("*.qgemm"))
         got = engine.forward(list(range(3, 19)), 0, all_logits=True)
         assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max(), key
         assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9, key

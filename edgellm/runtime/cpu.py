@@ -99,12 +99,6 @@ def matmul_path(cpu: Cpu, bits: int, accuracy_level: int, ort_version: str) -> t
 RUNS_WELL = ("kernel", "qgemm")
 
 
-def relays_8bit(cpu: Cpu | None, ort_version: str) -> bool:
-    """Whether the engine re-lays 8-bit weights for QGEMM on `cpu` (which then holds them
-    twice: compiler.memory counts it)."""
-    return cpu is not None and matmul_path(cpu, 8, 4, ort_version)[0] == "qgemm"
-
-
 def without_kernel(cpu: Cpu, schemes: list[dict], accuracy_level: int,
                    ort_version: str) -> list[str]:
     """Why ONNX Runtime would not run these schemes' integer weights with a kernel on `cpu`

@@ -10,6 +10,8 @@ hidden-state buffers), so a token costs one `run_with_iobinding` per session and
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from edgellm.artifact.reader import Artifact
@@ -67,12 +69,25 @@ def _check_kernels(artifact: Artifact, ort_version: str, allow: bool) -> set[str
                        f"with --allow-slow-kernels")
 
 
-def _session(ort, path, so, providers, relaid: bool = False):
+def _session(ort, path, so, providers, relaid: bool = False, threads: int | None = None):
+    from edgellm.fileutil import cache_dir
     from edgellm.onnx.qgemm import relayout
 
     try:
-        model = relayout(path) if relaid else None  # bytes, or None: nothing 8-bit in it
-        return ort.InferenceSession(model or str(path), so, providers=providers)
+        # (graph bytes, external weights), or None: nothing 8-bit in it
+        model = relayout(path, cache_dir() / "tmp") if relaid else None
+        if model is None:
+            return ort.InferenceSession(str(path), so, providers=providers)
+        graph, external = model
+        own = _session_options(ort, threads)  # these initializers are this graph's alone
+        own.add_external_initializers(list(external),
+                                      [ort.OrtValue.ortvalue_from_numpy(a)
+                                       for a in external.values()])
+        session = ort.InferenceSession(graph, own, providers=providers)
+        session.edgellm_external = external  # mapped while the session lives
+        for weights in external.values():  # ORT packed them: out of RSS (the file stays mapped,
+            weights._mmap.madvise(mmap.MADV_DONTNEED)  # a later read would fault them back)
+        return session
     except Exception as e:  # onnxruntime's own types: InvalidProtobuf, Fail, InvalidGraph, ...
         raise EdgeLLMError(f"the ONNX graph {path} does not load ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); if the artifact is "
@@ -111,7 +126,7 @@ class OrtEngine:
         so = _session_options(ort, threads)
         self.threads = _GLOBAL_POOL[0]  # the process-wide pool's, made by the first engine
         load = lambda name: _session(ort, artifact.path / name, so, providers,  # noqa: E731
-                                     name in relaid)
+                                     name in relaid, threads)
         # the post session first: ORT prepacks the lm_head (136 MB for Qwen2-0.5B) through a
         # transient buffer, which then peaks before the layers are resident, not on top of them
         self.post = load(m.graphs["post"])
