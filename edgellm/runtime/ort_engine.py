@@ -85,8 +85,11 @@ def _session(ort, path, so, providers, relaid: bool = False, threads: int | None
                                        for a in external.values()])
         session = ort.InferenceSession(graph, own, providers=providers)
         session.edgellm_external = external  # mapped while the session lives
+        advice = getattr(mmap, "MADV_DONTNEED", None)
         for weights in external.values():  # ORT packed them: out of RSS (the file stays mapped,
-            weights._mmap.madvise(mmap.MADV_DONTNEED)  # a later read would fault them back)
+            mapping = getattr(weights, "_mmap", None)  # a later read would fault them back)
+            if advice is not None and mapping is not None:
+                mapping.madvise(advice)
         return session
     except Exception as e:  # onnxruntime's own types: InvalidProtobuf, Fail, InvalidGraph, ...
         raise EdgeLLMError(f"the ONNX graph {path} does not load ({type(e).__name__}: "
