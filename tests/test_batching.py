@@ -177,15 +177,22 @@ def test_a_prompt_prefilled_while_others_decode_keeps_its_cache_intact(artifact)
     it: the batches between its chunks must not write into what its chunks wrote (slot 1's
     row in them has no request), so its K/V equal a prefill alone's, exactly (numpy)."""
     from edgellm.runtime.batch import Batcher, SlotEngine
-    from edgellm.runtime.sampler import SamplingConfig
 
-    greedy = SamplingConfig(temperature=0)
     gen = _gen(artifact, "numpy", 3)
     batcher = Batcher(gen.engine)
     slots = [gen.for_engine(SlotEngine(batcher, i)) for i in range(3)]
     long_prompt = [(7 * i) % 250 + 3 for i in range(300)]
-    runs = [threading.Thread(target=lambda s=s: slots[s].generate(
-        list(range(30 + s, 40 + s)), greedy, max_new_tokens=120)) for s in (0, 2)]
+    done = threading.Event()
+
+    def decode(s):  # a slot stepping until slot 1's prefill is over (no end of turn to stop it)
+        slots[s].prefill(list(range(30 + s, 40 + s)))
+        pos = 10
+        while not done.is_set() and pos < 1000:
+            slots[s].engine.forward([5 + s], pos)
+            pos += 1
+        batcher.release(s)
+
+    runs = [threading.Thread(target=decode, args=(s,)) for s in (0, 2)]
     for t in runs:
         t.start()
     while batcher.steps < 3:  # they decode
@@ -193,6 +200,7 @@ def test_a_prompt_prefilled_while_others_decode_keeps_its_cache_intact(artifact)
     steps = batcher.steps
     slots[1].prefill(long_prompt)
     during = batcher.steps - steps
+    done.set()
     for t in runs:
         t.join()
     alone = _gen(artifact, "numpy").engine

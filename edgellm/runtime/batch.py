@@ -91,7 +91,9 @@ class Batcher:
             self.fill[slot] = pos + len(tokens)
         with self.cond:
             steps = self.steps
-            while self.pending and self.steps == steps:  # the decoding slots' turn
+            # the decoding slots' turn: a batch waiting (or formed and waiting for the engine,
+            # which this thread could otherwise take again first) runs before the next chunk
+            while (self.pending or self.running) and self.steps == steps:
                 if not self.running:
                     self._run_batch()
                 else:

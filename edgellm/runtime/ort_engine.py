@@ -200,17 +200,7 @@ class OrtEngine:
         self._check(pos, len(tokens))
         if len(tokens) == 1 and not all_logits:
             return self._decode_step(tokens, pos, slot)
-        h = self.embed_tokens(tokens)[None]
-        ov = self.ort.OrtValue
-        seq = ov.ortvalue_from_numpy(np.array([pos + len(tokens) - 1], np.int32))
-        tot = ov.ortvalue_from_numpy(np.array(pos + len(tokens), np.int32))
-        cache = self._cache(slot, 1)
-        for i in range(len(self.layers)):
-            out = np.empty_like(h)
-            b = self._bind_layer(i, ov.ortvalue_from_numpy(h), ov.ortvalue_from_numpy(out),
-                                 seq, tot, cache)
-            self.layers[i].run_with_iobinding(b)
-            h = out
+        h = self._layers(self.embed_tokens(tokens)[None], [pos + len(tokens) - 1], slot)
         last = h if all_logits else h[:, -1:]
         logits = self.post.run(["logits"], {"hidden": np.ascontiguousarray(last)})[0][0]
         return logits if all_logits else logits[0]
@@ -232,19 +222,24 @@ class OrtEngine:
             self._check(p, 1)
         if len(tokens) == 1:  # one slot: its bindings made once
             return self._decode_step(np.array(tokens, np.int64), positions[0], first)[None]
-        ov = self.ort.OrtValue
         ids = np.array([max(t, 0) for t in tokens], np.int64)
-        h = self.embed_tokens(ids)[:, None, :]
-        seq = ov.ortvalue_from_numpy(np.asarray(positions, np.int32))
-        tot = ov.ortvalue_from_numpy(np.array(max(positions) + 1, np.int32))
-        cache = self._cache(first, len(tokens))
+        h = self._layers(self.embed_tokens(ids)[:, None, :], positions, first)
+        return self.post.run(["logits"], {"hidden": h})[0][:, 0]
+
+    def _layers(self, h: np.ndarray, last_positions: list[int], first: int) -> np.ndarray:
+        """Hidden states [b, n, D] of slots first.. through every layer; last_positions: each
+        sequence's last position (seqlens_k)."""
+        ov = self.ort.OrtValue
+        seq = ov.ortvalue_from_numpy(np.asarray(last_positions, np.int32))
+        tot = ov.ortvalue_from_numpy(np.array(max(last_positions) + 1, np.int32))
+        cache = self._cache(first, len(h))
         for i in range(len(self.layers)):
             out = np.empty_like(h)
             b = self._bind_layer(i, ov.ortvalue_from_numpy(h), ov.ortvalue_from_numpy(out),
                                  seq, tot, cache)
             self.layers[i].run_with_iobinding(b)
             h = out
-        return self.post.run(["logits"], {"hidden": h})[0][:, 0]
+        return h
 
     def kv_snapshot(self, n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Copies of a slot's first n cache positions of every layer."""
