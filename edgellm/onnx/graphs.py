@@ -30,7 +30,7 @@ _ONNX_TYPES = {"uint8": TensorProto.UINT8, "fp32": TensorProto.FLOAT, "fp16": Te
 _ITEMSIZE = {"uint8": 1, "int8": 1, "fp32": 4, "fp16": 2, "bf16": 2}
 
 
-def _external(name: str, info: dict, file_name: str, shape=None) -> TensorProto:
+def external_tensor(name: str, info: dict, file_name: str, shape=None) -> TensorProto:
     """An initializer whose bytes live at `info['offset']` of `file_name` (same directory)."""
     t = TensorProto()
     t.name = name
@@ -55,7 +55,7 @@ class _GraphBuilder:
         self.inits: list = []
 
     def weight(self, name: str, shape=None) -> str:
-        self.inits.append(_external(name, self.tensors[name], self.file_name, shape))
+        self.inits.append(external_tensor(name, self.tensors[name], self.file_name, shape))
         return name
 
     def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs):

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import os
 import tempfile
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from edgellm.onnx.graphs import external_tensor
 
 _CONSTS = {"qgemm_inv127": np.float32(1 / 127), "qgemm_eps": np.float32(1e-12),
            "qgemm_flat": np.array([-1], np.int64), "qgemm_zp": np.uint8(128)}
@@ -79,22 +80,12 @@ class _Rewriter:
         if self.scratch is None:
             return numpy_helper.from_array(q, name)
         self.scratch.mkdir(parents=True, exist_ok=True)
-        fd, file = tempfile.mkstemp(dir=self.scratch, suffix=".qgemm")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(memoryview(np.ascontiguousarray(q)).cast("B"))
-            self.external[name] = np.memmap(file, dtype=q.dtype, mode="r", shape=q.shape)
-        finally:
-            os.unlink(file)  # the mapping keeps the pages; nothing is left on disk
-        t = onnx.TensorProto()
-        t.name, t.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(q.dtype)
-        t.dims.extend(q.shape)
-        t.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", "edgellm-qgemm"), ("offset", "0"),
-                           ("length", str(q.nbytes))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
-        return t
+        with tempfile.TemporaryFile(dir=self.scratch) as f:  # unlinked; the mapping keeps it
+            f.write(memoryview(np.ascontiguousarray(q)).cast("B"))
+            f.flush()
+            self.external[name] = np.memmap(f, dtype=q.dtype, mode="r", shape=q.shape)
+        return external_tensor(name, {"dtype": "int8", "shape": q.shape, "offset": 0},
+                               "edgellm-qgemm")
 
     def node(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
         out = out or f"qgemm_{op.lower()}_{len(self.nodes)}"

@@ -106,10 +106,6 @@ class Batcher:
             self.decoding.discard(slot)
             self.cond.notify_all()
 
-    def active(self) -> int:
-        with self.cond:
-            return len(self.decoding)
-
     def shared(self, slot: int) -> bool:
         """Whether another slot is decoding beside this one."""
         with self.cond:
@@ -156,9 +152,8 @@ class SlotEngine:
         with self.batcher.engine_lock:
             return self.batcher.engine.kv_snapshot(n, slot=self.slot)
 
-    def kv_restore(self, snapshot) -> None:
-        k = snapshot[0]
-        n = k.shape[3] if k.ndim == 5 else k.shape[1]  # ORT [l, 1, kvh, n, hd]; numpy [l, n, ..]
+    def kv_restore(self, snapshot) -> int:
         with self.batcher.engine_lock:
-            self.batcher.engine.kv_restore(snapshot, slot=self.slot)
+            n = self.batcher.engine.kv_restore(snapshot, slot=self.slot)
             self.batcher.fill[self.slot] = max(self.batcher.fill[self.slot], n)
+        return n

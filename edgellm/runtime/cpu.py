@@ -108,17 +108,25 @@ def without_kernel(cpu: Cpu, schemes: list[dict], accuracy_level: int,
             if path not in RUNS_WELL]
 
 
-def slow_parts(manifest, cpu: Cpu, ort_version: str) -> list[str]:
-    """The graphs of an artifact that ONNX Runtime would not run with a kernel on `cpu`, each
-    with the reason."""
+def _graph_paths(manifest, cpu: Cpu, ort_version: str) -> list[tuple[str, str, str, str]]:
+    """(part, graph file, path, why) for every graph of an artifact: its layers as "layer i",
+    the post graph as "lm_head" (matmul_path of each one's weight scheme)."""
     if not manifest.graphs:
         return []
     level = manifest.graphs.get("accuracy_level", 4)
-    schemes = [(f"layer {i}", manifest.layer_schemes.get(name) or manifest.weight_scheme)
-               for i, name in enumerate(manifest.layers)] + [("lm_head", manifest.post_scheme)]
+    graphs = [(f"layer {i}", graph, manifest.layer_schemes.get(layer) or manifest.weight_scheme)
+              for i, (graph, layer) in enumerate(zip(manifest.graphs["layers"],
+                                                     manifest.layers))]
+    graphs.append(("lm_head", manifest.graphs["post"], manifest.post_scheme))
+    return [(part, graph, *matmul_path(cpu, scheme.get("bits", 16), level, ort_version))
+            for part, graph, scheme in graphs]
+
+
+def slow_parts(manifest, cpu: Cpu, ort_version: str) -> list[str]:
+    """The graphs of an artifact that ONNX Runtime would not run with a kernel on `cpu`, each
+    with the reason."""
     slow = {}
-    for part, scheme in schemes:
-        path, why = matmul_path(cpu, scheme.get("bits", 16), level, ort_version)
+    for part, _, path, why in _graph_paths(manifest, cpu, ort_version):
         if path not in RUNS_WELL:
             slow.setdefault(why, []).append(part)
     return [f"{_parts(parts)}: {why}" for why, parts in slow.items()]
@@ -126,14 +134,8 @@ def slow_parts(manifest, cpu: Cpu, ort_version: str) -> list[str]:
 
 def qgemm_graphs(manifest, cpu: Cpu, ort_version: str) -> set[str]:
     """The artifact's graph files whose 8-bit weights the engine re-lays for QGEMM on `cpu`."""
-    if not manifest.graphs:
-        return set()
-    level = manifest.graphs.get("accuracy_level", 4)
-    schemes = [(graph, manifest.layer_schemes.get(layer) or manifest.weight_scheme)
-               for graph, layer in zip(manifest.graphs["layers"], manifest.layers)]
-    schemes.append((manifest.graphs["post"], manifest.post_scheme))
-    return {graph for graph, scheme in schemes
-            if matmul_path(cpu, scheme.get("bits", 16), level, ort_version)[0] == "qgemm"}
+    return {graph for _, graph, path, _ in _graph_paths(manifest, cpu, ort_version)
+            if path == "qgemm"}
 
 
 def _parts(parts: list[str]) -> str:

@@ -83,6 +83,8 @@ class NumpyEngine:
         """Copies of a slot's first n cache positions of every layer."""
         return self.k_slots[slot, :, :n].copy(), self.v_slots[slot, :, :n].copy()
 
-    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0) -> None:
+    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0) -> int:
+        """Put a snapshot back into a slot; the positions it holds."""
         k, v = snapshot
         self.k_slots[slot, :, :k.shape[1]], self.v_slots[slot, :, :v.shape[1]] = k, v
+        return k.shape[1]

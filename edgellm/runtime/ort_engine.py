@@ -246,7 +246,9 @@ class OrtEngine:
         return (self.k_np[:, slot:slot + 1, :, :n].copy(),
                 self.v_np[:, slot:slot + 1, :, :n].copy())
 
-    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0) -> None:
+    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0) -> int:
+        """Put a snapshot back into a slot; the positions it holds."""
         k, v = snapshot
         n = k.shape[3]
         self.k_np[:, slot:slot + 1, :, :n], self.v_np[:, slot:slot + 1, :, :n] = k, v
+        return n

@@ -62,7 +62,7 @@ def slots_for(artifact: str, parallel: int | None, engine: str = "auto") -> int:
     """--parallel checked against the artifact and free memory; None: as many as fit, at most
     MAX_PARALLEL (each slot is one more KV cache; the weights are shared)."""
     from edgellm.artifact.reader import load_artifact
-    from edgellm.compiler.memory import machine_memory
+    from edgellm.compiler.memory import footprint, machine_memory
 
     art = load_artifact(artifact)
     m, cfg = art.manifest, art.config
@@ -75,7 +75,7 @@ def slots_for(artifact: str, parallel: int | None, engine: str = "auto") -> int:
                                f"it serves one request at a time; rebuild it for --parallel "
                                f"{parallel}")
         return 1
-    kv = 2 * cfg.num_layers * m.kv_cache_len * cfg.num_kv_heads * cfg.head_dim * 4
+    kv = footprint(cfg, art.weight_scheme, art.post_scheme, m.kv_cache_len).kv_cache
     _, available = machine_memory()
     weights = sum(m.files[f]["size"] for f in [*m.layers, m.post])
     fit = max(1, int((available - weights) * 0.5 // kv))  # half of what is left, for the rest
