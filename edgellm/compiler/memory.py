@@ -5,7 +5,8 @@ token), the KV cache (fp32), and about 150 MB of runtime (ORT's packed lm_head a
 steady RSS measured for 0.51 GB of Qwen2-0.5B s8 weights + 25 MB of cache). The bf16 embedding
 table is mapped too, but only the rows of the tokens seen are read. (On Arm cores without
 dotprod the 8-bit weights are re-laid at load for ONNX Runtime's integer GEMM, which packs them
-as MatMulNBits does: the same steady RSS, 0.66 GB for Qwen2.5-Coder-0.5B s8 on x86.)
+as MatMulNBits does; the load leaves some heap behind: 0.74-0.82 GB steady RSS instead of
+0.68 GB for Qwen2.5-Coder-0.5B s8 on x86, not counted here beyond RUNTIME_OVERHEAD.)
 Build: tensors are streamed one at a time; the peak is set by the largest one (the embedding or
 lm_head) held as float32 with its quantization temporaries, about 4x its float32 size, plus the
 interpreter (2.4 GB measured for Qwen2-0.5B, whose embedding is 0.54 GB as float32).
