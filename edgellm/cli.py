@@ -116,6 +116,16 @@ def _add_build(sub):
     p.set_defaults(func=cmd_build)
 
 
+def _add_thinking(p):
+    p.add_argument("--thinking", choices=("on", "off"),
+                   help="a thinking model's reasoning (the template's enable_thinking, as Qwen3's "
+                        "reads it; default: the template's own)")
+
+
+def _template_kwargs(a) -> dict:
+    return {} if a.thinking is None else {"enable_thinking": a.thinking == "on"}
+
+
 def _add_sampling(p):
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="stop after this many generated tokens")
@@ -162,7 +172,9 @@ def _add_run(sub):
     p.add_argument("artifact", help="an artifact directory (made by edgellm build)")
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--system", help="system message")
-    p.add_argument("--raw", action="store_true", help="no chat template: the prompt as is")
+    p.add_argument("--raw", action="store_true", help="no chat template: the prompt as is "
+                   "(base models; BOS added where the tokenizer adds one)")
+    _add_thinking(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verify", action="store_true", help="check every file's sha256 first")
     p.add_argument("--json-schema", metavar="FILE",
@@ -200,6 +212,7 @@ def _add_misc(sub):
     p = _command(sub, "chat", "talk to an artifact in the terminal (KV cache kept)")
     p.add_argument("artifact")
     p.add_argument("--system", help="system message")
+    _add_thinking(p)
     p.add_argument("--verify", action="store_true", help="check every file's sha256 first")
     _add_sampling(p)
     _add_engine(p)
@@ -297,7 +310,7 @@ def cmd_run(a) -> int:
     else:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
                    [{"role": "user", "content": a.prompt}]
-        ids = gen.encode_chat(messages)
+        ids = gen.encode_chat(messages, **_template_kwargs(a))
     mask = _schema_mask(gen, a.json_schema) if a.json_schema else None
     stream = None if a.json else (lambda piece: print(piece, end="", flush=True))
     result = gen.generate(ids, sampling, a.max_new_tokens, on_text=stream, mask=mask,
@@ -461,7 +474,8 @@ def cmd_chat(a) -> int:
 
     sampling = _sampling(a)
     gen = Generator.load(a.artifact, verify=a.verify, **_engine_opts(a))
-    ChatLoop(gen, sampling, a.max_new_tokens, a.system, speculate=a.speculate).run()
+    ChatLoop(gen, sampling, a.max_new_tokens, a.system, speculate=a.speculate,
+             template_kwargs=_template_kwargs(a)).run()
     return 0
 
 

@@ -46,7 +46,8 @@ def make_tiny_model(directory: Path, arch: str, tied: bool, seed: int = 0, scale
     `embed_boost` adds a shared random component to the embedding and lm_head rows, which makes
     the next-token distribution peaked like a trained model's (random logits are nearly tied)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
     if arch == "minicpm":  # not in transformers: a llama checkpoint with MiniCPM's config
         model = make_tiny_model(directory, "llama", tied, seed, scale, embed_boost, **config)
@@ -54,7 +55,8 @@ def make_tiny_model(directory: Path, arch: str, tied: bool, seed: int = 0, scale
         cfg.update(model_type="minicpm", architectures=["MiniCPMForCausalLM"], **MINICPM)
         (directory / "config.json").write_text(json.dumps(cfg))
         return model  # computes llama's logits, not MiniCPM's (see test_parity)
-    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "phi3": Phi3Config}[arch]
+    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "phi3": Phi3Config,
+                  "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}[arch]
     config = config_cls(**{**TINY, **config}, tie_word_embeddings=tied,
                         initializer_range=0.02 * scale, eos_token_id=2, bos_token_id=None,
                         pad_token_id=0)

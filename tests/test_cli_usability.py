@@ -183,7 +183,8 @@ def test_pull_without_a_name_lists_the_known_models():
     done = edgellm("pull")
     assert done.returncode == 0
     assert [line.split()[0] for line in done.stdout.splitlines()] == [
-        "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct"]
+        "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct",
+        "gemma-3-270m"]
 
 
 # --- serve -------------------------------------------------------------------------------------

@@ -38,13 +38,19 @@ CASES = [
     # issue 6's int4 variants: group 32 asymmetric, group 64 symmetric
     ("qwen2", False, "s4/32/asym", "bf16", {}), ("llama", True, "s4/64", "fp32", {}),
     ("qwen2", True, "s8/32/asym", "bf16", {}),
+    # issue 20: q/k norms with head_dim 32 (not hidden / heads); Gemma 3's window of 8 (the
+    # layer test runs 12 positions, the model test 40), scale, GELU-tanh and post norms
+    ("qwen3", False, "s8", "bf16", test_parity.QWEN3),
+    ("gemma3", True, "s8", "bf16", test_parity.GEMMA3),
+    ("gemma3", True, "s4", "fp32", test_parity.GEMMA3),
 ]
 
 
 def _case_id(c) -> str:
     arch, tied, weight_type, hidden, config = c
     heads = f"-h{config.get('num_attention_heads', 5)}/{config.get('num_key_value_heads', 1)}"
-    extra = "".join(f"-{k}" for k in ("head_dim", "rope_scaling") if k in config)
+    extra = "".join(f"-{k}" for k in ("head_dim", "rope_scaling", "sliding_window")
+                    if k in config)
     return f"{arch}-{weight_type}-{hidden}{'-tied' if tied else ''}{heads}{extra}"
 
 
@@ -75,7 +81,7 @@ def test_each_layer_graph_matches_the_reference_layer(engines):
         for n in (7, 1, 3, 1):  # a prompt, then decode and a second chunk over the cache
             h = rng.normal(size=(n, cfg.hidden_size)).astype(np.float32)
             expected = reference.decoder_layer(h, np_engine.layers[i], cfg, pos, k_ref, v_ref,
-                                               "fp32")
+                                               "fp32", layer=i)
             got, k_ort, v_ort = session.run(None, {
                 "hidden": h[None], "past_key": k_ort, "past_value": v_ort,
                 "seqlens_k": np.array([pos + n - 1], np.int32),

@@ -47,8 +47,19 @@ PHI3_LONGROPE = {"rope_scaling": {"rope_type": "longrope",
                                   "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0]},
                  "original_max_position_embeddings": 32, "partial_rotary_factor": 0.5,
                  "hidden_size": 160}
+# Qwen3: head_dim 32, not hidden / heads = 16. Gemma 3: a local layer (window 8, shorter than the
+# 64-token sequence, its own rope base) before a global one; head_dim 32 and a softmax scale from
+# query_pre_attn_scalar 24 (not head_dim); GELU-tanh; post norms; (1 + weight) norms.
+QWEN3 = {"head_dim": 32}
+GEMMA3 = {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 8,
+          "layer_types": ["sliding_attention", "full_attention"],
+          "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                              "full_attention": {"rope_type": "default", "rope_theta": 50000.0}}}
 CASES = [
     pytest.param("qwen2", False, {}, id="qwen2"),
+    pytest.param("qwen3", False, QWEN3, id="qwen3"),
+    pytest.param("qwen3", True, QWEN3, id="qwen3-tied"),
+    pytest.param("gemma3", True, GEMMA3, id="gemma3-sliding-window"),
     pytest.param("qwen2", True, {}, id="qwen2-tied"),
     pytest.param("llama", False, {}, id="llama"),
     pytest.param("llama", True, {}, id="llama-tied"),

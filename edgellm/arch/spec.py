@@ -11,6 +11,8 @@ from edgellm.errors import EdgeLLMError
 
 # Canonical tensor names. Per-layer ones live in one weight file per decoder layer.
 LAYER_NORMS = ("attn_norm", "ffn_norm")
+QK_NORMS = ("attn_q_norm", "attn_k_norm")  # per-head RMS norms of q and k (Qwen3, Gemma 3)
+POST_NORMS = ("attn_post_norm", "ffn_post_norm")  # on each branch's output (Gemma 2/3)
 LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_gate", "ffn_up", "ffn_down")
 QKV_BIASES = ("attn_q_bias", "attn_k_bias", "attn_v_bias")
 GLOBALS = ("embed", "output_norm", "lm_head")
@@ -20,8 +22,11 @@ _HF_KEYS = {
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "rope_parameters",
     "rope_scaling", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "hidden_act",
-    "partial_rotary_factor",
+    "partial_rotary_factor", "hidden_activation", "query_pre_attn_scalar", "layer_types",
+    "rope_local_base_freq", "sliding_window", "sliding_window_pattern",
 }
+# HF activation names -> the gated FFN's activation here
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,14 @@ class ModelConfig:
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     sliding_window: int | None = None  # attention window (Phi-3); builds refuse a longer context
+    # Qwen3 / Gemma 3 mechanisms (off elsewhere)
+    qk_norm: bool = False  # RMS norms over each head of q and k, before rope
+    post_norms: bool = False  # RMS norms on the attention and FFN outputs before the residual add
+    attn_scale: float | None = None  # softmax scale; None: 1/sqrt(head_dim)
+    # per layer, the sliding window (keys at distance < window are seen) or None (global);
+    # None: every layer global. Gemma 3 interleaves five local layers with one global.
+    layer_windows: list | None = None
+    rope_local_theta: float | None = None  # rope base of the sliding-window layers (Gemma 3)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -66,8 +79,14 @@ class ModelConfig:
                 f"num_attention_heads {self.num_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_kv_heads}"
             )
-        if self.hidden_act != "silu":
-            raise EdgeLLMError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.hidden_act not in ACTIVATIONS.values():
+            raise EdgeLLMError(f"hidden_act {self.hidden_act!r} is not supported "
+                               f"({', '.join(sorted(ACTIVATIONS))})")
+        if self.layer_windows is not None:
+            if len(self.layer_windows) != self.num_layers or not all(
+                    w is None or (isinstance(w, int) and w >= 1) for w in self.layer_windows):
+                raise EdgeLLMError(f"layer_windows must give each of the {self.num_layers} "
+                                   f"layers a window >= 1 or none")
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in rope.SUPPORTED:
             raise EdgeLLMError(f"rope scaling {kind!r} is not supported yet "
@@ -92,15 +111,33 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window, or None when it attends to the whole context."""
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    def layer_rope(self, layer: int) -> "ModelConfig":
+        """The config whose rope tables layer `layer` uses: Gemma 3's local layers rotate with
+        their own base and no scaling."""
+        if self.window(layer) is None or self.rope_local_theta is None:
+            return self
+        return dataclasses.replace(self, rope_theta=self.rope_local_theta, rope_scaling=None)
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         return cls(**d)
+
+
+def _activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise EdgeLLMError(f"hidden_act {name!r} is not supported ({', '.join(sorted(ACTIVATIONS))})")
+    return ACTIVATIONS[name]
 
 
 def _rope_from_hf(cfg: dict) -> tuple[float, dict | None, float]:
     """(theta, scaling, partial_rotary_factor). rope_theta sits at top level (transformers 4.x)
     or under rope_parameters (5.x); so may partial_rotary_factor."""
     params = dict(cfg.get("rope_parameters") or {})
+    params = dict(params.get("full_attention", params))  # Gemma 3: one entry per layer type
     theta = cfg.get("rope_theta", params.get("rope_theta"))
     if theta is None:
         theta = 10000.0
@@ -140,16 +177,23 @@ class ArchSpec:
     # config.json -> further ModelConfig fields (MiniCPM's scales, Phi-3's sliding window)
     hf_extra: Callable[[dict], dict] | None = None
     gguf_extra: Callable[[dict], dict] | None = None  # the same from GGUF metadata
+    # added to every RMSNorm weight read from config.json checkpoints: Gemma scales by
+    # (1 + weight); llama.cpp's converter already added the 1 into the GGUF's norm tensors
+    hf_norm_offset: float = 0.0
 
     def layer_tensor_names(self, cfg: ModelConfig) -> tuple[str, ...]:
         names = LAYER_NORMS + LAYER_LINEARS
-        return names + QKV_BIASES if cfg.qkv_bias else names
+        names += QKV_BIASES if cfg.qkv_bias else ()
+        names += QK_NORMS if cfg.qk_norm else ()
+        return names + (POST_NORMS if cfg.post_norms else ())
 
     def expected_shape(self, name: str, cfg: ModelConfig) -> tuple[int, ...]:
         d, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         shapes = {
             "attn_norm": (d,), "ffn_norm": (d,), "output_norm": (d,),
+            "attn_post_norm": (d,), "ffn_post_norm": (d,),
+            "attn_q_norm": (cfg.head_dim,), "attn_k_norm": (cfg.head_dim,),
             "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_out": (d, q),
             "attn_q_bias": (q,), "attn_k_bias": (kv,), "attn_v_bias": (kv,),
             "ffn_gate": (i, d), "ffn_up": (i, d), "ffn_down": (d, i),
@@ -186,7 +230,8 @@ class ArchSpec:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", self.tie_default)),
                 qkv_bias=self.qkv_bias,
-                hidden_act=cfg.get("hidden_act", "silu"),
+                hidden_act=_activation(cfg.get("hidden_activation") or cfg.get("hidden_act")
+                                       or "silu"),
                 rope_scaling=scaling,
                 rotary_dim=rotary if rotary != head_dim else None,
                 extra={k: v for k, v in cfg.items() if k not in _HF_KEYS},

@@ -55,8 +55,10 @@ def _stopped_early(r: GenerationResult, capacity: int, max_new_tokens: int) -> s
 
 class ChatLoop:
     def __init__(self, gen: Generator, sampling: SamplingConfig, max_new_tokens: int,
-                 system: str | None = None, out=sys.stdout, speculate: str = "auto"):
+                 system: str | None = None, out=sys.stdout, speculate: str = "auto",
+                 template_kwargs: dict | None = None):
         self.gen, self.sampling, self.max_new_tokens, self.out = gen, sampling, max_new_tokens, out
+        self.template_kwargs = template_kwargs or {}
         self.speculate = speculate
         self.system = system
         self.messages: list[dict] = []
@@ -74,7 +76,7 @@ class ChatLoop:
         room = min(self.max_new_tokens, self.gen.engine.kv_cache_len // 4)
         dropped = 0
         while True:
-            ids = self.gen.encode_chat(self._head() + self.messages)
+            ids = self.gen.encode_chat(self._head() + self.messages, **self.template_kwargs)
             if len(ids) + room <= self.gen.engine.kv_cache_len or len(self.messages) <= 1:
                 break
             self.messages = self.messages[2:]  # the oldest user turn and its answer

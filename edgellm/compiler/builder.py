@@ -191,7 +191,7 @@ class _LayerChecker:
         outs = []
         for w in (float_w, quant_w):
             k, v = np.zeros(shape, store), np.zeros(shape, store)
-            outs.append(decoder_layer(self.h, w, self.cfg, 0, k, v, self.hidden))
+            outs.append(decoder_layer(self.h, w, self.cfg, 0, k, v, self.hidden, layer=index))
         err = float(np.abs(outs[1] - outs[0]).max() / (np.abs(outs[0]).max() or 1.0))
         self.h = outs[0]
         return err
@@ -221,7 +221,7 @@ def _write_layer(source: Source, index: int, path: Path, scheme, checker,
 
     quant_w = {}
     if calibration:  # GPTQ: the linears are quantized while the calibration steps through
-        quant_w = calibration.fit_layer(float_w, lambda name, gram: scheme.dequantize(
+        quant_w = calibration.fit_layer(index, float_w, lambda name, gram: scheme.dequantize(
             quantize(name, float_w[name], gram), float_w[name].shape[1]))
     for name in names:
         w = float_w[name] if keep else source.tensor(name, layer=index)
@@ -478,9 +478,9 @@ def _emit_graphs(tmp: Path, cfg, files: dict, layers: list[str], scheme, post_sc
         log(f"no ONNX graphs for {unsupported}: the numpy engine will run this artifact")
         return {}
     names = []
-    for layer in layers:
+    for index, layer in enumerate(layers):
         name = layer.replace(".bin", ".onnx")
-        og.layer_graph(tmp / name, cfg, layer, files[layer]["tensors"],
+        og.layer_graph(tmp / name, cfg, index, layer, files[layer]["tensors"],
                        layer_schemes.get(layer, scheme.to_dict()), opts.kv_cache_len,
                        opts.hidden_state_type, opts.accuracy_level)
         names.append(name)

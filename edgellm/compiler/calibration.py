@@ -48,16 +48,17 @@ class Calibration:
         rows *= np.float32(cfg.embed_scale)
         self.hidden = [rows[s:s + seq_len] for s in range(0, len(ids), seq_len)]
 
-    def fit_layer(self, float_w: dict,
+    def fit_layer(self, layer: int, float_w: dict,
                   quantize: Callable[[str, Gram], np.ndarray]) -> dict[str, np.ndarray]:
-        """Step the sequences through a layer, calling quantize(linear name, Gram matrix of its
+        """Step the sequences through decoder layer `layer`, calling quantize(linear name, Gram matrix of its
         inputs) -> its dequantized weights for each linear in turn; moves the hidden states
         through the quantized layer and returns its weights (float_w with the linears
         replaced)."""
         w = dict(float_w)
         shape = (self.kv_cache_len, self.cfg.num_kv_heads, self.cfg.head_dim)
         runs = [reference.decoder_layer_steps(h, w, self.cfg, 0, np.zeros(shape, np.float32),
-                                              np.zeros(shape, np.float32), "fp32")
+                                              np.zeros(shape, np.float32), "fp32",
+                                              layer=layer)
                 for h in self.hidden]
         for group, linears in reference.LINEAR_INPUTS.items():
             gram = None

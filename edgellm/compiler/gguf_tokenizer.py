@@ -86,15 +86,31 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
     return [list(m) for m in merges]
 
 
+def _bos_processor(tokens: list[str], meta: dict) -> dict | None:
+    """The tokenizer's own specials: BOS before a text when the GGUF says add_bos_token (as
+    llama.cpp tokenizes a raw prompt); chat templates write it themselves."""
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if not meta.get("tokenizer.ggml.add_bos_token") or bos is None:
+        return None
+    text = tokens[int(bos)]
+    return {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": text, "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": text, "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {text: {"id": text, "ids": [int(bos)], "tokens": [text]}}}
+
+
 def _bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[list[str]],
-                        normalizer, pre_tokenizer, decoder, **model) -> str:
+                        normalizer, pre_tokenizer, decoder, meta: dict, **model) -> str:
     """tokenizer.json of a BPE model over the GGUF vocabulary; `model` sets the BPE options."""
     doc = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": _added_tokens(tokens, types),
         "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": None,
+        "post_processor": _bos_processor(tokens, meta),
         "decoder": decoder,
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -110,15 +126,18 @@ def _bpe_tokenizer_json(tokens: list[str], types: list[int], merges: list[list[s
 def _spm_tokenizer_json(tokens: list[str], types: list[int], meta: dict) -> str:
     scores = [float(x) for x in meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)]
     unk = meta.get("tokenizer.ggml.unknown_token_id")
-    normalizer = {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": "\u2581"},
-        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    # SentencePiece's add_dummy_prefix: a space before the text, stripped again when decoding
+    # (Llama-2, Phi-3: on; Gemma: off)
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True) is not False
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    normalizer = ({"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, replace]} if prefix else replace)
     decoder = {"type": "Sequence", "decoders": [
         {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-        {"type": "ByteFallback"}, {"type": "Fuse"},
-        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+        {"type": "ByteFallback"}, {"type": "Fuse"}]
+        + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])}
     return _bpe_tokenizer_json(tokens, types, _spm_merges(tokens, scores), normalizer, None,
-                               decoder, unk_token=tokens[unk] if unk is not None else None,
+                               decoder, meta, unk_token=tokens[unk] if unk is not None else None,
                                fuse_unk=True, byte_fallback=True)
 
 
@@ -142,5 +161,5 @@ def tokenizer_json_from_gguf(meta: dict) -> str:
     merges = [m.split(" ", 1) for m in meta.get("tokenizer.ggml.merges", [])]
     decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
                "use_regex": True}
-    return _bpe_tokenizer_json(tokens, types, merges, normalizer, pre_tokenizer, decoder,
+    return _bpe_tokenizer_json(tokens, types, merges, normalizer, pre_tokenizer, decoder, meta,
                                ignore_merges=pre_name in IGNORE_MERGES)

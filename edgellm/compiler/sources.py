@@ -147,6 +147,12 @@ class HFSource(Source):
         if self.config.tie_word_embeddings and self.spec.hf_global["lm_head"] in self._tensors:
             self._used.add(self.spec.hf_global["lm_head"])  # a redundant copy of the tie
 
+    def tensor(self, name: str, layer: int | None = None) -> np.ndarray:
+        array = super().tensor(name, layer)
+        if self.spec.hf_norm_offset and name.endswith("norm"):  # Gemma's (1 + weight)
+            array = array + np.float32(self.spec.hf_norm_offset)
+        return array
+
     def _source_names(self):
         return set(self._tensors)
 
@@ -186,7 +192,7 @@ class GGUFSource(Source):
         self.meta = {k: self._field(k) for k in self._reader.fields if not
                      k.startswith("tokenizer.ggml.") or k.endswith("_id") or
                      k in ("tokenizer.ggml.model", "tokenizer.ggml.pre",
-                           "tokenizer.ggml.add_bos_token")}
+                           "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix")}
         self._by_name = {t.name: t for t in self._reader.tensors}
         self.spec = get_arch(str(self.meta.get("general.architecture")))
         if "tokenizer.ggml.tokens" not in self._reader.fields:

