@@ -34,6 +34,13 @@ def smol_gguf() -> Path:
     return pull("smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    from edgellm.hub.pull import pull
+
+    return pull("gemma-3-270m")
+
+
 def _build(src: Path, out: Path) -> Path:
     from edgellm.compiler import BuildOptions, build
 
@@ -53,6 +60,11 @@ def qwen15_s8(qwen15_gguf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smol_s8(smol_gguf, tmp_path_factory) -> Path:
     return _build(smol_gguf, tmp_path_factory.mktemp("smol") / "smol-s8")
+
+
+@pytest.fixture(scope="session")
+def gemma_s8(gemma_gguf, tmp_path_factory) -> Path:
+    return _build(gemma_gguf, tmp_path_factory.mktemp("gemma") / "gemma-s8")
 
 
 @pytest.fixture(scope="session")

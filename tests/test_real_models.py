@@ -218,3 +218,68 @@ def test_the_default_s4_build_answers_and_calls_tools(qwen_s4_default):
     parsed = parse_tool_calls(gen.generate(ids, SamplingConfig(), max_new_tokens=60).text, tools)
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in parsed.calls] == [
         ("get_weather", '{"city": "Paris"}')]
+
+
+# Gemma 3 270M (base, Q4_K_M GGUF, mostly Q5_0): a raw prompt with BOS, no chat template.
+GEMMA_PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def gemma_reference(gemma_gguf, gemma_s8):
+    """transformers float32 on the dequantized GGUF: the prompt ids (the artifact's tokenizer),
+    32 greedy tokens, and the teacher-forced logits along prompt + tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gen = Generator.load(gemma_s8, engine="numpy")
+    ids = gen.tokenizer.encode(GEMMA_PROMPT).ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gemma_gguf.parent, gguf_file=gemma_gguf.name, dtype=torch.float32,
+        quantization_config=transformers.GgufConfig(dequantize=True))
+    hf_ids = transformers.AutoTokenizer.from_pretrained(
+        gemma_gguf.parent, gguf_file=gemma_gguf.name)(GEMMA_PROMPT).input_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        logits = model(out).logits[0].numpy()
+    return ids, hf_ids, out[0, len(ids):].tolist(), logits
+
+
+@pytest.mark.parametrize("engine", ["numpy", "ort"])
+def test_gemma3_follows_the_float32_reference(gemma_s8, gemma_reference, engine):
+    """Teacher-forced along the reference's 32 greedy tokens, each engine picks the reference's
+    token wherever the reference's top two are more than 0.05 apart (measured on the s8
+    artifact, 2026-12-02: numpy differs at 2 positions, gaps 0.014 and 0.019; ORT at 1, gap
+    0.019 — near ties)."""
+    ids, hf_ids, tokens, ref = gemma_reference
+    assert ids == hf_ids and ids[0] == 2  # the same tokenizer, BOS first
+    e = Generator.load(gemma_s8, engine=engine, threads=2).engine
+    seq = ids + tokens
+    ours = np.concatenate([e.forward(ids, 0, all_logits=True)[-1:]] +
+                          [e.forward([t], p)[None] for p, t in enumerate(tokens[:-1], len(ids))])
+    ref = ref[len(ids) - 1:len(seq) - 1]
+    assert (ref.argmax(-1) == tokens).all()
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > 0.05
+    agree = ours.argmax(-1) == ref.argmax(-1)
+    assert decisive.sum() >= N_TOKENS - 4 and agree[decisive].all(), np.where(~agree)
+
+
+def test_gemma3_free_greedy_equals_the_reference_until_a_near_tie(gemma_s8, gemma_reference):
+    """ORT, greedy, no speculation: the reference's tokens up to its first near tie (top two
+    within 0.05 in float32); measured: 31 of 32 tokens."""
+    ids, _, tokens, ref = gemma_reference
+    gen = Generator.load(gemma_s8, engine="ort", threads=2)
+    ours = gen.generate(ids, SamplingConfig(), max_new_tokens=N_TOKENS, speculate="off").token_ids
+    top2 = np.sort(ref[len(ids) - 1:], axis=-1)[:, -2:]
+    near = [i for i, (a, b) in enumerate(top2[:N_TOKENS]) if b - a <= 0.05]
+    same = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b), N_TOKENS)
+    assert same == N_TOKENS or same in near, (same, near)
+    assert same >= 8  # " the capital of the country of France." at least
+
+
+def test_gemma3_names_paris(gemma_s8):
+    """The base model continues "The capital of France is" with " the capital of the country
+    of France." (float32 does too), so the Paris check completes a sentence that asks for it."""
+    gen = Generator.load(gemma_s8, threads=2)
+    ids = gen.tokenizer.encode("The capital of France is the city of").ids
+    assert "Paris" in gen.generate(ids, SamplingConfig(), max_new_tokens=8).text
