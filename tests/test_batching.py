@@ -276,3 +276,26 @@ def test_plan_counts_a_kv_cache_per_parallel_request(artifact):
     for a, b in zip(one, four):
         assert b["kv_cache_gb"] == pytest.approx(4 * a["kv_cache_gb"])
         assert b["runtime_gb"] == pytest.approx(a["runtime_gb"] + 3 * a["kv_cache_gb"])
+
+
+def test_an_app_serves_again_after_a_restart_and_refuses_while_closed(artifact):
+    """Regression: after one lifespan had ended, the app answered 200 with no tokens (its
+    scheduler stayed closed); now a new lifespan serves again, and a closed one says 503."""
+    from starlette.testclient import TestClient
+
+    from edgellm.server.app import create_app
+
+    app = create_app(_gen(artifact, "numpy"), "m")
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0}
+    answers = []
+    for _ in range(2):
+        with TestClient(app) as c:
+            answers.append(c.post("/v1/chat/completions", json=body).json())
+    assert [a["usage"]["completion_tokens"] for a in answers] == [4, 4]
+    assert answers[0]["choices"] == answers[1]["choices"]
+    with TestClient(app) as c:
+        app.state.served.close()
+        closed = c.post("/v1/chat/completions", json=body)
+        assert closed.status_code == 503 and closed.headers["retry-after"] == "1"
+        assert closed.json()["error"]["code"] == "shutting_down"

@@ -60,8 +60,6 @@ def client(tmp_path_factory):
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "chat_template": THINKING_TEMPLATE}))
     art = build(tmp / "hf", tmp / "art", BuildOptions(kv_cache_len=256))
-    # one lifespan for the module (a second one on the same app answered with no tokens: noted
-    # in issue 20's closing note)
     with TestClient(create_app(Generator.load(art, threads=1), "tiny")) as client:
         yield client
 

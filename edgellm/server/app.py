@@ -446,6 +446,7 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        served.open()
         yield
         served.close()  # shutting down: running and queued generations stop at their next step
 

@@ -96,7 +96,11 @@ class Scheduler:
                 "batch_size_mean": round(batch, 2), "decode_tok_s_aggregate": round(tok_s, 1)}
 
     def admit(self):
-        """Take a request in line, or refuse it (429) past the queue bound."""
+        """Take a request in line, or refuse it (429) past the queue bound or while the
+        server shuts down (an empty 200 answer would look like the model's)."""
+        if self.closing.is_set():
+            raise APIError(503, "the server is shutting down; retry shortly", "server_error",
+                           "shutting_down", headers={"Retry-After": "1"})
         if self.pending > self.max_queue:
             self.metrics["rejected_total"] += 1
             raise APIError(429, "the server is busy; retry shortly", "rate_limit_error",
@@ -119,6 +123,10 @@ class Scheduler:
             return build(self.grammar)
         except EdgeLLMError as e:
             raise APIError(400, str(e), param=param) from None
+
+    def open(self):
+        """Serve (again): the app's lifespan starts, a second time in tests that reuse it."""
+        self.closing.clear()
 
     def close(self):
         """Stop every running and queued generation at its next step (server shutdown)."""
