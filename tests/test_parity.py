@@ -180,3 +180,77 @@ def test_minicpm_s8_keeps_top1(tmp_path):
     got = _stepwise_logits(_engine(tmp_path, tmp_path / "hf", weight_type="s8"), ids, prefill=33)
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     assert np.abs(got - expected).max() / np.abs(expected).max() < 0.015
+
+
+def _write_gguf(path, model, arch: str, hf_dir) -> None:
+    """The tiny HF model as llama.cpp's converter would write it: GGUF names, F32 tensors,
+    Gemma's norms stored as 1 + weight, the layer pattern as a flag per layer."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    from edgellm.arch import get_arch
+
+    cfg, spec = model.config, get_arch(arch)
+    w = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_context_length(cfg.max_position_embeddings)
+    rope = cfg.rope_parameters
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+    if arch == "gemma3":
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_array(f"{arch}.attention.sliding_window_pattern",
+                         [t == "sliding_attention" for t in cfg.layer_types])
+        writer.add_float32(f"{arch}.rope.freq_base_swa",
+                           rope["sliding_attention"]["rope_theta"])
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(cfg.vocab_size - len(vocab))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in
+                             json.loads(tok.to_str())["model"]["merges"]])
+    writer.add_eos_token_id(2)
+    offset = 1.0 if arch == "gemma3" else 0.0
+    for layer in range(cfg.num_hidden_layers):
+        for name, template in spec.gguf_layer.items():
+            hf = spec.hf_layer[name].replace("{L}", str(layer))
+            value = w[hf] + offset if name.endswith("norm") else w[hf]
+            writer.add_tensor(template.replace("{L}", str(layer)), value)
+    writer.add_tensor("token_embd.weight", w["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", w["model.norm.weight"] + offset)
+    if not cfg.tie_word_embeddings:
+        writer.add_tensor("output.weight", w["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# GGUF metadata has no query_pre_attn_scalar: llama.cpp takes head_dim (hidden / heads for the
+# 27B), which is what every Gemma 3 checkpoint uses, so the GGUF case uses head_dim too
+GEMMA3_GGUF = {**GEMMA3, "query_pre_attn_scalar": 32}
+
+
+@pytest.mark.parametrize("arch,tied,config", [("qwen3", False, QWEN3),
+                                              ("gemma3", True, GEMMA3_GGUF)],
+                         ids=["qwen3", "gemma3"])
+def test_gguf_sources_match_transformers(tmp_path, arch, tied, config):
+    """The GGUF spellings: llama.cpp's tensor names (q/k norms, post norms), Gemma's norms with
+    the 1 already added, the layer pattern, local rope base and activation from the metadata."""
+    model = make_tiny_model(tmp_path / "hf", arch, tied, **config)
+    _write_gguf(tmp_path / "m.gguf", model, arch, tmp_path / "hf")
+    ids = list(np.random.default_rng(1).integers(0, 300, SEQ))
+    expected = _reference_logits(model, ids)
+    engine = _engine(tmp_path, tmp_path / "m.gguf", weight_type="bf16", hidden_state_type="fp32")
+    got = _stepwise_logits(engine, ids, prefill=40)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
