@@ -40,3 +40,13 @@ GGUF_GLOBAL = {
     "output_norm": "output_norm.weight",
     "lm_head": "output.weight",
 }
+
+# the llama layout without q/k/v biases (Llama, Qwen3, Gemma 3)
+HF_LAYER_NO_BIAS = {k: v for k, v in HF_LAYER.items() if not k.endswith("_bias")}
+GGUF_LAYER_NO_BIAS = {k: v for k, v in GGUF_LAYER.items() if not k.endswith("_bias")}
+
+# per-head q/k RMS norms (Qwen3, Gemma 3)
+HF_QK_NORMS = {"attn_q_norm": "model.layers.{L}.self_attn.q_norm.weight",
+               "attn_k_norm": "model.layers.{L}.self_attn.k_norm.weight"}
+GGUF_QK_NORMS = {"attn_q_norm": "blk.{L}.attn_q_norm.weight",
+                 "attn_k_norm": "blk.{L}.attn_k_norm.weight"}

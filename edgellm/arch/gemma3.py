@@ -13,48 +13,26 @@ five sliding-window ones (keys at distance < sliding_window, rope base rope_loca
 no scaling) with one global one (rope_theta and its scaling).
 
 GGUF metadata carries neither the activation, the layer pattern, the local rope base nor
-query_pre_attn_scalar:
-llama.cpp hard-codes them for gemma3 (GELU-tanh, pattern 6, base 10000, head_dim; hidden/heads
-for the 62 layers of 27B), and so does this spec, unless the file says otherwise.
+query_pre_attn_scalar: llama.cpp hard-codes them for gemma3 (GELU-tanh, pattern 6, base 10000,
+head_dim; hidden/heads for the 62 layers of 27B), and so does this spec, unless the file says
+otherwise.
 """
 
 import math
 
+from edgellm.arch import _tables as t
 from edgellm.arch.spec import ArchSpec
 from edgellm.errors import EdgeLLMError
 
-_P = "model.layers.{L}."
-HF_LAYER = {
-    "attn_norm": _P + "input_layernorm.weight",
-    "attn_post_norm": _P + "post_attention_layernorm.weight",
-    "ffn_norm": _P + "pre_feedforward_layernorm.weight",
-    "ffn_post_norm": _P + "post_feedforward_layernorm.weight",
-    "attn_q_norm": _P + "self_attn.q_norm.weight",
-    "attn_k_norm": _P + "self_attn.k_norm.weight",
-    "attn_q": _P + "self_attn.q_proj.weight",
-    "attn_k": _P + "self_attn.k_proj.weight",
-    "attn_v": _P + "self_attn.v_proj.weight",
-    "attn_out": _P + "self_attn.o_proj.weight",
-    "ffn_gate": _P + "mlp.gate_proj.weight",
-    "ffn_up": _P + "mlp.up_proj.weight",
-    "ffn_down": _P + "mlp.down_proj.weight",
-}
-_B = "blk.{L}."
-GGUF_LAYER = {
-    "attn_norm": _B + "attn_norm.weight",
-    "attn_post_norm": _B + "post_attention_norm.weight",
-    "ffn_norm": _B + "ffn_norm.weight",
-    "ffn_post_norm": _B + "post_ffw_norm.weight",
-    "attn_q_norm": _B + "attn_q_norm.weight",
-    "attn_k_norm": _B + "attn_k_norm.weight",
-    "attn_q": _B + "attn_q.weight",
-    "attn_k": _B + "attn_k.weight",
-    "attn_v": _B + "attn_v.weight",
-    "attn_out": _B + "attn_output.weight",
-    "ffn_gate": _B + "ffn_gate.weight",
-    "ffn_up": _B + "ffn_up.weight",
-    "ffn_down": _B + "ffn_down.weight",
-}
+# the llama layout, q/k norms and the post norms; HF's post_attention_layernorm is the norm on
+# the attention output here, and the FFN's input norm is pre_feedforward_layernorm
+HF_LAYER = {**t.HF_LAYER_NO_BIAS, **t.HF_QK_NORMS,
+            "attn_post_norm": "model.layers.{L}.post_attention_layernorm.weight",
+            "ffn_norm": "model.layers.{L}.pre_feedforward_layernorm.weight",
+            "ffn_post_norm": "model.layers.{L}.post_feedforward_layernorm.weight"}
+GGUF_LAYER = {**t.GGUF_LAYER_NO_BIAS, **t.GGUF_QK_NORMS,
+              "attn_post_norm": "blk.{L}.post_attention_norm.weight",
+              "ffn_post_norm": "blk.{L}.post_ffw_norm.weight"}
 PATTERN = 6  # every sixth layer global (Gemma3TextConfig's and llama.cpp's default)
 LOCAL_THETA = 10000.0
 
@@ -80,11 +58,13 @@ def _from_hf(cfg: dict) -> dict:
     if cfg.get("use_bidirectional_attention"):
         raise EdgeLLMError("gemma3 with use_bidirectional_attention is not a causal LM")
     layers = int(cfg["num_hidden_layers"])
-    kinds = cfg.get("layer_types") or _pattern(layers, int(cfg.get("sliding_window_pattern", PATTERN)))
+    kinds = cfg.get("layer_types") or _pattern(layers,
+                                               int(cfg.get("sliding_window_pattern", PATTERN)))
     unknown = set(kinds) - {"sliding_attention", "full_attention"}
     if unknown or len(kinds) != layers:
+        got = sorted(unknown) or f"{len(kinds)} entries"
         raise EdgeLLMError(f"gemma3 layer_types must name each of the {layers} layers "
-                           f"sliding_attention or full_attention (got {sorted(unknown) or len(kinds)})")
+                           f"sliding_attention or full_attention (got {got})")
     local = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get(
         "rope_theta", cfg.get("rope_local_base_freq", LOCAL_THETA))
     return _common(int(cfg["hidden_size"]), cfg.get("query_pre_attn_scalar", 256),
@@ -112,12 +92,10 @@ def _from_gguf(meta: dict) -> dict:
 SPEC = ArchSpec(
     name="gemma3",
     hf_layer=HF_LAYER,
-    hf_global={"embed": "model.embed_tokens.weight", "output_norm": "model.norm.weight",
-               "lm_head": "lm_head.weight"},
+    hf_global=t.HF_GLOBAL,
     hf_ignored=(),
     gguf_layer=GGUF_LAYER,
-    gguf_global={"embed": "token_embd.weight", "output_norm": "output_norm.weight",
-                 "lm_head": "output.weight"},
+    gguf_global=t.GGUF_GLOBAL,
     qkv_bias=False,
     gguf_qk_permuted=False,  # llama.cpp runs Gemma's rope in rotate-half (NEOX) form
     tie_default=True,

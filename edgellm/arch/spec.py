@@ -127,12 +127,6 @@ class ModelConfig:
         return cls(**d)
 
 
-def _activation(name: str) -> str:
-    if name not in ACTIVATIONS:
-        raise EdgeLLMError(f"hidden_act {name!r} is not supported ({', '.join(sorted(ACTIVATIONS))})")
-    return ACTIVATIONS[name]
-
-
 def _rope_from_hf(cfg: dict) -> tuple[float, dict | None, float]:
     """(theta, scaling, partial_rotary_factor). rope_theta sits at top level (transformers 4.x)
     or under rope_parameters (5.x); so may partial_rotary_factor."""
@@ -230,8 +224,9 @@ class ArchSpec:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", self.tie_default)),
                 qkv_bias=self.qkv_bias,
-                hidden_act=_activation(cfg.get("hidden_activation") or cfg.get("hidden_act")
-                                       or "silu"),
+                # an unknown name passes through, for ModelConfig's check to name it
+                hidden_act=ACTIVATIONS.get(name := cfg.get("hidden_activation")
+                                           or cfg.get("hidden_act") or "silu", name),
                 rope_scaling=scaling,
                 rotary_dim=rotary if rotary != head_dim else None,
                 extra={k: v for k, v in cfg.items() if k not in _HF_KEYS},

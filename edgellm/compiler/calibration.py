@@ -50,10 +50,10 @@ class Calibration:
 
     def fit_layer(self, layer: int, float_w: dict,
                   quantize: Callable[[str, Gram], np.ndarray]) -> dict[str, np.ndarray]:
-        """Step the sequences through decoder layer `layer`, calling quantize(linear name, Gram matrix of its
-        inputs) -> its dequantized weights for each linear in turn; moves the hidden states
-        through the quantized layer and returns its weights (float_w with the linears
-        replaced)."""
+        """Step the sequences through decoder layer `layer`, calling quantize(linear name, Gram
+        matrix of its inputs) -> its dequantized weights for each linear in turn; moves the
+        hidden states through the quantized layer and returns its weights (float_w with the
+        linears replaced)."""
         w = dict(float_w)
         shape = (self.kv_cache_len, self.cfg.num_kv_heads, self.cfg.head_dim)
         runs = [reference.decoder_layer_steps(h, w, self.cfg, 0, np.zeros(shape, np.float32),

