@@ -15,7 +15,8 @@ THINKING_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-    "{% endif %}{% if open_think %}<think>\n{% endif %}{% endif %}")
+    "{% endif %}{% if open_think %}<think>\n{% endif %}{% endif %}"
+    "{% if pad %}{{ ' ' * pad }}{% endif %}")  # pad: arithmetic on a kwarg a client can get wrong
 
 
 @pytest.mark.parametrize("text,inside,expected", [
@@ -79,6 +80,9 @@ def test_chat_template_kwargs_reach_the_template(client):
     assert refused.json()["error"]["param"] == "chat_template_kwargs"
     wrong = _chat(client, chat_template_kwargs=["enable_thinking"])
     assert wrong.status_code == 400
+    # a value the template cannot compute with: the request's fault (it was a 500)
+    typed = _chat(client, chat_template_kwargs={"pad": "x"})
+    assert typed.status_code == 400 and "TypeError" in typed.json()["error"]["message"]
 
 
 def test_an_answer_inside_the_reasoning_is_reasoning_content(client):

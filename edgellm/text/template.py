@@ -48,3 +48,5 @@ class ChatTemplate:
                 bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
         except jinja2.TemplateError as e:
             raise EdgeLLMError(f"chat template error: {e}") from None
+        except (TypeError, ValueError) as e:  # the template's operations on values it was given
+            raise EdgeLLMError(f"chat template error: {type(e).__name__}: {e}") from None
