@@ -13,9 +13,9 @@ memory-mapped external initializers: ORT packs them into its own buffer, and the
 are the kernel's to drop (inline in the graph, ORT kept them beside its packed copy: Qwen2.5-
 Coder-0.5B s8 steady RSS 1.23 GB instead of 0.70 GB).
 
-Layer graph, per 8-bit matmul y = x @ W.T (+ bias), x [1, n, K]:
-    s = ReduceMax(|x|, last axis) / 127 + 1e-12            [1, n, 1], shared by q/k/v, gate/up
-    xq = QuantizeLinear(x, s, 128, axis=1)                 uint8
+Layer graph, per 8-bit matmul y = x @ W.T (+ bias), x [b, n, K]:
+    s = ReduceMax(|x|, last axis) / 127 + 1e-12            [b, n, 1], shared by q/k/v, gate/up
+    xq = QuantizeLinear(x as [b * n, K], s, 128, axis=0)   uint8, back in x's shape
     y = Cast(MatMulInteger(xq, Wq, 128), float) * s * w_scale (+ bias)
 """
 
@@ -93,13 +93,19 @@ class _Rewriter:
         return out
 
     def rows_quantized(self, x: str) -> tuple[str, str]:
-        """(uint8 x, its row scales [1, n, 1]), once per input tensor."""
+        """(uint8 x, its row scales [b, n, 1]), once per input tensor. The rows of every
+        sequence of the batch are quantized as one [b * n, K] matrix (QuantizeLinear's
+        per-axis scales take one axis) and put back in x's shape."""
         if x not in self.quantized:
             peak = self.node("ReduceMax", [self.node("Abs", [x])], axes=[-1], keepdims=1)
             scale = self.node("Add", [self.node("Mul", [peak, "qgemm_inv127"]), "qgemm_eps"])
             flat = self.node("Reshape", [scale, "qgemm_flat"])
-            zp = self.node("Expand", ["qgemm_zp", self.node("Shape", [flat])])
-            self.quantized[x] = self.node("QuantizeLinear", [x, flat, zp], axis=1), scale
+            n_rows = self.node("Shape", [flat])  # [b * n]
+            zp = self.node("Expand", ["qgemm_zp", n_rows])
+            matrix = self.node("Reshape", [x, self.node("Concat", [n_rows, "qgemm_flat"],
+                                                        axis=0)])  # [b * n, K]
+            xq = self.node("QuantizeLinear", [matrix, flat, zp], axis=0)
+            self.quantized[x] = self.node("Reshape", [xq, self.node("Shape", [x])]), scale
         return self.quantized[x]
 
     def array(self, name: str) -> np.ndarray:
