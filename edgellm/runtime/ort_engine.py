@@ -3,9 +3,10 @@
 Sessions are created once; the KV cache is preallocated per layer as
 [slots, kv_heads, kv_cache_len, head_dim] fp32 OrtValues bound as both past and present, so
 GroupQueryAttention updates it in place; a slot is one sequence's region (one for the CLI,
-`serve --parallel N` has N). Decode reuses bindings made once per slot (two ping-pong
-hidden-state buffers), so a token costs one `run_with_iobinding` per session and no allocation;
-`decode_rows` runs one token for each of several neighbouring slots in one call per session.
+`serve --parallel N` has N). Decode reuses bindings made once per run of neighbouring
+slots (two ping-pong hidden-state buffers), so a token costs one `run_with_iobinding` per
+session and no allocation; `decode_rows` runs one token for each of several neighbouring slots
+in one call per session.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class OrtEngine:
         # updates in place
         self.k_np, self.v_np = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         self._views: dict[tuple[int, int], tuple[list, list]] = {}
-        self._decode: dict[int, tuple] = {}  # slot -> its one-token bindings and buffers
+        self._decode: dict[tuple[int, int], tuple] = {}  # (first, count) -> one-token bindings
 
     def _cache(self, first: int, count: int) -> tuple[list, list]:
         """Per layer, OrtValues over slots first .. first+count-1 of the K and V caches."""
@@ -165,25 +166,26 @@ class OrtEngine:
         b.bind_ortvalue_output("present_value", v)
         return b
 
-    def _decode_bindings(self, slot: int):
-        """One slot's bindings for one token, made once: layer i reads buffer i%2 and writes
-        the other; (layer bindings, post binding, hidden buffer, seqlens, total, logits)."""
-        if slot in self._decode:
-            return self._decode[slot]
+    def _decode_bindings(self, first: int, count: int = 1):
+        """The bindings for one token of each of the slots first.., made once per run of
+        slots: layer i reads buffer i%2 and writes the other; (layer bindings, post binding,
+        hidden buffer, seqlens, total, logits)."""
+        if (first, count) in self._decode:
+            return self._decode[first, count]
         ov = self.ort.OrtValue
-        hbuf = [np.zeros((1, 1, self.config.hidden_size), np.float32) for _ in range(2)]
-        seqlens, total = np.zeros(1, np.int32), np.zeros((), np.int32)
+        hbuf = [np.zeros((count, 1, self.config.hidden_size), np.float32) for _ in range(2)]
+        seqlens, total = np.zeros(count, np.int32), np.zeros((), np.int32)
         bufs = [ov.ortvalue_from_numpy(h) for h in hbuf]
         seq, tot = ov.ortvalue_from_numpy(seqlens), ov.ortvalue_from_numpy(total)
-        cache = self._cache(slot, 1)
+        cache = self._cache(first, count)
         layers = [self._bind_layer(i, bufs[i % 2], bufs[(i + 1) % 2], seq, tot, cache)
                   for i in range(len(self.layers))]
         post = self.post.io_binding()
         post.bind_ortvalue_input("hidden", bufs[len(self.layers) % 2])
-        logits = np.zeros((1, 1, self.config.vocab_size), np.float32)
+        logits = np.zeros((count, 1, self.config.vocab_size), np.float32)
         post.bind_ortvalue_output("logits", ov.ortvalue_from_numpy(logits))
-        self._decode[slot] = layers, post, hbuf[0], seqlens, total, logits
-        return self._decode[slot]
+        self._decode[first, count] = layers, post, hbuf[0], seqlens, total, logits
+        return self._decode[first, count]
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         return embedding_rows(self.embed, tokens, self.config)
@@ -199,20 +201,21 @@ class OrtEngine:
         tokens = np.asarray(tokens, dtype=np.int64)
         self._check(pos, len(tokens))
         if len(tokens) == 1 and not all_logits:
-            return self._decode_step(tokens, pos, slot)
+            return self._decode_step(tokens, [pos], slot)[0]
         h = self._layers(self.embed_tokens(tokens)[None], [pos + len(tokens) - 1], slot)
         last = h if all_logits else h[:, -1:]
         logits = self.post.run(["logits"], {"hidden": np.ascontiguousarray(last)})[0][0]
         return logits if all_logits else logits[0]
 
-    def _decode_step(self, tokens: np.ndarray, pos: int, slot: int) -> np.ndarray:
-        layers, post, hidden, seqlens, total, logits = self._decode_bindings(slot)
-        seqlens[0], total[()] = pos, pos + 1
-        hidden[0] = self.embed_tokens(tokens)
+    def _decode_step(self, tokens: np.ndarray, positions: list[int], first: int) -> np.ndarray:
+        """One token for each of the slots first.. at its position: logits [rows, vocab]."""
+        layers, post, hidden, seqlens, total, logits = self._decode_bindings(first, len(tokens))
+        seqlens[:], total[()] = positions, max(positions) + 1
+        hidden[:, 0] = self.embed_tokens(tokens)
         for session, binding in zip(self.layers, layers):
             session.run_with_iobinding(binding)
         self.post.run_with_iobinding(post)
-        return logits[0, 0].copy()  # the buffer is reused by the next step
+        return logits[:, 0].copy()  # the buffer is reused by the next step
 
     def decode_rows(self, first: int, tokens: list[int], positions: list[int]) -> np.ndarray:
         """One token for each of the slots first, first+1, ... at its own position, in one call
@@ -220,11 +223,8 @@ class OrtEngine:
         token 0 (its result is dropped), so its position must not hold K/V anyone needs."""
         for p in positions:
             self._check(p, 1)
-        if len(tokens) == 1:  # one slot: its bindings made once
-            return self._decode_step(np.array(tokens, np.int64), positions[0], first)[None]
-        ids = np.array([max(t, 0) for t in tokens], np.int64)
-        h = self._layers(self.embed_tokens(ids)[:, None, :], positions, first)
-        return self.post.run(["logits"], {"hidden": h})[0][:, 0]
+        return self._decode_step(np.array([max(t, 0) for t in tokens], np.int64), positions,
+                                 first)
 
     def _layers(self, h: np.ndarray, last_positions: list[int], first: int) -> np.ndarray:
         """Hidden states [b, n, D] of slots first.. through every layer; last_positions: each
