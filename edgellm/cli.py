@@ -52,6 +52,13 @@ def _count(text: str) -> int:
     return n
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not at least 1")
+    return n
+
+
 def _command(sub, name: str, summary: str, description: str | None = None, **kw):
     return sub.add_parser(name, help=summary, description=description or summary,
                           formatter_class=_Help, **kw)
@@ -229,6 +236,11 @@ def _add_misc(sub):
                    help="requests generated at once, their decode steps batched, each with a KV "
                         "cache of its own (default: as many as fit in free memory, at most 4; "
                         "1 for artifacts built before batched graphs)")
+    p.add_argument("--prefill-budget", type=_positive, default=None, metavar="TOKENS",
+                   help="with --parallel: prompt tokens prefilled (new requests' prompts, in "
+                        "chunks) before the decoding requests get their next step; larger "
+                        "favours new requests' first token, smaller the running streams "
+                        "(default: the artifact's prefill chunk, 128 unless built otherwise)")
     p.add_argument("--quiet", action="store_true", help="no line per request")
     p.add_argument("--no-tool-grammar", action="store_true",
                    help="leave tool_choice auto unconstrained (the lazy grammar keeps every call "
@@ -486,7 +498,7 @@ def cmd_serve(a) -> int:
     upstream = Upstream(a.upstream, a.upstream_key, a.upstream_model) if a.upstream else None
     serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
           quiet=a.quiet, verify=a.verify, tool_grammar=not a.no_tool_grammar,
-          speculate=a.speculate, parallel=a.parallel,
+          speculate=a.speculate, parallel=a.parallel, prefill_budget=a.prefill_budget,
           **_engine_opts(a))
     return 0
 

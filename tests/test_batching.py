@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -303,3 +304,135 @@ def test_an_app_serves_again_after_a_restart_and_refuses_while_closed(artifact):
         closed = c.post("/v1/chat/completions", json=body)
         assert closed.status_code == 503 and closed.headers["retry-after"] == "1"
         assert closed.json()["error"]["code"] == "shutting_down"
+
+
+class _LoggedEngine:
+    """An engine that records the order of its calls; a decode step can be held at `gate`."""
+
+    slots, prefill_len, kv_cache_len = 4, 128, 1024
+
+    def __init__(self):
+        self.calls, self.gate = [], threading.Event()
+        self.gate.set()
+
+    def decode_rows(self, first, tokens, positions):
+        self.gate.wait(10)
+        self.calls.append("step")
+        return np.zeros((len(tokens), 8), np.float32)
+
+    def forward(self, tokens, pos, all_logits=False, slot=0):
+        self.calls.append(f"prefill {slot}")
+        return np.zeros(8, np.float32)
+
+
+def _decoding(batcher, slot: int, stop: threading.Event) -> threading.Thread:
+    def loop():
+        pos = 0
+        while not stop.is_set():
+            batcher.step(slot, 1, pos)
+            pos += 1
+        batcher.release(slot)
+    t = threading.Thread(target=loop)
+    t.start()
+    return t
+
+
+def _wait_until(condition):
+    for _ in range(1000):
+        if condition():
+            return
+        threading.Event().wait(0.005)
+    raise AssertionError("timed out")
+
+
+def test_prompts_arriving_together_are_prefilled_before_the_next_decode_step():
+    """runtime.batch's prefill policy: short prompts waiting for the engine all run before the
+    decoding slots' next step (up to prefill_budget tokens): their first tokens come sooner.
+    Before, each prompt waited for a decode step of the others after the one before it."""
+    from edgellm.runtime.batch import Batcher
+
+    engine = _LoggedEngine()
+    batcher, stop = Batcher(engine, max_wait=1.0), threading.Event()
+    engine.gate.clear()  # slot 0's first step holds the engine while two prompts arrive
+    decoder = _decoding(batcher, 0, stop)
+    _wait_until(lambda: batcher.running)
+    prompts = [threading.Thread(target=batcher.forward_many, args=(s, [5] * 10, 0, False))
+               for s in (1, 2)]
+    for t in prompts:
+        t.start()
+    _wait_until(lambda: len(batcher.prefilling) == 2)
+    engine.gate.set()
+    for t in prompts:
+        t.join()
+    stop.set()
+    decoder.join()
+    first = engine.calls.index("step")
+    assert sorted(engine.calls[first + 1:first + 3]) == ["prefill 1", "prefill 2"], engine.calls
+
+
+def _long_prompt(budget: int | None) -> list[str]:
+    """The engine's calls while slot 1 prefills three 128-token chunks as one prompt (as
+    Generator.prefill does) and slot 0 decodes."""
+    from edgellm.runtime.batch import Batcher
+
+    engine = _LoggedEngine()
+    batcher, stop = Batcher(engine, max_wait=1.0, prefill_budget=budget), threading.Event()
+    decoder = _decoding(batcher, 0, stop)
+    _wait_until(lambda: "step" in engine.calls)
+    with batcher.prefill(1):
+        for chunk in range(3):
+            batcher.forward_many(1, [5] * 128, 128 * chunk, False)
+            time.sleep(0.02)  # the generator's own work between two chunks
+    stop.set()
+    decoder.join()
+    return engine.calls[engine.calls.index("prefill 1"):]
+
+
+def test_a_long_prompt_gives_the_decoding_slots_a_step_between_its_chunks():
+    """...and a prompt of several chunks does not stop the others: past the budget (one chunk
+    by default) the decoding slot gets a step before the next chunk."""
+    calls = _long_prompt(None)
+    chunks = [i for i, c in enumerate(calls) if c == "prefill 1"]
+    assert len(chunks) == 3
+    assert all("step" in calls[a:b] for a, b in zip(chunks, chunks[1:])), calls
+
+
+def test_the_prefill_budget_spans_the_chunks_of_one_prompt():
+    """serve --prefill-budget 256: two chunks of one prompt run back to back (the decoding slot
+    does not slip a step in between, though each chunk is its own engine call), then a step."""
+    calls = _long_prompt(256)
+    assert calls[:4] == ["prefill 1", "prefill 1", "step", "prefill 1"], calls
+
+
+def test_serve_takes_the_prefill_budget(artifact):
+    from edgellm.server.app import create_app
+
+    served = create_app(_gen(artifact, "numpy", slots=2), "m", prefill_budget=256).state.served
+    assert served.batcher.prefill_budget == 256
+    default = create_app(_gen(artifact, "numpy", slots=2), "m").state.served
+    assert default.batcher.prefill_budget == default.gen.engine.prefill_len
+    bad = edgellm("serve", artifact, "--prefill-budget", "0")
+    assert bad.returncode == 2 and "--prefill-budget: 0 is not at least 1" in bad.stderr
+
+
+def test_prompts_ending_in_a_one_token_chunk_do_not_wait_for_each_other():
+    """Regression (a soak of the server hung): a prompt whose last chunk is one token (all of
+    it, after a prefix-cache hit) asks for it as a decode step while inside its prefill; such
+    slots waited for their own prefill turn forever."""
+    from edgellm.runtime.batch import Batcher
+
+    engine = _LoggedEngine()
+    batcher = Batcher(engine, max_wait=0.05)
+
+    def prompt(slot):
+        with batcher.prefill(slot):
+            batcher.step(slot, 5, 40)
+        batcher.release(slot)
+
+    threads = [threading.Thread(target=prompt, args=(s,), daemon=True) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), engine.calls
+    assert engine.calls.count("step") >= 1

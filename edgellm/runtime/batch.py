@@ -4,14 +4,20 @@ Each of the engine's KV-cache slots gets a `SlotEngine`, which looks to a Genera
 engine of its own. A one-token forward (a decode step) waits at the `Batcher` until every other
 slot that is decoding has asked for its step too (or `max_wait` has passed), and then one
 `engine.decode_rows` call runs them all: decode is bandwidth-bound, so B tokens cost far less
-than B calls. A several-token forward (a prefill chunk, a speculative verify) runs alone, and
-between two chunks of one prompt the decoding slots get a step: a long prompt slows the others
-by one chunk at a time (the artifact's prefill_len, 128 tokens) but does not stop them.
+than B calls. A several-token forward (a prefill chunk, a speculative verify) runs alone.
+
+Prefill policy (`serve --prefill-budget`): the chunks (the artifact's prefill_len, 128 tokens)
+of the prompts waiting for the engine run one after another until `prefill_budget` prompt tokens
+(default: one chunk) have run since the last decode step; then the decoding slots get a step.
+Several short prompts arriving together are all prefilled before the next step (their first
+tokens come sooner), and a long prompt slows the others by one budget at a time but never stops
+them.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 
@@ -19,8 +25,9 @@ import numpy as np
 
 
 class Batcher:
-    def __init__(self, engine, max_wait: float = 0.03):
+    def __init__(self, engine, max_wait: float = 0.03, prefill_budget: int | None = None):
         self.engine, self.max_wait = engine, max_wait
+        self.prefill_budget = prefill_budget or engine.prefill_len
         self.cond = threading.Condition()
         self.engine_lock = threading.Lock()  # one engine call at a time
         self.pending: dict[int, tuple[int, int]] = {}  # slot -> (token, position)
@@ -28,6 +35,8 @@ class Batcher:
         self.decoding: set[int] = set()  # slots expected to ask for a step
         self.fill = [0] * engine.slots  # positions written per slot (rows without a request)
         self.running = False
+        self.prefilling: set[int] = set()  # slots prefilling (or verifying) a prompt
+        self.prefilled = 0  # their tokens admitted since the last decode step
         self.steps = 0
         self.recent: collections.deque = collections.deque(maxlen=256)  # (time, batch size)
 
@@ -39,9 +48,11 @@ class Batcher:
             self.cond.notify_all()
             deadline = time.monotonic() + self.max_wait
             while slot not in self.results:
-                if self.running:  # the wait for the others starts when the engine is free:
-                    self.cond.wait(0.05)  # else a step that came in during a batch would run
-                    deadline = time.monotonic() + self.max_wait  # alone right after it
+                # the wait for the others starts when the engine is free (else a step that came
+                # in during a batch or a prefill turn would run alone right after it)
+                if self.running or self._prefill_turn():
+                    self.cond.wait(0.05)
+                    deadline = time.monotonic() + self.max_wait
                     continue
                 if self.decoding <= self.pending.keys() or time.monotonic() >= deadline:
                     self._run_batch()
@@ -77,27 +88,58 @@ class Batcher:
         for s in batch:
             self.results[s] = logits if isinstance(logits, BaseException) else logits[s - first]
         self.running = False
+        self.prefilled = 0
         self.steps += 1
         self.recent.append((time.monotonic(), len(batch)))
         self.cond.notify_all()
 
-    def forward_many(self, slot: int, tokens, pos: int, all_logits: bool) -> np.ndarray:
-        """A several-token forward of one slot, alone; then, if steps wait, one batch first."""
+    def _prefill_turn(self) -> bool:
+        """Whether a prompt's chunk goes before the next decode step (a prompt whose last
+        chunk is one token asks for it as a step: it waits with the others)."""
+        return bool(self.prefilling - self.pending.keys()) and \
+            self.prefilled < self.prefill_budget
+
+    @contextlib.contextmanager
+    def prefill(self, slot: int):
+        """A prompt's chunks (several forward_many calls) count as one prefill: while it lasts,
+        the decoding slots wait for the budget to be spent, not for a chunk to end."""
+        self._enter(slot)
+        try:
+            yield
+        finally:
+            self._leave(slot)
+
+    def _enter(self, slot: int):
         with self.cond:
             self.decoding.discard(slot)  # not asking for a step while this runs
+            self.prefilling.add(slot)
             self.cond.notify_all()
-        with self.engine_lock:
-            out = self.engine.forward(tokens, pos, all_logits, slot=slot)
-            self.fill[slot] = pos + len(tokens)
+
+    def _leave(self, slot: int):
         with self.cond:
-            steps = self.steps
-            # the decoding slots' turn: a batch waiting (or formed and waiting for the engine,
-            # which this thread could otherwise take again first) runs before the next chunk
-            while (self.pending or self.running) and self.steps == steps:
-                if not self.running:
-                    self._run_batch()
-                else:
-                    self.cond.wait(0.01)
+            self.prefilling.discard(slot)
+            self.cond.notify_all()
+
+    def forward_many(self, slot: int, tokens, pos: int, all_logits: bool) -> np.ndarray:
+        """A several-token forward of one slot, alone, once the prefill budget allows it."""
+        own = slot not in self.prefilling  # a verify, or a chunk outside prefill()
+        if own:
+            self._enter(slot)
+        try:
+            with self.cond:
+                # the budget spent: the decoding slots' step first (they form it themselves,
+                # within max_wait, or have nothing more to ask)
+                deadline = time.monotonic() + self.max_wait
+                while self.running or (self.decoding and self.prefilled >= self.prefill_budget
+                                       and time.monotonic() < deadline):
+                    self.cond.wait(0.005)
+                self.prefilled += len(tokens)  # counted at once: chunks admitted together
+            with self.engine_lock:             # stay within the budget
+                out = self.engine.forward(tokens, pos, all_logits, slot=slot)
+                self.fill[slot] = pos + len(tokens)
+        finally:
+            if own:
+                self._leave(slot)
         return out
 
     def release(self, slot: int):
@@ -147,6 +189,10 @@ class SlotEngine:
         if len(tokens) == 1 and not all_logits:
             return self.batcher.step(self.slot, int(tokens[0]), pos)
         return self.batcher.forward_many(self.slot, tokens, pos, all_logits)
+
+    def prefilling(self):
+        """The context of one prompt's prefill (Batcher.prefill)."""
+        return self.batcher.prefill(self.slot)
 
     def kv_snapshot(self, n: int):
         with self.batcher.engine_lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -135,12 +136,14 @@ class Generator:
         step = self.engine.prefill_len
         logits = None
         del self.cached_ids[pos:]
-        for start in range(0, len(ids), step):
-            if cancelled and cancelled():
-                return None
-            chunk = ids[start:start + step]
-            logits = self._checked(self.engine.forward(chunk, pos + start), pos + start)
-            self.cached_ids.extend(chunk)
+        # (a slot of a batched engine schedules the chunks as one prompt: runtime.batch)
+        with getattr(self.engine, "prefilling", contextlib.nullcontext)():
+            for start in range(0, len(ids), step):
+                if cancelled and cancelled():
+                    return None
+                chunk = ids[start:start + step]
+                logits = self._checked(self.engine.forward(chunk, pos + start), pos + start)
+                self.cached_ids.extend(chunk)
         return logits
 
     def _checked(self, logits, pos: int):

@@ -438,11 +438,12 @@ class BodyLimit:
 def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4,
                upstream: Upstream | None = None, tool_grammar: bool = True,
-               speculate: str = "auto") -> FastAPI:
+               speculate: str = "auto", prefill_budget: int | None = None) -> FastAPI:
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`).
     `tool_grammar` False leaves `tool_choice` auto unconstrained (to measure what the lazy
-    grammar is worth)."""
-    served = Scheduler.batched(gen, max_queue, cache_slots, speculate=speculate)
+    grammar is worth). `prefill_budget`: runtime.batch's prefill policy (None: one chunk)."""
+    served = Scheduler.batched(gen, max_queue, cache_slots, speculate=speculate,
+                               prefill_budget=prefill_budget)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -54,12 +54,14 @@ class Scheduler:
             self.slots = [Slot(0, self.gen, self.prefix_cache)]
 
     @classmethod
-    def batched(cls, gen: Generator, max_queue: int, cache_slots: int, **opts) -> "Scheduler":
-        """One slot per KV-cache slot of gen's engine (built with slots=N), decode batched."""
+    def batched(cls, gen: Generator, max_queue: int, cache_slots: int,
+                prefill_budget: int | None = None, **opts) -> "Scheduler":
+        """One slot per KV-cache slot of gen's engine (built with slots=N), decode batched
+        (prefill_budget: runtime.batch's prefill policy)."""
         n = getattr(gen.engine, "slots", 1)
         if n == 1:
             return cls(gen, max_queue, PrefixCache(gen, cache_slots), **opts)
-        batcher = Batcher(gen.engine)
+        batcher = Batcher(gen.engine, prefill_budget=prefill_budget)
         gens = [gen.for_engine(SlotEngine(batcher, i)) for i in range(n)]
         per_slot = max(1, cache_slots // n)  # saved prefixes are whole KV copies
         slots = [Slot(i, g, PrefixCache(g, per_slot)) for i, g in enumerate(gens)]

@@ -91,7 +91,7 @@ def slots_for(artifact: str, parallel: int | None, engine: str = "auto") -> int:
 def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
           max_queue: int, upstream=None, quiet: bool = False, verify: bool = False,
           tool_grammar: bool = True, speculate: str = "auto", parallel: int | None = None,
-          **engine_opts) -> None:
+          prefill_budget: int | None = None, **engine_opts) -> None:
     import uvicorn
 
     slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"))
@@ -99,7 +99,7 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
     name = model_name or Path(artifact).name
     app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar,
-                     speculate=speculate)
+                     speculate=speculate, prefill_budget=prefill_budget)
     text = banner(_url(host, sock), name, gen, api_key)
 
     class Server(uvicorn.Server):
