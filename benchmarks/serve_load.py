@@ -1,7 +1,7 @@
 """Several streaming clients at once against `edgellm serve`: aggregate and per-client speed.
 
     python benchmarks/serve_load.py ART [--parallel 4] [--clients 1,2,4,8] [--max-tokens 96]
-                                        [--threads 2] [--rounds 2]
+                                        [--threads 2] [--rounds 2] [--prefill-budget N]
 
 Starts `edgellm serve ART --parallel P` on a free loopback port, then for each client count C
 runs C threads of the official `openai` client at once, each streaming `rounds` requests in turn
@@ -22,14 +22,17 @@ import sys
 import threading
 import time
 
-PROMPTS = [
+PROMPTS = [  # each answer alone (greedy, Qwen2.5-Coder-0.5B s8, ORT) has at least 96 tokens, so
+    # every request decodes max_tokens and the table compares serving, not the answers' lengths
+    # (in a batch, a near tie can end one a few tokens early)
     "Write a Python function that checks whether a string is a palindrome, with a docstring.",
     "Explain in a short paragraph how a hash map works.",
-    "List five tips for writing readable code, one sentence each.",
+    "Write a Python class for a bank account with deposit, withdraw and a transaction history, "
+    "with docstrings.",
     "Write a SQL query that returns the ten customers with the largest total order value.",
-    "Describe the difference between a process and a thread.",
+    "Explain step by step how a web browser loads a page, from typing the address to drawing it.",
     "Write a bash one-liner that counts the lines of every .py file in a directory tree.",
-    "What is a closure in JavaScript? Give a small example.",
+    "Explain how TCP's three-way handshake works and why it is needed.",
     "Explain what a race condition is and how a lock prevents it.",
 ]
 
@@ -40,10 +43,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(art: str, parallel: int, threads: int, port: int) -> subprocess.Popen:
+def start_server(art: str, parallel: int, threads: int, port: int,
+                 prefill_budget: int | None = None) -> subprocess.Popen:
+    budget = ["--prefill-budget", str(prefill_budget)] if prefill_budget else []
     proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", art, "--port", str(port),
                              "--parallel", str(parallel), "--threads", str(threads), "--quiet",
-                             "--max-queue", "16", "--model-name", "m"],
+                             "--max-queue", "16", "--model-name", "m", *budget],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import httpx
 
@@ -85,6 +90,14 @@ def one_request(client, prompt: str, max_tokens: int) -> dict:
             "tok_s": (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0}
 
 
+def warm_up(port: int):
+    from openai import OpenAI
+
+    OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=4,
+        temperature=0)
+
+
 def run_clients(port: int, clients: int, rounds: int, max_tokens: int) -> dict:
     from openai import OpenAI
 
@@ -96,7 +109,7 @@ def run_clients(port: int, clients: int, rounds: int, max_tokens: int) -> dict:
         for r in range(rounds):
             try:
                 results.append(one_request(client, PROMPTS[(i + r * clients) % len(PROMPTS)],
-                                           max_tokens))
+                                           max_tokens) | {"round": r})
             except Exception as e:  # counted, not raised: the table says how many failed
                 failures.append(repr(e)[:200])
 
@@ -113,9 +126,11 @@ def run_clients(port: int, clients: int, rounds: int, max_tokens: int) -> dict:
         "clients": clients, "requests": len(results) + len(failures), "failed": len(failures),
         "aggregate_tok_s": sum(r["tokens"] for r in results) / (end - start),
         "per_client_tok_s": statistics.median(r["tok_s"] for r in results),
-        "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
+        "ttft_p50_ms": 1000 * statistics.median(ttfts),
         "ttft_p95_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
         "errors": failures[:3],
+        "tokens": sorted(r["tokens"] for r in results),
+        "ttft_by_round": sorted((r["round"], round(1000 * r["ttft"])) for r in results),
     }
 
 
@@ -127,11 +142,18 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    p.add_argument("--prefill-budget", type=int, default=None, help="serve's --prefill-budget")
     a = p.parse_args()
     port = free_port()
-    server = start_server(a.artifact, a.parallel, a.threads, port)
+    server = start_server(a.artifact, a.parallel, a.threads, port, a.prefill_budget)
     try:
-        run_clients(port, 1, 1, 8)  # warm-up
+        # warm-up: one short request per slot at once, none of the prompts below, so every
+        # slot holds the chat template's system prefix and no request finds its prompt cached
+        warm = [threading.Thread(target=warm_up, args=(port,)) for _ in range(a.parallel)]
+        for t in warm:
+            t.start()
+        for t in warm:
+            t.join()
         print("| --parallel | clients | requests | failed | aggregate tok/s | per-client tok/s "
               "| TTFT p50 | TTFT p95 | mean batch |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -149,6 +171,8 @@ def main() -> int:
                   f"| {r['aggregate_tok_s']:.1f} | {r['per_client_tok_s']:.1f} "
                   f"| {r['ttft_p50_ms']:.0f} ms | {r['ttft_p95_ms']:.0f} ms | {batch} |",
                   flush=True)
+            print("  completion tokens per request:", r["tokens"], file=sys.stderr)
+            print("  TTFT ms by round:", r["ttft_by_round"], file=sys.stderr)
             if r["errors"]:
                 print("  errors:", r["errors"], file=sys.stderr)
     finally:
