@@ -10,6 +10,8 @@ configuration: aggregate decode throughput (completion tokens of all clients ove
 from the first token to the last), per-client tok/s (its tokens after the first over the time
 from its first token to its last, median over requests), time to first token p50 / p95, and
 failed requests. Run `--parallel 1` for today's one-at-a-time serving on the same prompts.
+First (unless --no-ceiling), the engine alone: one batched decode step of 1..P rows, in this
+process before the server starts, and the throughput ratio that P full rows would give.
 """
 
 from __future__ import annotations
@@ -35,6 +37,23 @@ PROMPTS = [  # each answer alone (greedy, Qwen2.5-Coder-0.5B s8, ORT) has at lea
     "Explain how TCP's three-way handshake works and why it is needed.",
     "Explain what a race condition is and how a lock prevents it.",
 ]
+
+
+def engine_ceiling(art: str, rows: int, threads: int, repeats: int = 20) -> list[float]:
+    """Median ms of one batched decode step (`decode_rows`) of 1..rows slots, in this process
+    and before the server starts: the most that batching can give, without any serving."""
+    from edgellm.runtime.generator import Generator
+
+    engine = Generator.load(art, threads=threads, slots=rows).engine
+    out = []
+    for n in range(1, rows + 1):
+        times = []
+        for i in range(repeats + 2):
+            t = time.perf_counter()
+            engine.decode_rows(0, [100] * n, [64 + i] * n)
+            times.append(time.perf_counter() - t)
+        out.append(1000 * statistics.median(times[2:]))
+    return out
 
 
 def free_port() -> int:
@@ -143,7 +162,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
     p.add_argument("--prefill-budget", type=int, default=None, help="serve's --prefill-budget")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip measuring the engine's batched step alone first")
     a = p.parse_args()
+    if not a.no_ceiling and a.parallel > 1:
+        ms = engine_ceiling(a.artifact, a.parallel, a.threads)
+        print("engine alone, one decode step of " + ", ".join(
+            f"{n} rows {t:.1f} ms" for n, t in enumerate(ms, 1))
+            + f": {a.parallel} rows give {a.parallel * ms[0] / ms[-1]:.2f}x one row's tokens/s")
     port = free_port()
     server = start_server(a.artifact, a.parallel, a.threads, port, a.prefill_budget)
     try:
