@@ -54,3 +54,23 @@ def test_hub_repo_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EdgeLLMError, match="Hugging Face Hub"):
         hub.pull("Qwen/Qwen2-0.5B-Instruct")
+
+
+def test_download_progress_survives_a_folder_vanishing_while_it_is_read(monkeypatch, tmp_path):
+    """Regression (CI, pulling the 1.5B): pip removed its build-tracker folder while the
+    progress count listed the download folder, and Path.rglob raised FileNotFoundError."""
+    import os
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "part").write_bytes(b"x" * 10)
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "tracker").write_bytes(b"y" * 5)
+    scandir = os.scandir
+
+    def vanishing(path="."):
+        if os.path.basename(os.fspath(path)) == "gone":
+            raise FileNotFoundError(2, "No such file or directory", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", vanishing)
+    assert hub._tree_bytes(tmp_path) == 10

@@ -86,12 +86,15 @@ DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 
 
 def _tree_bytes(root: Path) -> int:
+    """Bytes in the files under root, while pip writes and removes them: os.walk passes over a
+    folder that vanishes as it is listed (Path.rglob raised FileNotFoundError)."""
     total = 0
-    for path in root.rglob("*"):
-        try:
-            total += path.stat().st_size if path.is_file() else 0
-        except OSError:  # pip moved or removed it meanwhile
-            pass
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except OSError:  # pip moved or removed it meanwhile
+                pass
     return total
 
 
