@@ -43,14 +43,18 @@ CASES = [
     ("qwen3", False, "s8", "bf16", test_parity.QWEN3),
     ("gemma3", True, "s8", "bf16", test_parity.GEMMA3),
     ("gemma3", True, "s4", "fp32", test_parity.GEMMA3),
+    # an FFN of 192 (not 200): gate and up stored side by side with no padding, so one fused
+    # matmul reads both (q/k/v fuse in most cases above already); with packed zero points too
+    ("qwen2", False, "s8", "bf16", dict(intermediate_size=192)),
+    ("qwen2", True, "s4/32/asym", "fp32", dict(intermediate_size=192)),
 ]
 
 
 def _case_id(c) -> str:
     arch, tied, weight_type, hidden, config = c
     heads = f"-h{config.get('num_attention_heads', 5)}/{config.get('num_key_value_heads', 1)}"
-    extra = "".join(f"-{k}" for k in ("head_dim", "rope_scaling", "sliding_window")
-                    if k in config)
+    extra = "".join(f"-{k}" for k in ("head_dim", "rope_scaling", "sliding_window",
+                                      "intermediate_size") if k in config)
     return f"{arch}-{weight_type}-{hidden}{'-tied' if tied else ''}{heads}{extra}"
 
 
@@ -131,3 +135,29 @@ def test_mixed_precision_keeps_chosen_layers_at_s8(tmp_path):
     ref = NumpyEngine(art).forward(ids, 0, all_logits=True)
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.1
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("ffn,matmuls", [(192, ["qkv", "o", "gate_up", "down"]),
+                                         (200, ["qkv", "o", "gate", "up", "down"])])
+def test_linears_stored_side_by_side_run_as_one_matmul(tmp_path, ffn, matmuls):
+    """The builder writes q/k/v and gate/up part by part (arch.spec.FUSED_LINEARS), so one
+    MatMulNBits reads each group in place; where a size leaves alignment padding between them
+    (an FFN of 200: 800-byte scales), they stay apart, and no initializer is left unused."""
+    import onnx
+
+    make_tiny_model(tmp_path / "hf", "qwen2", False, intermediate_size=ffn)
+    art = load_artifact(build(tmp_path / "hf", tmp_path / "art", BuildOptions(
+        kv_cache_len=80, prefill_len=16)))
+    graph = onnx.load(str(art.path / "layer_000.onnx"), load_external_data=False).graph
+    assert [n.output[0] for n in graph.node if n.op_type == "MatMulNBits"] == matmuls
+    used = {name for n in graph.node for name in n.input}
+    assert {t.name for t in graph.initializer} <= used
+    tensors = art.tensors("layer_000.bin")
+    fused = [t for t in graph.initializer if "+" in t.name]
+    for t in fused:  # the span is exactly the parts, in order
+        parts = [tensors[name].reshape(-1) for name in t.name.split("+")]
+        offset = int(next(e.value for e in t.external_data if e.key == "offset"))
+        length = int(next(e.value for e in t.external_data if e.key == "length"))
+        stored = np.fromfile(art.path / "layer_000.bin", np.uint8, length, offset=offset)
+        assert stored.tobytes() == b"".join(p.tobytes() for p in parts)
+    assert fused

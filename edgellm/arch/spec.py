@@ -15,6 +15,9 @@ QK_NORMS = ("attn_q_norm", "attn_k_norm")  # per-head RMS norms of q and k (Qwen
 POST_NORMS = ("attn_post_norm", "ffn_post_norm")  # on each branch's output (Gemma 2/3)
 LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_gate", "ffn_up", "ffn_down")
 QKV_BIASES = ("attn_q_bias", "attn_k_bias", "attn_v_bias")
+# linears that read the same input: stored side by side, part by part, so that one matmul over
+# all of them (N concatenated) reads them in place (edgellm.onnx.graphs)
+FUSED_LINEARS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 GLOBALS = ("embed", "output_norm", "lm_head")
 
 # HF config.json keys that ModelConfig reads; everything else is kept in `extra`.

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgellm import __version__, dtypes
-from edgellm.arch.spec import LAYER_LINEARS
+from edgellm.arch.spec import FUSED_LINEARS, LAYER_LINEARS
 from edgellm.artifact import format as fmt
 from edgellm.artifact.format import Manifest
 from edgellm.artifact.writer import TensorFileWriter, write_raw
@@ -223,15 +223,27 @@ def _write_layer(source: Source, index: int, path: Path, scheme, checker,
     if calibration:  # GPTQ: the linears are quantized while the calibration steps through
         quant_w = calibration.fit_layer(index, float_w, lambda name, gram: scheme.dequantize(
             quantize(name, float_w[name], gram), float_w[name].shape[1]))
-    for name in names:
+
+    def linear(name: str) -> dict:
         w = float_w[name] if keep else source.tensor(name, layer=index)
-        if name in LAYER_LINEARS:
-            parts = parts_of.pop(name, None) or quantize(name, w)
-            for part, array in parts.items():
-                writer.add(f"{name}.{part}", array)
-            if keep and name not in quant_w:
-                quant_w[name] = scheme.dequantize(parts, w.shape[1])
+        parts = parts_of.pop(name, None) or quantize(name, w)
+        if keep and name not in quant_w:
+            quant_w[name] = scheme.dequantize(parts, w.shape[1])
+        return parts
+
+    written = set()
+    for name in names:
+        if name in written:
+            continue
+        if name in LAYER_LINEARS:  # with the linears fused beside it, part by part
+            group = next((g for g in FUSED_LINEARS if name in g), (name,))
+            parts = {member: linear(member) for member in group}
+            for part in parts[group[0]]:
+                for member in group:
+                    writer.add(f"{member}.{part}", parts[member][part])
+            written.update(group)
         else:
+            w = float_w[name] if keep else source.tensor(name, layer=index)
             writer.add(name, w.astype(np.float32))
             quant_w[name] = w
     if checker:

@@ -37,7 +37,7 @@ def external_tensor(name: str, info: dict, file_name: str, shape=None) -> Tensor
     t.data_type = _ONNX_TYPES[info["dtype"]]
     dims = list(shape if shape is not None else info["shape"])
     t.dims.extend(dims)
-    length = int(np.prod(info["shape"], dtype=np.int64)) * _ITEMSIZE[info["dtype"]]
+    length = _nbytes(info)
     t.data_location = TensorProto.EXTERNAL
     for key, value in (("location", file_name), ("offset", str(info["offset"])),
                        ("length", str(length))):
@@ -71,21 +71,53 @@ class _GraphBuilder:
         self.inits.append(helper.make_tensor(const, TensorProto.FLOAT, [], [scale]))
         return self.node("Mul", [x, const], [f"{x}_scaled"])
 
-    def matmul(self, x: str, linear: str, out: str, bias: str | None = None) -> str:
-        """x @ W.T with W in MatMulNBits layout (qweight [N, blocks, blob], scales [N*blocks])."""
-        q = self.tensors[f"{linear}.qweight"]
-        n, blocks = q["shape"][0], q["shape"][1]
-        bits, group = self.scheme["bits"], self.scheme["group_size"]
-        k = self.in_features[linear]
-        inputs = [self.weight(f"{linear}.qweight"),
-                  self.weight(f"{linear}.scales", shape=[n * blocks])]
-        zero_points = f"{linear}.zero_points"
-        if zero_points in self.tensors:  # asymmetric: packed per-group zero points
-            inputs.append(self.weight(zero_points))
-        if bias:
-            inputs += [""] * (4 - len(inputs)) + [self.weight(bias)]  # (zero_points), g_idx
-        return self.node("MatMulNBits", [x, *inputs], [out], domain=MS, K=k, N=n, bits=bits,
-                         block_size=group, accuracy_level=self.accuracy_level)
+    def span(self, names: tuple[str, ...], shape_of=None) -> TensorProto | None:
+        """One initializer over tensors stored back to back, concatenated along their first
+        axis (`shape_of(shape)`: the shape to give it); None if they are not stored so (a size
+        that is not a multiple of the 64-byte alignment leaves padding between them)."""
+        infos = [self.tensors.get(n) for n in names]
+        if None in infos:
+            return None
+        for a, b in zip(infos, infos[1:]):
+            if (a["dtype"], a["shape"][1:]) != (b["dtype"], b["shape"][1:]) or \
+                    b["offset"] != a["offset"] + _nbytes(a):
+                return None
+        shape = [sum(i["shape"][0] for i in infos), *infos[0]["shape"][1:]]
+        return external_tensor("+".join(names), {**infos[0], "shape": shape}, self.file_name,
+                               shape_of(shape) if shape_of else None)
+
+    def matmul(self, x: str, linears: tuple[str, ...], out: str,
+               biases: tuple[str, ...] | None = None) -> str | None:
+        """x @ W.T with W in MatMulNBits layout (qweight [N, blocks, blob], scales [N*blocks]);
+        several linears (FUSED_LINEARS) as one, their N concatenated, when their parts are
+        stored side by side (else None, and nothing is added)."""
+        part = lambda p: tuple(f"{linear}.{p}" for linear in linears)  # noqa: E731
+        qweight = self.span(part("qweight"))
+        scales = self.span(part("scales"), lambda shape: [shape[0] * shape[1]])
+        asymmetric = f"{linears[0]}.zero_points" in self.tensors  # packed zero points
+        zero_points = self.span(part("zero_points")) if asymmetric else None
+        bias = self.span(biases) if biases else None
+        missing = qweight is None or scales is None or (asymmetric and zero_points is None)
+        if missing or (biases and bias is None):
+            return None
+        inputs = [qweight, scales] + ([zero_points] if asymmetric else [])
+        if bias is not None:
+            inputs += [None] * (4 - len(inputs)) + [bias]  # (zero_points), g_idx
+        self.inits += [t for t in inputs if t is not None]
+        return self.node("MatMulNBits", [x, *(t.name if t else "" for t in inputs)], [out],
+                         domain=MS, K=self.in_features[linears[0]], N=qweight.dims[0],
+                         bits=self.scheme["bits"], block_size=self.scheme["group_size"],
+                         accuracy_level=self.accuracy_level)
+
+    def split(self, x: str, sizes: list[int], outs: list[str]) -> list[str]:
+        const = f"{x}_split"
+        self.inits.append(helper.make_tensor(const, TensorProto.INT64, [len(sizes)], sizes))
+        self.node("Split", [x, const], outs, axis=-1)
+        return outs
+
+
+def _nbytes(info: dict) -> int:
+    return int(np.prod(info["shape"], dtype=np.int64)) * _ITEMSIZE[info["dtype"]]
 
 
 def _value(name, dtype, shape):
@@ -137,6 +169,21 @@ def _gated(g: _GraphBuilder, gate: str, up: str, cfg: ModelConfig) -> str:
     return g.node("Mul", [act, up], ["act"])
 
 
+def _qkv(g: _GraphBuilder, x: str, cfg: ModelConfig) -> tuple[str, str, str]:
+    """q, k, v of x by one matmul over the three linears, stored side by side (FUSED_LINEARS);
+    GroupQueryAttention takes them packed in one tensor as q (k and v empty) unless q and k are
+    normed first."""
+    names = ("attn_q", "attn_k", "attn_v")
+    biases = tuple(f"{n}_bias" for n in names) if cfg.qkv_bias else None
+    if g.matmul(x, names, "qkv", biases):
+        if not cfg.qk_norm:
+            return "qkv", "", ""
+        kv = cfg.num_kv_heads * cfg.head_dim
+        return tuple(g.split("qkv", [cfg.num_heads * cfg.head_dim, kv, kv], ["q", "k", "v"]))
+    return tuple(g.matmul(x, (n,), n[-1], (b,) if b else None)  # (padding between them)
+                 for n, b in zip(names, biases or (None,) * 3))
+
+
 def _attention_attrs(cfg: ModelConfig, layer: int) -> dict:
     attrs = {"num_heads": cfg.num_heads, "kv_num_heads": cfg.num_kv_heads, "do_rotary": 1,
              "rotary_interleaved": 0}
@@ -153,12 +200,9 @@ def layer_graph(path: Path, cfg: ModelConfig, layer: int, file_name: str, tensor
                 accuracy_level: int = 4) -> None:
     g = _GraphBuilder(tensors, file_name, scheme, accuracy_level)
     g.in_features = _in_features(cfg)
-    bias = (lambda n: f"{n}_bias") if cfg.qkv_bias else (lambda n: None)
     x = g.node("SimplifiedLayerNormalization", ["hidden", g.weight("attn_norm")], ["x"],
                epsilon=cfg.norm_eps, axis=-1)
-    q = g.matmul(x, "attn_q", "q", bias("attn_q"))
-    k = g.matmul(x, "attn_k", "k", bias("attn_k"))
-    v = g.matmul(x, "attn_v", "v", bias("attn_v"))
+    q, k, v = _qkv(g, x, cfg)
     if cfg.qk_norm:
         q = _head_norm(g, q, "attn_q_norm", cfg.num_heads, cfg)
         k = _head_norm(g, k, "attn_k_norm", cfg.num_kv_heads, cfg)
@@ -170,13 +214,15 @@ def layer_graph(path: Path, cfg: ModelConfig, layer: int, file_name: str, tensor
                    "cos_cache", "sin_cache"],
                   ["attn", "present_key", "present_value"], domain=MS,
                   **_attention_attrs(cfg, layer))
-    o = _branch_out(g, g.matmul(attn, "attn_out", "o"), "attn_post_norm", cfg)
+    o = _branch_out(g, g.matmul(attn, ("attn_out",), "o"), "attn_post_norm", cfg)
     g.node("SkipSimplifiedLayerNormalization", [o, "hidden", g.weight("ffn_norm")],
            ["x2", "", "", "h2"], domain=MS, epsilon=cfg.norm_eps)
-    gate = g.matmul("x2", "ffn_gate", "gate")
-    up = g.matmul("x2", "ffn_up", "up")
+    if g.matmul("x2", ("ffn_gate", "ffn_up"), "gate_up"):
+        gate, up = g.split("gate_up", [cfg.intermediate_size] * 2, ["gate", "up"])
+    else:  # (not stored side by side: padding between them)
+        gate, up = g.matmul("x2", ("ffn_gate",), "gate"), g.matmul("x2", ("ffn_up",), "up")
     act = _gated(g, gate, up, cfg)
-    down = _branch_out(g, g.matmul(act, "ffn_down", "down"), "ffn_post_norm", cfg)
+    down = _branch_out(g, g.matmul(act, ("ffn_down",), "down"), "ffn_post_norm", cfg)
     out = "hidden_out"
     if hidden_type == "bf16":  # the hidden state handed to the next layer is bf16, as the vendor's
         g.node("Add", ["h2", down], ["h_sum"])
@@ -201,7 +247,7 @@ def post_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sche
     g.in_features = _in_features(cfg)
     x = g.node("SimplifiedLayerNormalization", ["hidden", g.weight("output_norm")], ["x"],
                epsilon=cfg.norm_eps, axis=-1)
-    g.matmul(g.scaled(x, cfg.logit_scale), "lm_head", "logits")
+    g.matmul(g.scaled(x, cfg.logit_scale), ("lm_head",), "logits")
     f = TensorProto.FLOAT
     _save(g.nodes, g.inits, [_value("hidden", f, ["b", "n", cfg.hidden_size])],
           [_value("logits", f, ["b", "n", cfg.vocab_size])], path, path.stem)

@@ -1,0 +1,52 @@
+"""One decode step of several artifacts, measured in turns in one process (for a noisy host).
+
+    python benchmarks/decode_steps.py ART [ART ...] [--rows 1,2,4] [--turns 30] [--threads 2]
+
+Each turn runs 10 decode steps (`decode_rows`: one token for each of `rows` slots, as
+`serve --parallel` does; 1 row is plain decoding) of every artifact in turn, so a slow minute
+of a shared host falls on all of them alike. Prints, per artifact and row count, the median and
+quartiles of the per-step time over the turns, and each artifact's median against the first's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("artifacts", nargs="+")
+    p.add_argument("--rows", default="1,2,4")
+    p.add_argument("--turns", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    from edgellm.runtime.generator import Generator
+
+    rows = [int(r) for r in a.rows.split(",")]
+    engines = [Generator.load(art, threads=a.threads, slots=max(rows)).engine
+               for art in a.artifacts]
+    times = {(i, n): [] for i in range(len(engines)) for n in rows}
+    for _ in range(a.turns):
+        for i, engine in enumerate(engines):
+            for n in rows:
+                engine.decode_rows(0, [100] * n, [64] * n)  # warm
+                t = time.perf_counter()
+                for step in range(10):
+                    engine.decode_rows(0, [100] * n, [65 + step] * n)
+                times[i, n].append((time.perf_counter() - t) / 10 * 1000)
+    print("| artifact | rows | step ms (median) | quartiles | vs first |")
+    print("|---|---|---|---|---|")
+    for n in rows:
+        first = np.median(times[0, n])
+        for i, art in enumerate(a.artifacts):
+            t = times[i, n]
+            print(f"| {art} | {n} | {np.median(t):.2f} | {np.percentile(t, 25):.2f}-"
+                  f"{np.percentile(t, 75):.2f} | {np.median(t) / first:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
