@@ -184,7 +184,7 @@ def test_a_prompt_prefilled_while_others_decode_keeps_its_cache_intact(artifact)
     from edgellm.runtime.batch import Batcher, SlotEngine
 
     gen = _gen(artifact, "numpy", 3)
-    batcher = Batcher(gen.engine)
+    batcher = Batcher(gen.engine, max_wait=1.0)  # (a loaded CI host must not time the step out)
     slots = [gen.for_engine(SlotEngine(batcher, i)) for i in range(3)]
     long_prompt = [(7 * i) % 250 + 3 for i in range(300)]
     done = threading.Event()
@@ -370,19 +370,20 @@ def test_prompts_arriving_together_are_prefilled_before_the_next_decode_step():
     assert sorted(engine.calls[first + 1:first + 3]) == ["prefill 1", "prefill 2"], engine.calls
 
 
-def _long_prompt(budget: int | None) -> list[str]:
+def _long_prompt(budget: int | None, max_wait: float = 1.0, gap: float = 0.02) -> list[str]:
     """The engine's calls while slot 1 prefills three 128-token chunks as one prompt (as
     Generator.prefill does) and slot 0 decodes."""
     from edgellm.runtime.batch import Batcher
 
     engine = _LoggedEngine()
-    batcher, stop = Batcher(engine, max_wait=1.0, prefill_budget=budget), threading.Event()
+    batcher = Batcher(engine, max_wait=max_wait, prefill_budget=budget)
+    stop = threading.Event()
     decoder = _decoding(batcher, 0, stop)
     _wait_until(lambda: "step" in engine.calls)
     with batcher.prefill(1):
         for chunk in range(3):
             batcher.forward_many(1, [5] * 128, 128 * chunk, False)
-            time.sleep(0.02)  # the generator's own work between two chunks
+            time.sleep(gap)  # the generator's own work between two chunks
     stop.set()
     decoder.join()
     return engine.calls[engine.calls.index("prefill 1"):]
@@ -394,6 +395,15 @@ def test_a_long_prompt_gives_the_decoding_slots_a_step_between_its_chunks():
     calls = _long_prompt(None)
     chunks = [i for i, c in enumerate(calls) if c == "prefill 1"]
     assert len(chunks) == 3
+    assert all("step" in calls[a:b] for a, b in zip(chunks, chunks[1:])), calls
+
+
+def test_fast_chunks_still_let_a_waiting_step_run_between_them():
+    """Regression (a CI run): with chunks faster than a waiting step's poll, the next chunk
+    gave up waiting for the decoding slots after max_wait and went first; now a chunk past the
+    budget runs the step that is waiting itself."""
+    calls = _long_prompt(None, max_wait=0.03, gap=0.0)
+    chunks = [i for i, c in enumerate(calls) if c == "prefill 1"]
     assert all("step" in calls[a:b] for a, b in zip(chunks, chunks[1:])), calls
 
 

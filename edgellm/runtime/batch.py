@@ -127,13 +127,9 @@ class Batcher:
             self._enter(slot)
         try:
             with self.cond:
-                # the budget spent: the decoding slots' step first (they form it themselves,
-                # within max_wait, or have nothing more to ask)
-                deadline = time.monotonic() + self.max_wait
-                while self.running or (self.decoding and self.prefilled >= self.prefill_budget
-                                       and time.monotonic() < deadline):
-                    self.cond.wait(0.005)
+                self._decoding_turn()
                 self.prefilled += len(tokens)  # counted at once: chunks admitted together
+                self.cond.notify_all()  # (steps waiting on the budget see it spent)
             with self.engine_lock:             # stay within the budget
                 out = self.engine.forward(tokens, pos, all_logits, slot=slot)
                 self.fill[slot] = pos + len(tokens)
@@ -141,6 +137,22 @@ class Batcher:
             if own:
                 self._leave(slot)
         return out
+
+    def _decoding_turn(self):
+        """The budget spent: the decoding slots' step before the next chunk (called holding
+        cond). It runs what they have asked for once all have asked, or after max_wait; with
+        nothing asked by then (they are busy elsewhere), the chunk goes first."""
+        deadline = time.monotonic() + self.max_wait
+        while self.running or (self.decoding and self.prefilled >= self.prefill_budget):
+            late = time.monotonic() >= deadline
+            if self.running:
+                self.cond.wait(0.005)
+            elif self.pending and (self.decoding <= self.pending.keys() or late):
+                self._run_batch()  # (it leaves prefilled at 0)
+            elif late:
+                return
+            else:
+                self.cond.wait(0.005)
 
     def release(self, slot: int):
         """The slot's generation ended: nobody waits for its steps."""
