@@ -128,9 +128,10 @@ class Batcher:
         try:
             with self.cond:
                 self._decoding_turn()
-                self.prefilled += len(tokens)  # counted at once: chunks admitted together
+                # counted now, not when it ran: chunks admitted together stay within the budget
+                self.prefilled += len(tokens)
                 self.cond.notify_all()  # (steps waiting on the budget see it spent)
-            with self.engine_lock:             # stay within the budget
+            with self.engine_lock:
                 out = self.engine.forward(tokens, pos, all_logits, slot=slot)
                 self.fill[slot] = pos + len(tokens)
         finally:
