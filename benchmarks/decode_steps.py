@@ -1,11 +1,13 @@
 """One decode step of several artifacts, measured in turns in one process (for a noisy host).
 
-    python benchmarks/decode_steps.py ART [ART ...] [--rows 1,2,4] [--turns 30] [--threads 2]
+    python benchmarks/decode_steps.py ART [ART ...] [--rows 1,2,4] [--prefill 24,128]
+                                      [--turns 30] [--threads 2]
 
 Each turn runs 10 decode steps (`decode_rows`: one token for each of `rows` slots, as
-`serve --parallel` does; 1 row is plain decoding) of every artifact in turn, so a slow minute
-of a shared host falls on all of them alike. Prints, per artifact and row count, the median and
-quartiles of the per-step time over the turns, and each artifact's median against the first's.
+`serve --parallel` does; 1 row is plain decoding) and one prefill of each `--prefill` length of
+every artifact in turn, so a slow minute of a shared host falls on all of them alike. Prints,
+per artifact and measurement, the median and quartiles of its time over the turns, and each
+artifact's median against the first's.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifacts", nargs="+")
     p.add_argument("--rows", default="1,2,4")
+    p.add_argument("--prefill", default="", help="prompt lengths to prefill too, e.g. 24,128")
     p.add_argument("--turns", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     from edgellm.runtime.generator import Generator
 
     rows = [int(r) for r in a.rows.split(",")]
+    prefills = [int(n) for n in a.prefill.split(",") if n]
     engines = [Generator.load(art, threads=a.threads, slots=max(rows)).engine
                for art in a.artifacts]
-    times = {(i, n): [] for i in range(len(engines)) for n in rows}
+    kinds = [f"{n} rows, one step" for n in rows] + [f"prefill {n} tokens" for n in prefills]
+    times = {(i, kind): [] for i in range(len(engines)) for kind in kinds}
     for _ in range(a.turns):
         for i, engine in enumerate(engines):
             for n in rows:
@@ -36,14 +41,18 @@ def main() -> int:
                 t = time.perf_counter()
                 for step in range(10):
                     engine.decode_rows(0, [100] * n, [65 + step] * n)
-                times[i, n].append((time.perf_counter() - t) / 10 * 1000)
-    print("| artifact | rows | step ms (median) | quartiles | vs first |")
+                times[i, f"{n} rows, one step"].append((time.perf_counter() - t) / 10 * 1000)
+            for n in prefills:
+                t = time.perf_counter()
+                engine.forward([100 + k % 50 for k in range(n)], 0)
+                times[i, f"prefill {n} tokens"].append((time.perf_counter() - t) * 1000)
+    print("| artifact | measured | ms (median) | quartiles | vs first |")
     print("|---|---|---|---|---|")
-    for n in rows:
-        first = np.median(times[0, n])
+    for kind in kinds:
+        first = np.median(times[0, kind])
         for i, art in enumerate(a.artifacts):
-            t = times[i, n]
-            print(f"| {art} | {n} | {np.median(t):.2f} | {np.percentile(t, 25):.2f}-"
+            t = times[i, kind]
+            print(f"| {art} | {kind} | {np.median(t):.2f} | {np.percentile(t, 25):.2f}-"
                   f"{np.percentile(t, 75):.2f} | {np.median(t) / first:.3f} |")
     return 0
 
