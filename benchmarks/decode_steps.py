@@ -18,6 +18,15 @@ import time
 import numpy as np
 
 
+def step_ms(engine, rows: int, steps: int = 10) -> float:
+    """Mean ms of one decode step of `rows` slots over `steps` steps, after one to warm up."""
+    engine.decode_rows(0, [100] * rows, [64] * rows)
+    t = time.perf_counter()
+    for step in range(steps):
+        engine.decode_rows(0, [100] * rows, [65 + step] * rows)
+    return (time.perf_counter() - t) / steps * 1000
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifacts", nargs="+")
@@ -37,11 +46,7 @@ def main() -> int:
     for _ in range(a.turns):
         for i, engine in enumerate(engines):
             for n in rows:
-                engine.decode_rows(0, [100] * n, [64] * n)  # warm
-                t = time.perf_counter()
-                for step in range(10):
-                    engine.decode_rows(0, [100] * n, [65 + step] * n)
-                times[i, f"{n} rows, one step"].append((time.perf_counter() - t) / 10 * 1000)
+                times[i, f"{n} rows, one step"].append(step_ms(engine, n))
             for n in prefills:
                 t = time.perf_counter()
                 engine.forward([100 + k % 50 for k in range(n)], 0)

@@ -42,18 +42,12 @@ PROMPTS = [  # each answer alone (greedy, Qwen2.5-Coder-0.5B s8, ORT) has at lea
 def engine_ceiling(art: str, rows: int, threads: int, repeats: int = 20) -> list[float]:
     """Median ms of one batched decode step (`decode_rows`) of 1..rows slots, in this process
     and before the server starts: the most that batching can give, without any serving."""
+    from decode_steps import step_ms  # (benchmarks/, this script's folder)
     from edgellm.runtime.generator import Generator
 
     engine = Generator.load(art, threads=threads, slots=rows).engine
-    out = []
-    for n in range(1, rows + 1):
-        times = []
-        for i in range(repeats + 2):
-            t = time.perf_counter()
-            engine.decode_rows(0, [100] * n, [64 + i] * n)
-            times.append(time.perf_counter() - t)
-        out.append(1000 * statistics.median(times[2:]))
-    return out
+    return [statistics.median(step_ms(engine, n, steps=1) for _ in range(repeats))
+            for n in range(1, rows + 1)]
 
 
 def free_port() -> int:

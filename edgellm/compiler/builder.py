@@ -224,8 +224,11 @@ def _write_layer(source: Source, index: int, path: Path, scheme, checker,
         quant_w = calibration.fit_layer(index, float_w, lambda name, gram: scheme.dequantize(
             quantize(name, float_w[name], gram), float_w[name].shape[1]))
 
+    def weight(name: str) -> np.ndarray:
+        return float_w[name] if keep else source.tensor(name, layer=index)
+
     def linear(name: str) -> dict:
-        w = float_w[name] if keep else source.tensor(name, layer=index)
+        w = weight(name)
         parts = parts_of.pop(name, None) or quantize(name, w)
         if keep and name not in quant_w:
             quant_w[name] = scheme.dequantize(parts, w.shape[1])
@@ -243,7 +246,7 @@ def _write_layer(source: Source, index: int, path: Path, scheme, checker,
                     writer.add(f"{member}.{part}", parts[member][part])
             written.update(group)
         else:
-            w = float_w[name] if keep else source.tensor(name, layer=index)
+            w = weight(name)
             writer.add(name, w.astype(np.float32))
             quant_w[name] = w
     if checker:
