@@ -1,7 +1,14 @@
 """edgellm s8 vs llama.cpp Q8_0 (or s4 vs Q4_0) on the same model, threads and lengths, in one run.
 
-    pip install llama-cpp-python==0.3.36   # builds llama.cpp from source (about 10-20 min)
-    python benchmarks/compare_llamacpp.py --threads 2 [--weight-type s4]
+    CMAKE_ARGS="$(python benchmarks/compare_llamacpp.py --cmake-args)" \
+        pip install llama-cpp-python==0.3.36   # builds llama.cpp from source (10-20 min)
+    python benchmarks/compare_llamacpp.py --threads 2 [--weight-type s4] [--kernels auto,matmulnbits]
+
+--cmake-args prints the llama.cpp build flags for this CPU: AVX2/FMA/F16C, AVX-512 (VNNI, BF16)
+only where /proc/cpuinfo lists them (AVX-512 code dies with SIGILL on an AVX2-only Zen 1) and
+never AMX (listed in some VMs that cannot run it) or a native build.
+--kernels: one edgellm row per path of its 8-bit weights (runtime.kernels), e.g. the measured
+choice beside MatMulNBits alone, in the same run.
 
 Both sides start from the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF that `edgellm pull` fetches:
 llama.cpp re-quantizes it to Q8_0 (Q4_0) with its own quantize API, edgellm builds an s8 (s4,
@@ -25,6 +32,7 @@ import numpy as np
 from edgellm.bench import bench
 from edgellm.demo import cached_artifact
 from edgellm.hub.pull import DEFAULT_MODEL, cache_dir, pull
+from edgellm.runtime.cpu import read_cpu
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -48,6 +56,20 @@ def weight_bytes_per_token(artifact: Path) -> int:
         if name.endswith(".bin") and name != "model.embed_tokens.weight.bfloat16.bin":
             total += f["size"]
     return total
+
+
+def cmake_args(flags: set[str] | None = None) -> str:
+    """llama.cpp's CMake flags for this CPU (or for the cpuinfo flags given)."""
+    if flags is None:
+        from edgellm.runtime.cpu import read_cpu
+
+        flags = set(read_cpu().features)
+    args = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF"]
+    for flag, option in (("avx2", "AVX2"), ("fma", "FMA"), ("f16c", "F16C"),
+                         ("avx512f", "AVX512"), ("avx512_vnni", "AVX512_VNNI"),
+                         ("avx512_bf16", "AVX512_BF16"), ("avx_vnni", "AVX_VNNI")):
+        args.append(f"-DGGML_{option}={'ON' if flag in flags else 'OFF'}")
+    return " ".join(args)
 
 
 def llama_cpp_quantized(gguf: Path, kind: str) -> Path:
@@ -93,7 +115,13 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--weight-type", choices=("s8", "s4"), default="s8")
+    p.add_argument("--kernels", default="auto", help="edgellm's paths to run, comma-separated")
+    p.add_argument("--cmake-args", action="store_true", help="print llama.cpp's build flags "
+                                                             "for this CPU and exit")
     a = p.parse_args()
+    if a.cmake_args:
+        print(cmake_args())
+        return
 
     kind = {"s8": "Q8_0", "s4": "Q4_0"}[a.weight_type]
     artifact = cached_artifact(DEFAULT_MODEL, a.weight_type)
@@ -101,7 +129,8 @@ def main() -> None:
 
     bw = read_bandwidth(a.threads)
     per_token = weight_bytes_per_token(artifact)
-    ours = bench(str(artifact), a.prompt_tokens, a.gen_tokens, a.repeats, threads=a.threads)
+    ours = {k: bench(str(artifact), a.prompt_tokens, a.gen_tokens, a.repeats, threads=a.threads,
+                     kernel=k) for k in a.kernels.split(",")}
     theirs = bench_llama_cpp(theirs_gguf, a.threads, a.prompt_tokens, a.gen_tokens, a.repeats)
 
     print(f"model {DEFAULT_MODEL}, {a.threads} threads, prompt {a.prompt_tokens}, "
@@ -111,11 +140,20 @@ def main() -> None:
           f"roofline {bw * 1e9 / per_token:.1f} tok/s")
     print("| engine | prefill tok/s | decode tok/s |")
     print("|---|---|---|")
-    print(f"| edgellm {a.weight_type} (ORT) | {ours['prefill_tok_s']:.1f} | "
-          f"{ours['decode_tok_s']:.1f} |")
-    print(f"| llama.cpp {kind} | {theirs['prefill_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} |")
-    print(f"| ratio | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x "
-          f"| {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x |")
+    print("| engine | prefill tok/s | decode tok/s | vs llama.cpp (prefill, decode) |")
+    print("|---|---|---|---|")
+    for kernel, r in ours.items():
+        print(f"| edgellm {a.weight_type}, --kernel {kernel}: {r['engine']} "
+              f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
+              f"| {r['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x, "
+              f"{r['decode_tok_s'] / theirs['decode_tok_s']:.2f}x |")
+    print(f"| llama.cpp {kind} | {theirs['prefill_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} "
+          f"| |")
+    print(f"\nhost: {read_cpu().name}; {llama_flags_note()}")
+
+
+def llama_flags_note() -> str:
+    return f"llama.cpp expected built with: {cmake_args()}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """One decode step of several artifacts, measured in turns in one process (for a noisy host).
 
-    python benchmarks/decode_steps.py ART [ART ...] [--rows 1,2,4] [--prefill 24,128]
-                                      [--turns 30] [--threads 2]
+    python benchmarks/decode_steps.py ART[@KERNEL] [ART[@KERNEL] ...] [--rows 1,2,4]
+                                      [--prefill 24,128] [--turns 30] [--threads 2]
+
+ART@KERNEL loads the artifact with `--kernel KERNEL` (matmulnbits, qgemm; auto without it), so
+one artifact's paths can be compared in the same turns.
 
 Each turn runs 10 decode steps (`decode_rows`: one token for each of `rows` slots, as
 `serve --parallel` does; 1 row is plain decoding) and one prefill of each `--prefill` length of
@@ -39,8 +42,12 @@ def main() -> int:
 
     rows = [int(r) for r in a.rows.split(",")]
     prefills = [int(n) for n in a.prefill.split(",") if n]
-    engines = [Generator.load(art, threads=a.threads, slots=max(rows)).engine
-               for art in a.artifacts]
+    engines = []
+    for spec in a.artifacts:
+        art, _, kernel = spec.partition("@")
+        engines.append(Generator.load(art, threads=a.threads, slots=max(rows),
+                                      kernel=kernel or "auto").engine)
+        print(f"{spec}: {engines[-1].kernel.line()}", flush=True)
     kinds = [f"{n} rows, one step" for n in rows] + [f"prefill {n} tokens" for n in prefills]
     times = {(i, kind): [] for i in range(len(engines)) for kind in kinds}
     for _ in range(a.turns):

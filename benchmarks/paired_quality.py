@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--reference", default=MODEL)
     ap.add_argument("--context", type=int, default=512)
     args = ap.parse_args()
-    gens = [Generator.load(a.removesuffix("@qgemm"), qgemm=True) if a.endswith("@qgemm")
+    gens = [Generator.load(a.removesuffix("@qgemm"), kernel="qgemm") if a.endswith("@qgemm")
             else Generator.load(a) for a in args.artifacts]
     ids = gens[0].tokenizer.encode(Path(args.text).read_text("utf-8"),
                                    add_special_tokens=False).ids

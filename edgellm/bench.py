@@ -76,13 +76,13 @@ def _answers(gen, prompt: str, gen_tokens: int, repeats: int, speculate: str) ->
 def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
           engine: str = "auto", threads: int | None = None,
           providers: list[str] | None = None, allow_slow_kernels: bool = False,
-          prompt: str | None = None, speculate: str = "off") -> dict:
+          prompt: str | None = None, speculate: str = "off", kernel: str = "auto") -> dict:
     """The fixed-prompt measurement, or with `prompt` (a user message) its greedy answer, plain
     and with `speculate`."""
     from edgellm.runtime.generator import Generator
 
     gen = Generator.load(artifact, engine=engine, threads=threads, providers=providers,
-                         allow_slow_kernels=allow_slow_kernels)
+                         allow_slow_kernels=allow_slow_kernels, kernel=kernel)
     if prompt_tokens + gen_tokens > gen.engine.kv_cache_len:
         raise EdgeLLMError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} "
                            f"exceeds the artifact's KV cache of {gen.engine.kv_cache_len}")
@@ -94,9 +94,13 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
         "source": m.source.get("path", "").rsplit("/", 1)[-1],
         "params": parameter_count(gen.artifact.config),
         "weight_type": layout_label(m.weight_scheme, m.post_scheme, bool(m.layer_schemes)),
-        # the 8-bit graphs re-laid for ORT's integer GEMM (Arm without dotprod), noted once
-        "engine": type(gen.engine).__name__ + (" + QGEMM" if getattr(gen.engine, "relaid", None)
-                                               else ""),
+        # the path of the 8-bit weights and why (runtime.kernels), noted once
+        "engine": type(gen.engine).__name__ + (f" ({gen.engine.kernel.path}"
+                                               + (f", {gen.engine.kernel.prefill_path} from "
+                                                  f"{gen.engine.kernel.prefill_rows} rows"
+                                                  if gen.engine.kernel.prefill_path else "")
+                                               + ")" if hasattr(gen.engine, "kernel") else ""),
+        "kernel": gen.engine.kernel.line() if hasattr(gen.engine, "kernel") else None,
         "threads": gen.engine.threads,  # as used: ORT's pool size; numpy: None (BLAS default)
     }
     if prompt is not None:
@@ -128,7 +132,7 @@ def markdown(r: dict) -> str:
         f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['weight_type']} | {r['engine']} "
         f"| {r['threads'] or 'BLAS default'} | {r['prefill_tok_s']:.1f} ({r['prompt_tokens']} tokens) "
         f"| {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB |",
-    ])
+    ] + ([f"\nkernel: {r['kernel']}"] if r.get("kernel") else []))
 
 
 def _answer_markdown(r: dict) -> str:
@@ -142,4 +146,5 @@ def _answer_markdown(r: dict) -> str:
                     f"| {r['tokens_per_forward']:.2f} | {r['draft_accepted']}/{r['draft_proposed']} |")
         rows.append(f"\nspeedup {r['speedup']:.2f}x; same answer as plain: "
                     f"{'yes' if r['same_answer'] else 'no (a near tie: different kernels)'}")
-    return "\n".join([head, ""] + rows)
+    tail = [f"\nkernel: {r['kernel']}"] if r.get("kernel") else []
+    return "\n".join([head, ""] + rows + tail)

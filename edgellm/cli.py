@@ -163,15 +163,22 @@ def _add_engine(p):
     p.add_argument("--providers", default=None,
                    help="comma-separated ONNX Runtime execution providers "
                         "(default: CPUExecutionProvider)")
+    p.add_argument("--kernel", default="auto",
+                   choices=("auto", "mixed", "matmulnbits", "qgemm"),
+                   help="the path of 8-bit weights: matmulnbits (the graphs as built), qgemm "
+                        "(re-laid at load for ONNX Runtime's integer GEMM), auto (the faster "
+                        "here, measured at the first load on this CPU and cached), mixed (auto, "
+                        "and prompt chunks on the other path where it measured faster: the "
+                        "layers' weights loaded twice, perplexity about +0.3%%)")
     p.add_argument("--allow-slow-kernels", action="store_true",
-                   help="run even where ONNX Runtime has no kernel for a weight type on this "
-                        "CPU (8-bit without dotprod: it dequantizes every weight per token)")
+                   help="with --kernel matmulnbits: run even where ONNX Runtime has no 8-bit "
+                        "kernel on this CPU (it dequantizes every weight per token)")
 
 
 def _engine_opts(a) -> dict:
     providers = a.providers.split(",") if a.providers else None
     return {"engine": a.engine, "threads": a.threads, "providers": providers,
-            "allow_slow_kernels": a.allow_slow_kernels}
+            "allow_slow_kernels": a.allow_slow_kernels, "kernel": a.kernel}
 
 
 def _add_run(sub):
@@ -374,13 +381,24 @@ def cmd_inspect(a) -> int:
 
         print(json.dumps(vendor_config(art.config, art.path.name), indent=2))
     else:
-        print(art.manifest.to_json() if a.json else describe(art))
+        print(art.manifest.to_json() if a.json else describe(art) + _kernel_here(art))
     if a.verify:
         total = sum(f["size"] for f in art.manifest.files.values())
         print(f"verified: all {len(art.manifest.files)} files ({total / 1e6:,.1f} MB) match "
               "their sha256 in the manifest", file=sys.stderr if a.json or a.vendor_config
               else sys.stdout)
     return 0
+
+
+def _kernel_here(art) -> str:
+    """inspect's line on the path of the 8-bit weights on this CPU (runtime.kernels), as
+    cached by a load with the default threads."""
+    if not art.manifest.graphs:
+        return ""
+    from edgellm.runtime.generator import physical_cores
+    from edgellm.runtime.kernels import here
+
+    return f"\nkernel here     {here(art, physical_cores())}"
 
 
 def _add_quality(sub):

@@ -32,7 +32,7 @@ def _gen(artifact, engine, slots=1):
 
     qgemm = engine == "ort-qgemm" or None  # the 8-bit weights re-laid as on a Cortex-A53
     return Generator.load(artifact, engine=engine.split("-")[0], threads=1, slots=slots,
-                          qgemm=qgemm)
+                          kernel="qgemm" if qgemm else "auto")
 
 
 @pytest.mark.parametrize("engine", ["numpy", "ort", "ort-qgemm"])

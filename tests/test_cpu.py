@@ -68,7 +68,8 @@ import sys
 import onnxruntime as ort
 ort.set_default_logger_severity(0)  # INFO: where ORT says it falls back
 from edgellm.runtime.generator import Generator
-Generator.load(sys.argv[1], threads=1, allow_slow_kernels=True).engine.forward([1, 2, 3], 0)
+Generator.load(sys.argv[1], threads=1, allow_slow_kernels=True,
+               kernel="matmulnbits").engine.forward([1, 2, 3], 0)
 """
 
 
@@ -87,12 +88,18 @@ def test_the_prediction_agrees_with_onnx_runtime_here(builds, key):
     assert fell_back == (predicted == "dequantize"), (key, predicted)
 
 
-def test_loading_where_ort_would_dequantize_is_refused_with_the_fix(builds, monkeypatch):
-    done = edgellm("run", builds["s8", 0], "-p", "hi", "--max-new-tokens", "2")
-    assert done.returncode == 1 and done.stderr.count("\n") == 1
+def test_where_ort_would_dequantize_the_integer_gemm_runs_it_and_forcing_it_is_refused(builds):
+    """An s8 artifact built at accuracy level 0 (no 8-bit MatMulNBits kernel): the weights run
+    on the integer GEMM instead (runtime.kernels), and forcing MatMulNBits is a one-line error
+    with the fix, or a warning with --allow-slow-kernels."""
+    done = edgellm("run", builds["s8", 0], "-p", "hi", "--max-new-tokens", "2", "--json")
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+    done = edgellm("run", builds["s8", 0], "-p", "hi", "--max-new-tokens", "2",
+                   "--kernel", "matmulnbits")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert "accuracy level 4" in done.stderr and "--allow-slow-kernels" in done.stderr
     done = edgellm("run", builds["s8", 0], "-p", "hi", "--max-new-tokens", "2",
-                   "--allow-slow-kernels")
+                   "--kernel", "matmulnbits", "--allow-slow-kernels")
     assert done.returncode == 0 and "edgellm: warning: onnxruntime" in done.stderr
 
 

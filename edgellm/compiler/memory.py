@@ -16,8 +16,9 @@ the Gram matrix of the widest linear input (see calibration_bytes).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from edgellm.machine import machine_memory  # noqa: F401  (re-exported; tests patch it here)
 
 from edgellm.errors import EdgeLLMError
 
@@ -82,17 +83,6 @@ def footprint(cfg, scheme, post_scheme, kv_cache_len: int,
     calibration = calibration_bytes(cfg, calibration_tokens) if calibration_tokens else 0
     return Footprint(int(layers), int(post), cfg.vocab_size * cfg.hidden_size * 2, kv,
                      4 * largest + BUILD_OVERHEAD + calibration)
-
-
-def machine_memory() -> tuple[int, int]:
-    """(total, available) bytes of RAM: /proc/meminfo on Linux, sysconf elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info["MemTotal"], info.get("MemAvailable", info["MemTotal"])
-    except (OSError, KeyError, ValueError, IndexError):
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return total, total
 
 
 def check_fits(cfg, scheme, post_scheme, kv_cache_len: int,

@@ -1,4 +1,5 @@
-"""8-bit MatMulNBits re-laid at load for ONNX Runtime's integer GEMM, for Arm cores without dotprod.
+"""8-bit MatMulNBits re-laid at load for ONNX Runtime's integer GEMM: on Arm cores without
+dotprod, and wherever it measures faster (runtime.kernels; on x86 it can be for prompt chunks).
 
 ORT's 8-bit MatMulNBits kernels on aarch64 need dotprod; on a Cortex-A53 or A72 the op
 dequantizes the whole weight on every call. ORT's MatMulInteger (MLAS QGEMM) has NEON kernels
@@ -16,7 +17,13 @@ Coder-0.5B s8 steady RSS 1.23 GB instead of 0.70 GB).
 Layer graph, per 8-bit matmul y = x @ W.T (+ bias), x [b, n, K]:
     s = ReduceMax(|x|, last axis) / 127 + 1e-12            [b, n, 1], shared by q/k/v, gate/up
     xq = QuantizeLinear(x as [b * n, K], s, 128, axis=0)   uint8, back in x's shape
-    y = Cast(MatMulInteger(xq, Wq, 128), float) * s * w_scale (+ bias)
+    y = Cast(MatMulInteger(xq, Wq, 128[, 128]), float) * s * w_scale (+ bias)
+
+Wq is int8 where the CPU's u8 x s8 kernel is exact, or the same values + 128 as uint8 with zero
+point 128 (weights="u8") where it is not: on x86 without VNNI, MLAS multiplies u8 by s8 with
+vpmaddubsw, which adds two products into a saturating 16-bit lane (255 * 127 * 2 > 32767), and
+the logits of a tiny model moved by 3.5x the tolerance of the reference test (issue 29). Its
+u8 x u8 kernel widens to 16 bits first and is exact. runtime.kernels probes which one this CPU has.
 """
 
 from __future__ import annotations
@@ -68,8 +75,8 @@ def _array(t: onnx.TensorProto, base: Path) -> np.ndarray:
 
 
 class _Rewriter:
-    def __init__(self, graph, base: Path, scratch: Path | None):
-        self.graph, self.base, self.scratch = graph, base, scratch
+    def __init__(self, graph, base: Path, scratch: Path | None, weights: str = "s8"):
+        self.graph, self.base, self.scratch, self.unsigned = graph, base, scratch, weights == "u8"
         self.nodes, self.quantized = [], {}
         self.inits = {t.name: t for t in graph.initializer}
         self.external: dict[str, np.ndarray] = {}  # name -> read-only memmap of an unlinked file
@@ -84,7 +91,7 @@ class _Rewriter:
             f.write(memoryview(np.ascontiguousarray(q)).cast("B"))
             f.flush()
             self.external[name] = np.memmap(f, dtype=q.dtype, mode="r", shape=q.shape)
-        return external_tensor(name, {"dtype": "int8", "shape": q.shape, "offset": 0},
+        return external_tensor(name, {"dtype": str(q.dtype), "shape": q.shape, "offset": 0},
                                "edgellm-qgemm")
 
     def node(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
@@ -117,13 +124,15 @@ class _Rewriter:
         k = next(a.i for a in node.attribute if a.name == "K")
         q, col = per_channel_int8(self.array(qweight), self.array(scales), k,
                                   self.array(zero_points) if zero_points else None)
+        if self.unsigned:  # the same values + 128, read with zero point 128
+            q = (q.view(np.uint8) ^ np.uint8(0x80))
         for name in filter(None, (qweight, scales, zero_points)):
             self.graph.initializer.remove(self.inits.pop(name))
         self.graph.initializer.extend([self.weight(f"{qweight}_kn", q),
                                        numpy_helper.from_array(col, f"{scales}_col")])
         xq, row_scale = self.rows_quantized(x)
-        y = self.node("Cast", [self.node("MatMulInteger", [xq, f"{qweight}_kn", "qgemm_zp"])],
-                      to=onnx.TensorProto.FLOAT)
+        inputs = [xq, f"{qweight}_kn", "qgemm_zp"] + (["qgemm_zp"] if self.unsigned else [])
+        y = self.node("Cast", [self.node("MatMulInteger", inputs)], to=onnx.TensorProto.FLOAT)
         y = self.node("Mul", [self.node("Mul", [y, row_scale]), f"{scales}_col"],
                       None if bias else node.output[0])
         if bias:
@@ -135,17 +144,20 @@ def is_8bit_matmul(node) -> bool:
                                                  for a in node.attribute)
 
 
-def relayout(path: Path, scratch: Path | None = None
+def relayout(path: Path, scratch: Path | None = None, weights: str = "s8"
              ) -> tuple[bytes, dict[str, np.ndarray]] | None:
     """The graph at `path` with its 8-bit MatMulNBits on QGEMM, serialized for ORT to load from
     memory, and the external initializers to give it (SessionOptions.add_external_initializers;
     none without `scratch`: every weight inline); None when it has no 8-bit matmul. The old
-    weights are read from their files, never loaded whole into the graph."""
+    weights are read from their files, never loaded whole into the graph. weights: "s8" (int8,
+    zero point 0) or "u8" (uint8, zero point 128: for CPUs whose u8 x s8 kernel saturates)."""
+    if weights not in ("s8", "u8"):
+        raise ValueError(f"weights must be s8 or u8, not {weights!r}")
     model = onnx.load(str(path), load_external_data=False)
     if not any(is_8bit_matmul(n) for n in model.graph.node):
         return None
     g = model.graph
-    r = _Rewriter(g, path.parent, scratch)
+    r = _Rewriter(g, path.parent, scratch, weights)
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in _CONSTS.items())
     for node in list(g.node):
         if is_8bit_matmul(node):

@@ -188,6 +188,9 @@ class SlotEngine:
         self.prefill_len, self.hidden_type = engine.prefill_len, engine.hidden_type
         self.threads = engine.threads
         self.relaid = getattr(engine, "relaid", set())
+        self.row_cost = getattr(engine, "row_cost", lambda: None)  # as the engine measured
+        if hasattr(engine, "kernel"):
+            self.kernel = engine.kernel
 
     def drafts_welcome(self) -> bool:
         """Speculative drafts only while this slot decodes alone: a verify of several tokens

@@ -15,6 +15,8 @@ checked here where this machine can show it (tests/test_cpu.py):
   aarch64. So on aarch64 without dotprod (or before 1.23) the engine re-lays 8-bit weights at
   load for ORT's integer GEMM, which has plain NEON kernels (edgellm.onnx.qgemm): 61 M
   instructions per token on the emulated A53 instead of 1,776 M.
+
+Where both paths exist, which one runs is measured, not predicted (runtime.kernels).
 """
 
 from __future__ import annotations
@@ -130,12 +132,6 @@ def slow_parts(manifest, cpu: Cpu, ort_version: str) -> list[str]:
         if path not in RUNS_WELL:
             slow.setdefault(why, []).append(part)
     return [f"{_parts(parts)}: {why}" for why, parts in slow.items()]
-
-
-def qgemm_graphs(manifest, cpu: Cpu, ort_version: str) -> set[str]:
-    """The artifact's graph files whose 8-bit weights the engine re-lays for QGEMM on `cpu`."""
-    return {graph for _, graph, path, _ in _graph_paths(manifest, cpu, ort_version)
-            if path == "qgemm"}
 
 
 def _parts(parts: list[str]) -> str:

@@ -41,6 +41,19 @@ class GenerationResult:
         return out
 
 
+# auto drafts only where each further row of a forward costs less than this share of a
+# one-row forward (else a verify of k drafts costs about k decode steps, and even drafts
+# accepted whole would buy little)
+ROW_COST_LIMIT = 0.7
+
+
+def verifies_pay(engine) -> bool:
+    """Whether a several-row forward is cheap enough here for drafts to pay, from the timings
+    the engine's kernel choice measured (runtime.kernels); unmeasured: assumed so."""
+    cost = getattr(engine, "row_cost", lambda: None)()
+    return cost is None or cost < ROW_COST_LIMIT
+
+
 class DamagedModel(EdgeLLMError):
     """The artifact computes garbage (non-finite logits)."""
 
@@ -50,7 +63,7 @@ ENGINES = ("auto", "ort", "numpy")
 
 def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = None,
                 providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                qgemm: bool | None = None, slots: int = 1):
+                kernel: str = "auto", slots: int = 1):
     """`ort` (ONNX Runtime graphs), `numpy` (the reference), or `auto`: ort when the artifact
     has graphs."""
     if engine not in ENGINES:
@@ -64,7 +77,7 @@ def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = 
     from edgellm.runtime.ort_engine import OrtEngine
 
     return OrtEngine(artifact, threads=threads or physical_cores(), providers=providers,
-                     allow_slow_kernels=allow_slow_kernels, qgemm=qgemm, slots=slots)
+                     allow_slow_kernels=allow_slow_kernels, kernel=kernel, slots=slots)
 
 
 def physical_cores() -> int:
@@ -97,12 +110,12 @@ class Generator:
 
     def __init__(self, artifact: Artifact, engine: str = "auto", threads: int | None = None,
                  providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                 qgemm: bool | None = None, slots: int = 1):
+                 kernel: str = "auto", slots: int = 1):
         self.artifact = artifact
         self.text = ModelText.from_artifact(artifact)
         self.tokenizer, self.template = self.text.tokenizer, self.text.template
         self.eos_ids = self.text.eos_ids
-        self.engine = make_engine(artifact, engine, threads, providers, allow_slow_kernels, qgemm,
+        self.engine = make_engine(artifact, engine, threads, providers, allow_slow_kernels, kernel,
                                   slots)
         self.cached_ids: list[int] = []  # tokens whose K/V sit at positions 0.. of the cache
 
@@ -187,6 +200,8 @@ class Generator:
         distribution (sampling)."""
         self._check_fits(len(prompt_ids))
         lookup = drafter(speculate)
+        if speculate == "auto" and not verifies_pay(self.engine):
+            lookup = None  # a forward of k rows costs about k of one row here: plain decode
         sampler, stream = Sampler(sampling), TextStream(self.tokenizer)
         stats = SpeculationStats()
         history = list(prompt_ids)

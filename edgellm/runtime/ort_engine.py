@@ -46,37 +46,58 @@ def _session_options(ort, threads: int | None):
     return so
 
 
-def _check_kernels(artifact: Artifact, ort_version: str, allow: bool) -> set[str]:
-    """Never the per-call dequantizing path without saying so (runtime.cpu); the graphs to
-    re-lay for QGEMM on this CPU."""
+def _choose_kernel(artifact: Artifact, ort_version: str, threads: int, providers,
+                   kernel: str, allow_slow: bool, make_session):
+    """The path for the 8-bit weights on this CPU (runtime.kernels: forced, the only one, cached
+    or measured); never the per-call dequantizing path without saying so (runtime.cpu)."""
     import sys
 
-    from edgellm.runtime.cpu import qgemm_graphs, read_cpu, slow_parts
+    from edgellm.runtime import kernels
+    from edgellm.runtime.cpu import read_cpu, slow_parts
 
     cpu = read_cpu()
     slow = slow_parts(artifact.manifest, cpu, ort_version)
-    relaid = qgemm_graphs(artifact.manifest, cpu, ort_version)
-    if not slow:
-        return relaid
-    what = (f"onnxruntime {ort_version} on this CPU ({cpu.name}) has no kernel for "
-            f"{'; '.join(slow)}, so it would dequantize those weights on every token (tens of "
-            f"times slower)")
-    if allow:
-        print(f"edgellm: warning: {what}", file=sys.stderr)
-        return relaid
-    # (8-bit weights are re-laid for QGEMM where the CPU lacks the kernel; what is left is
-    # 8-bit graphs built at an accuracy level other than 4)
-    raise EdgeLLMError(f"{what}. To fix it, rebuild with --accuracy-level 4; or run anyway "
-                       f"with --allow-slow-kernels")
+    if slow and kernel == "matmulnbits" and allow_slow:
+        print(f"edgellm: warning: onnxruntime {ort_version} on this CPU ({cpu.name}) has no "
+              f"kernel for {'; '.join(slow)}, so it dequantizes those weights on every token "
+              f"(tens of times slower)", file=sys.stderr)
+        return kernels.Choice("matmulnbits", "--kernel matmulnbits --allow-slow-kernels")
+    try:
+        return kernels.choose(artifact, cpu, ort_version, threads, providers, make_session,
+                              kernel)
+    except EdgeLLMError as e:
+        if slow and kernel == "matmulnbits":
+            raise EdgeLLMError(f"{e}; run it anyway with --allow-slow-kernels (it dequantizes "
+                               f"those weights on every token, tens of times slower), or rebuild "
+                               f"with --accuracy-level 4") from None
+        raise
 
 
-def _session(ort, path, so, providers, relaid: bool = False, threads: int | None = None):
+def _with_memory_for_prefill(choice, artifact: Artifact):
+    """The choice as it is, or without its prefill path where this machine's available memory
+    would not hold the layers' weights twice with half of it to spare."""
+    from edgellm.machine import machine_memory
+
+    if not choice.prefill_path:
+        return choice
+    extra = sum(artifact.manifest.files.get(name, {}).get("size", 0)
+                for name in artifact.manifest.layers)
+    available = machine_memory()[1]
+    if 2 * extra > available:
+        return choice.without_prefill_path(
+            f"the layers on {choice.prefill_path} for prompts would need {extra / 1e6:,.0f} MB "
+            f"more, and {available / 1e6:,.0f} MB are available")
+    return choice
+
+
+def _session(ort, path, so, providers, relaid: bool = False, threads: int | None = None,
+             weights: str = "s8"):
     from edgellm.fileutil import cache_dir
     from edgellm.onnx.qgemm import relayout
 
     try:
         # (graph bytes, external weights), or None: nothing 8-bit in it
-        model = relayout(path, cache_dir() / "tmp") if relaid else None
+        model = relayout(path, cache_dir() / "tmp", weights) if relaid else None
         if model is None:
             return ort.InferenceSession(str(path), so, providers=providers)
         graph, external = model
@@ -104,9 +125,12 @@ class OrtEngine:
 
     def __init__(self, artifact: Artifact, threads: int | None = None,
                  providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                 qgemm: bool | None = None, slots: int = 1):
-        """qgemm: re-lay 8-bit weights for ORT's integer GEMM (edgellm.onnx.qgemm); None: where
-        this CPU needs it (aarch64 without dotprod). slots: sequences with a KV cache each."""
+                 kernel: str = "auto", slots: int = 1):
+        """kernel: the path of the 8-bit weights (runtime.kernels): "matmulnbits" (the graphs
+        as built), "qgemm" (re-laid at load for ORT's integer GEMM, edgellm.onnx.qgemm),
+        "auto" (the faster, measured at the first load on this CPU, then cached) or "mixed"
+        (auto, and prompt chunks on the other path where that was measured faster). slots: sequences with a
+        KV cache each."""
         import onnxruntime as ort
 
         m = artifact.manifest
@@ -117,24 +141,36 @@ class OrtEngine:
             raise EdgeLLMError(f"{artifact.path} was built before graphs took a batch (2026-12-02)"
                                f": it serves one request at a time; rebuild it to serve "
                                f"{slots} at once")
-        relaid = _check_kernels(artifact, ort.__version__, allow_slow_kernels)
-        if qgemm is not None:
-            relaid = set(m.graphs["layers"]) | {m.graphs["post"]} if qgemm else set()
-        self.relaid = relaid
+        providers = providers or ["CPUExecutionProvider"]
+        so = _session_options(ort, threads)
+        self.threads = _GLOBAL_POOL[0] or threads  # the process-wide pool's (the first engine's)
+        measured = lambda name, qgemm, weights: _session(  # noqa: E731
+            ort, artifact.path / name, so, providers, qgemm, threads, weights)
+        self.kernel = _choose_kernel(artifact, ort.__version__, self.threads, providers, kernel,
+                                     allow_slow_kernels, measured)
+        self.kernel = _with_memory_for_prefill(self.kernel, artifact)
         self.ort = ort
         self.config = cfg = artifact.config
         self.kv_cache_len, self.prefill_len = m.kv_cache_len, m.prefill_len
         self.hidden_type = m.hidden_state_type
         self.embed = artifact.embedding()  # [vocab, hidden] bf16 bits, mmapped
-        providers = providers or ["CPUExecutionProvider"]
-        so = _session_options(ort, threads)
-        self.threads = _GLOBAL_POOL[0]  # the process-wide pool's, made by the first engine
-        load = lambda name: _session(ort, artifact.path / name, so, providers,  # noqa: E731
-                                     name in relaid, threads)
+        weights = self.kernel.weights
+        load = lambda name, qgemm: _session(ort, artifact.path / name, so,  # noqa: E731
+                                            providers, qgemm, threads, weights)
+        on_qgemm = self.kernel.path == "qgemm"
         # the post session first: ORT prepacks the lm_head (136 MB for Qwen2-0.5B) through a
         # transient buffer, which then peaks before the layers are resident, not on top of them
-        self.post = load(m.graphs["post"])
-        self.layers = [load(name) for name in m.graphs["layers"]]
+        self.post = load(m.graphs["post"], on_qgemm)
+        self.layers = [load(name, on_qgemm) for name in m.graphs["layers"]]
+        # forwards of prefill_rows rows or more (prompt chunks) on the other path's sessions,
+        # where it was measured faster there (runtime.kernels) and memory holds both
+        self.prefill_layers = [load(name, not on_qgemm) for name in m.graphs["layers"]] \
+            if self.kernel.prefill_path else None
+        self.prefill_rows = self.kernel.prefill_rows if self.prefill_layers else 1 << 30
+        # the graphs whose 8-bit weights were re-laid (those without any kept their graph)
+        sessions = [(m.graphs["post"], self.post), *zip(m.graphs["layers"], self.layers),
+                    *zip(m.graphs["layers"], self.prefill_layers or [])]
+        self.relaid = {name for name, s in sessions if hasattr(s, "edgellm_external")}
         self.slots = slots
         shape = (len(self.layers), slots, cfg.num_kv_heads, m.kv_cache_len, cfg.head_dim)
         # kv: [layers, slots, kv_heads, kv_cache_len, head_dim] fp32; a run of neighbouring
@@ -153,9 +189,21 @@ class OrtEngine:
                 [wrap(v[first:first + count]) for v in self.v_np])
         return self._views[first, count]
 
-    def _bind_layer(self, i: int, hidden, out, seqlens, total, cache):
+    def row_cost(self) -> float | None:
+        """What each further row of a few-row forward (a verify of drafts) costs, as a share of
+        a one-row forward, from the kernel choice's measurement (None: not measured)."""
+        times = self.kernel.measured.get(self.kernel.path, {})
+        if "1" not in times or "4" not in times or times["1"] <= 0:
+            return None
+        return (times["4"] - times["1"]) / 3 / times["1"]
+
+    def sessions(self, rows: int) -> list:
+        """The layer sessions for a forward of `rows` rows in all (batch x tokens)."""
+        return self.prefill_layers if rows >= self.prefill_rows else self.layers
+
+    def _bind_layer(self, i: int, hidden, out, seqlens, total, cache, rows: int = 1):
         k, v = cache[0][i], cache[1][i]
-        b = self.layers[i].io_binding()
+        b = self.sessions(rows)[i].io_binding()
         b.bind_ortvalue_input("hidden", hidden)
         b.bind_ortvalue_input("past_key", k)
         b.bind_ortvalue_input("past_value", v)
@@ -178,7 +226,7 @@ class OrtEngine:
         bufs = [ov.ortvalue_from_numpy(h) for h in hbuf]
         seq, tot = ov.ortvalue_from_numpy(seqlens), ov.ortvalue_from_numpy(total)
         cache = self._cache(first, count)
-        layers = [self._bind_layer(i, bufs[i % 2], bufs[(i + 1) % 2], seq, tot, cache)
+        layers = [self._bind_layer(i, bufs[i % 2], bufs[(i + 1) % 2], seq, tot, cache, count)
                   for i in range(len(self.layers))]
         post = self.post.io_binding()
         post.bind_ortvalue_input("hidden", bufs[len(self.layers) % 2])
@@ -212,7 +260,7 @@ class OrtEngine:
         layers, post, hidden, seqlens, total, logits = self._decode_bindings(first, len(tokens))
         seqlens[:], total[()] = positions, max(positions) + 1
         hidden[:, 0] = self.embed_tokens(tokens)
-        for session, binding in zip(self.layers, layers):
+        for session, binding in zip(self.sessions(len(tokens)), layers):
             session.run_with_iobinding(binding)
         self.post.run_with_iobinding(post)
         return logits[:, 0].copy()  # the buffer is reused by the next step
@@ -233,11 +281,13 @@ class OrtEngine:
         seq = ov.ortvalue_from_numpy(np.asarray(last_positions, np.int32))
         tot = ov.ortvalue_from_numpy(np.array(max(last_positions) + 1, np.int32))
         cache = self._cache(first, len(h))
+        rows = h.shape[0] * h.shape[1]
+        sessions = self.sessions(rows)
         for i in range(len(self.layers)):
             out = np.empty_like(h)
             b = self._bind_layer(i, ov.ortvalue_from_numpy(h), ov.ortvalue_from_numpy(out),
-                                 seq, tot, cache)
-            self.layers[i].run_with_iobinding(b)
+                                 seq, tot, cache, rows)
+            sessions[i].run_with_iobinding(b)
             h = out
         return h
 

@@ -42,6 +42,7 @@ def banner(url: str, name: str, gen, api_key: str | None) -> str:
         f"edgellm serve: {name} ({layout_label(m.weight_scheme, m.post_scheme)}, "
         f"{type(gen.engine).__name__}, {gen.engine.kv_cache_len}-position KV cache, "
         f"{getattr(gen.engine, 'slots', 1)} at once)",
+        *([f"  kernel      {gen.engine.kernel.line()}"] if hasattr(gen.engine, "kernel") else []),
         f"  OpenAI API  {url}/v1   model \"{name}\", "
         + ("API key required (Authorization: Bearer KEY)" if api_key else "no API key needed"),
         f"  web page    {url}/",
