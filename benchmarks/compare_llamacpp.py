@@ -138,8 +138,6 @@ def main() -> None:
     print(f"read bandwidth {bw:.1f} GB/s; {a.weight_type} weights read per token "
           f"{per_token / 1e9:.3f} GB; "
           f"roofline {bw * 1e9 / per_token:.1f} tok/s")
-    print("| engine | prefill tok/s | decode tok/s |")
-    print("|---|---|---|")
     print("| engine | prefill tok/s | decode tok/s | vs llama.cpp (prefill, decode) |")
     print("|---|---|---|---|")
     for kernel, r in ours.items():
