@@ -64,7 +64,8 @@ host_packages() {
 
 build_qemu() {
     local q=$ARM_WORK/qemu
-    [[ -x $q/qemu-aarch64 && $q/libinsn_marks.so -nt $REPO/benchmarks/arm/insn_marks.c ]] && return
+    [[ -x $q/qemu-aarch64 && -x $q/qemu-x86_64 &&
+       $q/libinsn_marks.so -nt $REPO/benchmarks/arm/insn_marks.c ]] && return
     log "QEMU 10 with plugins (Debian trixie's source; 5-15 minutes on 2 cores)"
     mkdir -p "$q/apt/lists/partial" "$q/apt/cache/archives/partial" "$q/src"
     echo "deb-src $MIRROR trixie main" > "$q/apt/sources.list"
@@ -80,11 +81,12 @@ build_qemu() {
         "$q/venv/bin/pip" install -q 'meson==1.9.1' 'pycotap==1.3.1'; }
     mkdir -p "$q/src/qemu/build"
     (cd "$q/src/qemu/build" &&
-        { [[ -f build.ninja ]] || ../configure --python="$q/venv/bin/python3" \
-            --target-list=aarch64-linux-user --enable-plugins --disable-docs --disable-werror \
+        { grep -q qemu-x86_64 build.ninja 2>/dev/null || ../configure \
+            --python="$q/venv/bin/python3" --target-list=aarch64-linux-user,x86_64-linux-user \
+            --enable-plugins --disable-docs --disable-werror \
             --disable-tools --disable-system --disable-install-blobs >/dev/null; } &&
-        ninja -j"$(nproc)" qemu-aarch64 >/dev/null)
-    cp "$q/src/qemu/build/qemu-aarch64" "$q/qemu-aarch64"
+        ninja -j"$(nproc)" qemu-aarch64 qemu-x86_64 >/dev/null)
+    cp "$q/src/qemu/build/qemu-aarch64" "$q/src/qemu/build/qemu-x86_64" "$q/"
     gcc -shared -fPIC -O2 -Wall $(pkg-config --cflags glib-2.0) -I "$q/src/qemu/include/qemu" \
         -o "$q/libinsn_marks.so" "$REPO/benchmarks/arm/insn_marks.c"
 }
@@ -181,6 +183,7 @@ except (IndexError, ValueError):
 try:
     marks = dict(line.split() for line in open(out + ".marks"))
     r["insns_per_token"] = (int(marks["2"]) - int(marks["1"])) / 8
+    r["insns_per_prefill_token"] = (int(marks["4"]) - int(marks["3"])) / 64
 except (OSError, KeyError, ValueError):
     pass
 r["ort_fell_back"] = "Falling back to using unpacked compute mode" in open(out + ".log").read()
@@ -217,8 +220,10 @@ EOF
 host_packages
 mkdir -p "$ARM_WORK/results"
 build_qemu
+[[ ${1:-} == --qemu-only ]] && exit 0
 userland
 artifacts
+[[ ${1:-} == --setup-only ]] && exit 0
 for entry in "${LAYOUTS[@]}"; do
     name=${entry%%|*}
     "$HOST_PY" "$REPO/benchmarks/arm/probe.py" "$ARM_WORK/art/$name" --engine numpy \

@@ -25,6 +25,7 @@ TEXT = ("The Raspberry Pi is a series of small single-board computers. It was de
 QUESTION = "What is the capital of France?"
 ANSWER_TOKENS = 12
 DECODE_TOKENS = 8  # counted between the marks, after two warm-up steps
+PREFILL_TOKENS = 64  # one prompt chunk, counted between marks 3 and 4 (after one to warm up)
 MARK_SYSCALL = 0x7e57
 
 
@@ -72,6 +73,7 @@ def main():
     p.add_argument("--engine", default="ort")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mark", action="store_true", help="mark the decode steps for the plugin")
+    p.add_argument("--kernel", default="auto", help="the path of 8-bit weights (edgellm --kernel)")
     args = p.parse_args()
 
     from edgellm.runtime.cpu import read_cpu, slow_parts
@@ -85,12 +87,18 @@ def main():
         cpu = read_cpu()
         result.update(cpu=cpu.name, dotprod=cpu.dotprod, ort=ort.__version__)
     gen = Generator.load(args.artifact, engine=args.engine, threads=args.threads,
-                         allow_slow_kernels=True)
+                         allow_slow_kernels=True, kernel=args.kernel)
     if args.engine == "ort":
         result["predicted_slow"] = slow_parts(gen.artifact.manifest, cpu, ort.__version__)
         result["qgemm_graphs"] = len(gen.engine.relaid)  # 8-bit graphs re-laid at load
+        result["kernel"] = gen.engine.kernel.line()
     result["top1"] = top1(gen)
     result["answer"] = answer(gen, args.mark)
+    chunk = gen.tokenizer.encode(TEXT, add_special_tokens=False).ids * 4
+    gen.engine.forward(chunk[:PREFILL_TOKENS], 0)  # warm-up
+    mark(3, args.mark)
+    gen.engine.forward(chunk[:PREFILL_TOKENS], 0)
+    mark(4, args.mark)
     sys.stderr.flush()
     print(json.dumps(result), flush=True)
 
