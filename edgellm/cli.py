@@ -175,6 +175,13 @@ def _add_engine(p):
                         "kernel on this CPU (it dequantizes every weight per token)")
 
 
+def _add_prompt_cache(p):
+    p.add_argument("--prompt-cache", metavar="DIR",
+                   help="keep the K/V of long prompt prefixes (a system prompt, a tool list) in "
+                        "DIR and reuse them after a restart; only token ids and their K/V are "
+                        "written, owner-only")
+
+
 def _engine_opts(a) -> dict:
     providers = a.providers.split(",") if a.providers else None
     return {"engine": a.engine, "threads": a.threads, "providers": providers,
@@ -191,6 +198,7 @@ def _add_run(sub):
     _add_thinking(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verify", action="store_true", help="check every file's sha256 first")
+    _add_prompt_cache(p)
     p.add_argument("--json-schema", metavar="FILE",
                    help="decode the answer under this JSON Schema (the text always parses and "
                         "validates); '{}' in the file means any JSON object")
@@ -248,6 +256,10 @@ def _add_misc(sub):
                         "chunks) before the decoding requests get their next step; larger "
                         "favours new requests' first token, smaller the running streams "
                         "(default: the artifact's prefill chunk, 128 unless built otherwise)")
+    _add_prompt_cache(p)
+    p.add_argument("--prompt-cache-size", default="2GB", metavar="SIZE",
+                   help="with --prompt-cache: the most it holds on disk, least recently used "
+                        "files removed first (e.g. 2GB, 512MB)")
     p.add_argument("--quiet", action="store_true", help="no line per request")
     p.add_argument("--no-tool-grammar", action="store_true",
                    help="leave tool_choice auto unconstrained (the lazy grammar keeps every call "
@@ -332,8 +344,18 @@ def cmd_run(a) -> int:
         ids = gen.encode_chat(messages, **_template_kwargs(a))
     mask = _schema_mask(gen, a.json_schema) if a.json_schema else None
     stream = None if a.json else (lambda piece: print(piece, end="", flush=True))
+    cache = None
+    if a.prompt_cache:
+        from edgellm.runtime.prefix_cache import PrefixCache
+        from edgellm.server.serving import open_store
+
+        cache = PrefixCache(gen, slots=0, store=open_store(gen, a.prompt_cache, 2 << 30))
+        cache.prepare(ids)
     result = gen.generate(ids, sampling, a.max_new_tokens, on_text=stream, mask=mask,
-                          speculate=a.speculate)
+                          speculate=a.speculate, reuse_cache=cache is not None)
+    if cache is not None:
+        cache.remember(ids)
+        cache.flush()
     if a.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
@@ -510,6 +532,7 @@ def cmd_chat(a) -> int:
 
 
 def cmd_serve(a) -> int:
+    from edgellm.plan import parse_size
     from edgellm.server.serving import serve
     from edgellm.server.upstream import Upstream
 
@@ -517,6 +540,8 @@ def cmd_serve(a) -> int:
     serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
           quiet=a.quiet, verify=a.verify, tool_grammar=not a.no_tool_grammar,
           speculate=a.speculate, parallel=a.parallel, prefill_budget=a.prefill_budget,
+          prompt_cache=a.prompt_cache,
+          prompt_cache_size=int(parse_size(a.prompt_cache_size, "--prompt-cache-size")),
           **_engine_opts(a))
     return 0
 

@@ -280,6 +280,12 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         lines.append(f"edgellm_queue_depth {served.pending}")
         swaps = sum(slot.prefix_cache.swaps for slot in served.slots)
         lines.append(f"edgellm_prefix_cache_slot_swaps_total {swaps}")
+        store = served.slots[0].prefix_cache.store
+        if store is not None:  # serve --prompt-cache
+            hits = sum(slot.prefix_cache.disk_hits for slot in served.slots)
+            lines += [f"edgellm_prompt_cache_disk_hits_total {hits}",
+                      f"edgellm_prompt_cache_files {len(store.index)}",
+                      f"edgellm_prompt_cache_writes_total {store.saves}"]
         lines += [f"edgellm_{k} {v}" for k, v in served.state().items()]
         return "\n".join(lines) + "\n"
 
@@ -438,12 +444,14 @@ class BodyLimit:
 def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4,
                upstream: Upstream | None = None, tool_grammar: bool = True,
-               speculate: str = "auto", prefill_budget: int | None = None) -> FastAPI:
+               speculate: str = "auto", prefill_budget: int | None = None,
+               prompt_store=None) -> FastAPI:
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`).
     `tool_grammar` False leaves `tool_choice` auto unconstrained (to measure what the lazy
-    grammar is worth). `prefill_budget`: runtime.batch's prefill policy (None: one chunk)."""
+    grammar is worth). `prefill_budget`: runtime.batch's prefill policy (None: one chunk).
+    `prompt_store`: a runtime.prompt_store.PromptStore, long prefixes kept on disk."""
     served = Scheduler.batched(gen, max_queue, cache_slots, speculate=speculate,
-                               prefill_budget=prefill_budget)
+                               prefill_budget=prefill_budget, store=prompt_store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -55,16 +55,17 @@ class Scheduler:
 
     @classmethod
     def batched(cls, gen: Generator, max_queue: int, cache_slots: int,
-                prefill_budget: int | None = None, **opts) -> "Scheduler":
+                prefill_budget: int | None = None, store=None, **opts) -> "Scheduler":
         """One slot per KV-cache slot of gen's engine (built with slots=N), decode batched
-        (prefill_budget: runtime.batch's prefill policy)."""
+        (prefill_budget: runtime.batch's prefill policy); `store`: the prompt store on disk
+        the slots share (runtime.prompt_store), or None."""
         n = getattr(gen.engine, "slots", 1)
         if n == 1:
-            return cls(gen, max_queue, PrefixCache(gen, cache_slots), **opts)
+            return cls(gen, max_queue, PrefixCache(gen, cache_slots, store=store), **opts)
         batcher = Batcher(gen.engine, prefill_budget=prefill_budget)
         gens = [gen.for_engine(SlotEngine(batcher, i)) for i in range(n)]
         per_slot = max(1, cache_slots // n)  # saved prefixes are whole KV copies
-        slots = [Slot(i, g, PrefixCache(g, per_slot)) for i, g in enumerate(gens)]
+        slots = [Slot(i, g, PrefixCache(g, per_slot, store=store)) for i, g in enumerate(gens)]
         return cls(gen, max_queue, slots[0].prefix_cache, slots=slots, batcher=batcher, **opts)
 
     def _take_slot(self, ids: list[int], stopped) -> Slot | None:
@@ -150,11 +151,14 @@ class Scheduler:
             try:
                 if not stopped():
                     slot.prefix_cache.prepare(ids)
-                return slot.gen.generate(ids, sampling,
-                                         min(max_tokens or limit, limit - len(ids)),
-                                         on_text=on_text, reuse_cache=True, stop=stop,
-                                         cancelled=stopped, mask=mask,
-                                         speculate=self.speculate)
+                result = slot.gen.generate(ids, sampling,
+                                           min(max_tokens or limit, limit - len(ids)),
+                                           on_text=on_text, reuse_cache=True, stop=stop,
+                                           cancelled=stopped, mask=mask,
+                                           speculate=self.speculate)
+                if result.stop_reason != "cancelled":
+                    slot.prefix_cache.remember(ids)  # long prefixes on disk, with a store
+                return result
             finally:
                 self._give_back(slot)
 

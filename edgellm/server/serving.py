@@ -89,18 +89,32 @@ def slots_for(artifact: str, parallel: int | None, engine: str = "auto") -> int:
     return parallel
 
 
+def open_store(gen, directory: str, max_bytes: int):
+    """The prompt store on disk for gen's artifact and engine (runtime.prompt_store), or a
+    one-line error where the directory cannot be made or written."""
+    from edgellm.runtime.prompt_store import PromptStore, identity
+
+    try:
+        return PromptStore(directory, identity(gen), max_bytes,
+                           min_tokens=min(64, gen.engine.prefill_len))
+    except OSError as e:
+        raise EdgeLLMError(f"--prompt-cache {directory}: {e.strerror or e}") from None
+
+
 def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
           max_queue: int, upstream=None, quiet: bool = False, verify: bool = False,
           tool_grammar: bool = True, speculate: str = "auto", parallel: int | None = None,
-          prefill_budget: int | None = None, **engine_opts) -> None:
+          prefill_budget: int | None = None, prompt_cache: str | None = None,
+          prompt_cache_size: int = 2 << 30, **engine_opts) -> None:
     import uvicorn
 
     slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"))
     sock = bind(host, port)  # before the model loads: a busy port fails at once
     gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
     name = model_name or Path(artifact).name
+    store = open_store(gen, prompt_cache, prompt_cache_size) if prompt_cache else None
     app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar,
-                     speculate=speculate, prefill_budget=prefill_budget)
+                     speculate=speculate, prefill_budget=prefill_budget, prompt_store=store)
     text = banner(_url(host, sock), name, gen, api_key)
 
     class Server(uvicorn.Server):
