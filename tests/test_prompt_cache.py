@@ -247,3 +247,43 @@ def test_serve_reuses_the_prompt_cache_after_a_restart(art, tmp_path, parallel):
             server.should_exit = True
             thread.join()
     assert answers[1] == answers[2]  # from disk, as without the cache
+
+
+def test_serve_warm_prefills_at_start_and_reads_it_back_after_a_restart(art, tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    system = "You control a home. " + " ".join(f"lamp{i} is off." for i in range(12))
+    (tmp_path / "system.txt").write_text(system)
+    (tmp_path / "request.json").write_text(json.dumps({"messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": "hi"}]}))
+    lines = []
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(art),
+                                 "--port", "0", "--threads", "1", "--warm",
+                                 str(tmp_path / "system.txt"), "--warm",
+                                 str(tmp_path / "request.json"), "--prompt-cache",
+                                 str(tmp_path / "pc")], stderr=subprocess.PIPE, text=True)
+        out = []
+        for line in proc.stderr:
+            out.append(line)
+            if "Ctrl-C stops" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+        lines.append([w for w in out if "warmed" in w])
+    counts = [[tuple(map(int, re.search(r": (\d+) tokens \((\d+) read", w).groups()))
+               for w in run] for run in lines]
+    from edgellm.runtime.prefix_cache import common_prefix
+    from edgellm.server.serving import warm_ids
+
+    gen = Generator.load(art, engine="numpy")
+    shared = common_prefix(*(warm_ids(gen, tmp_path / f) for f in ("system.txt", "request.json")))
+    (n1, read1), (n2, read2) = counts[0]
+    assert read1 == 0 and n2 > n1 and read2 == shared > 100  # the second shares the system
+    assert [read for _, read in counts[1]] == [n1, n2]  # after the restart: all from disk
+    (tmp_path / "bad.json").write_text('{"messages": []}')
+    done = edgellm("serve", art, "--port", "0", "--warm", tmp_path / "bad.json")
+    assert done.returncode == 1 and done.stderr.startswith("edgellm: error: --warm")

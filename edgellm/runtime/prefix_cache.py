@@ -73,11 +73,11 @@ class PrefixCache:
         self.disk_hits += 1
         return True
 
-    def remember(self, prompt_ids: list[int]) -> None:
+    def remember(self, prompt_ids: list[int], whole: bool = False) -> None:
         """After a generation: keep on disk (with a store) the prefix of prompt_ids worth it: the
         part shared with a stored prompt where they part (an agent's system prompt, seen twice),
-        or the whole prompt the first time one like it is seen. The K/V is copied now, written
-        by a thread of its own."""
+        or the whole prompt the first time one like it is seen (`whole`: always all of it but
+        the last token). The K/V is copied now, written by a thread of its own."""
         if self.store is None or len(prompt_ids) - 1 < self.store.min_tokens:
             return
         target = prompt_ids[:-1]
@@ -85,7 +85,7 @@ class PrefixCache:
         if n >= len(target):
             return  # stored whole already
         longer = file is not None and len(self.store.index.get(file, ())) > n
-        keep = n if n >= self.store.min_tokens and longer else len(target)
+        keep = n if n >= self.store.min_tokens and longer and not whole else len(target)
         if keep < self.store.min_tokens or self.store.has(target[:keep]) or \
                 common_prefix(self.gen.cached_ids, target) < keep:
             return
@@ -96,6 +96,19 @@ class PrefixCache:
                                   name="edgellm-prompt-store")
         writer.start()
         self._writes.append(writer)
+
+    def warm(self, ids: list[int]) -> int:
+        """Have ids' K/V at hand before any request: restored (from memory or the store) or
+        prefilled, then kept (saved in memory; on disk with a store). The positions read
+        instead of computed."""
+        self.prepare(ids + [0])
+        have = common_prefix(self.gen.cached_ids, ids)
+        if have < len(ids):
+            self.gen.prefill(ids[have:], have)
+        self.remember(ids + [0], whole=True)
+        self._save_live()
+        self.flush()
+        return have
 
     def flush(self) -> None:
         """Wait for the store's writes under way."""

@@ -89,6 +89,36 @@ def slots_for(artifact: str, parallel: int | None, engine: str = "auto") -> int:
     return parallel
 
 
+def warm_ids(gen, path: str) -> list[int]:
+    """The prompt ids of a --warm file, rendered as the server renders a request: a JSON request
+    body (its messages and tools) or plain text (the system message)."""
+    import json
+
+    from pydantic import ValidationError
+
+    from edgellm.server.app import _encode_chat
+    from edgellm.server.errors import APIError
+    from edgellm.server.schemas import ChatRequest
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeLLMError(f"--warm {path}: {e}") from None
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        if not text.strip():
+            raise EdgeLLMError(f"--warm {path}: the file is empty")
+        body = {"messages": [{"role": "system", "content": text}]}
+    try:
+        return _encode_chat(gen, ChatRequest(**{**body, "model": body.get("model", "")}))[0]
+    except (ValidationError, APIError, TypeError) as e:
+        raise EdgeLLMError(f"--warm {path}: not a chat request ({str(e).splitlines()[0]})") \
+            from None
+
+
 def open_store(gen, directory: str, max_bytes: int):
     """The prompt store on disk for gen's artifact and engine (runtime.prompt_store), or a
     one-line error where the directory cannot be made or written."""
@@ -105,7 +135,7 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
           max_queue: int, upstream=None, quiet: bool = False, verify: bool = False,
           tool_grammar: bool = True, speculate: str = "auto", parallel: int | None = None,
           prefill_budget: int | None = None, prompt_cache: str | None = None,
-          prompt_cache_size: int = 2 << 30, **engine_opts) -> None:
+          prompt_cache_size: int = 2 << 30, warm: list[str] = (), **engine_opts) -> None:
     import uvicorn
 
     slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"))
@@ -116,6 +146,11 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar,
                      speculate=speculate, prefill_budget=prefill_budget, prompt_store=store)
     text = banner(_url(host, sock), name, gen, api_key)
+    for path in warm:  # after the model loaded, before the first request
+        ids = warm_ids(gen, path)
+        read = app.state.served.slots[0].prefix_cache.warm(ids)
+        print(f"edgellm serve: warmed {path}: {len(ids)} tokens ({read} read from the cache, "
+              f"{len(ids) - read} prefilled)", file=sys.stderr, flush=True)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
