@@ -307,3 +307,19 @@ def test_auto_speculation_drafts_only_where_a_several_row_forward_is_cheap(arts,
                                 speculate=mode).speculation for mode in ("auto", "lookup")}
     assert stats["lookup"].proposed > 0
     assert (stats["auto"] is not None and stats["auto"].proposed > 0) == drafts
+
+
+def test_where_only_the_lm_head_is_8_bit_it_is_what_is_timed(tmp_path, cache, counted):
+    """s4 layers with an s8 lm_head: the layers run the same 4-bit kernel on either path, so
+    the measurement times the post graph (1 and 4 rows), and no prefill path is offered."""
+    make_tiny_model(tmp_path / "hf", "qwen2", tied=False)
+    done = edgellm("build", tmp_path / "hf", "-o", tmp_path / "art", "--weight-type", "s4",
+                   "--post-weight-type", "s8", "--kv-cache-len", "64", "--prefill-len", "32")
+    assert done.returncode == 0, done.stderr
+    from edgellm.artifact.reader import load_artifact
+
+    assert kernels.timed_graphs(load_artifact(tmp_path / "art").manifest)[1] is False
+    engine = _load(tmp_path / "art", kernel="mixed")
+    assert counted and engine.kernel.timed == "post" and engine.kernel.prefill_path is None
+    assert set(engine.kernel.measured["matmulnbits"]) == {"1", "4"}
+    assert engine.row_cost() is None and "the lm_head measured" in engine.kernel.why

@@ -51,7 +51,8 @@ build() {  # name, targets, cmake args...
     [[ -x $LL/$name/bin/llama-bench ]] && return
     log "llama.cpp for $name (static; 5-15 minutes on 2 cores)"
     cmake -S "$SRC" -B "$LL/$name" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-        -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF \
         -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF -DCMAKE_EXE_LINKER_FLAGS=-static "$@" >/dev/null
     # shellcheck disable=SC2086
     cmake --build "$LL/$name" --target $targets -j"$(nproc)" >/dev/null

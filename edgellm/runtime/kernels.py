@@ -36,7 +36,7 @@ from edgellm.errors import EdgeLLMError
 
 PATHS = ("matmulnbits", "qgemm")
 CHOICES = ("auto", "mixed", *PATHS)  # --kernel
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the post graph timed where no layer is 8-bit (Choice.timed)
 NOISE = 0.03  # a path must be this much faster somewhere, and no slower anywhere, to be chosen
 LAYERS_TIMED = 4  # the artifact's first layers, each with weights of its own (not all in cache)
 
@@ -51,6 +51,7 @@ class Choice:
     # measured faster there and memory allows both (OrtEngine decides the memory)
     prefill_path: str | None = None
     prefill_rows: int = 0
+    timed: str = "layers"  # what was measured: "layers", or "post" (only the lm_head is 8-bit)
     cached: bool = False
 
     def line(self) -> str:
@@ -98,7 +99,7 @@ def qgemm_weights() -> str:
 
 def has_8bit(manifest) -> bool:
     schemes = [manifest.weight_scheme, manifest.post_scheme, *manifest.layer_schemes.values()]
-    return any(s.get("kind") == "int" and s.get("bits") == 8 for s in schemes)
+    return any(is_8bit(s) for s in schemes)
 
 
 def candidates(manifest, cpu, ort_version: str) -> dict[str, str]:
@@ -148,10 +149,11 @@ def read_cached(key: dict, allowed: set[str]) -> Choice | None:
             return None
         c = entry["choice"]
         choice = Choice(str(c["path"]), str(c["why"]), str(c["weights"]), dict(c["measured"]),
-                        c["prefill_path"], int(c["prefill_rows"]), cached=True)
+                        c["prefill_path"], int(c["prefill_rows"]), str(c["timed"]),
+                        cached=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    ok = choice.weights in ("s8", "u8") and (
+    ok = choice.weights in ("s8", "u8") and choice.timed in ("layers", "post") and (
         choice.prefill_path is None or (choice.prefill_path in allowed and choice.prefill_rows > 1
                                         and choice.prefill_path != choice.path))
     return choice if ok else None
@@ -206,38 +208,61 @@ def row_counts(prefill_len: int) -> list[int]:
     return sorted({1, min(4, prefill_len), min(16, prefill_len), prefill_len})
 
 
+def is_8bit(scheme: dict) -> bool:
+    return scheme.get("kind") == "int" and scheme.get("bits") == 8
+
+
+def timed_graphs(manifest) -> tuple[list[str], bool]:
+    """(graph files, whether they are layers): the first LAYERS_TIMED layers with 8-bit
+    weights, or, where no layer has any (s4 layers with an s8 lm_head), the post graph, the
+    only one whose path differs."""
+    layers = [g for g, layer in zip(manifest.graphs["layers"], manifest.layers)
+              if is_8bit(manifest.layer_schemes.get(layer) or manifest.weight_scheme)]
+    if layers:
+        return layers[:LAYERS_TIMED], True
+    return [manifest.graphs["post"]], False
+
+
 def measure(artifact, paths: list[str], weights: str, make_session,
             turns: int = 5) -> dict[str, dict]:
-    """{path: {rows: ms}}: the artifact's first layers on each path, for each row count, in
-    turns (a slow moment of a shared host falls on every path alike); the median per path."""
+    """{path: {rows: ms}}: the artifact's first 8-bit layers (or its post graph) on each path,
+    for each row count, in turns (a slow moment of a shared host falls on every path alike);
+    the median per path. The post graph is timed for 1 and 4 rows: the engine runs it on a
+    prompt's last row only, and on a verify's few."""
     import onnxruntime as ort
 
     m = artifact.manifest
     cfg = artifact.config
-    names = m.graphs["layers"][:LAYERS_TIMED]
+    names, layers = timed_graphs(m)
     sessions = {p: [make_session(name, p == "qgemm", weights) for name in names] for p in paths}
     kv = (1, cfg.num_kv_heads, m.kv_cache_len, cfg.head_dim)
     key, value = np.zeros(kv, np.float32), np.zeros(kv, np.float32)
     rng = np.random.default_rng(0)
     ov = ort.OrtValue.ortvalue_from_numpy
-    counts = row_counts(m.prefill_len)
+    counts = row_counts(m.prefill_len) if layers else sorted({1, min(4, m.prefill_len)})
     times: dict[str, dict[int, list[float]]] = {p: {r: [] for r in counts} for p in paths}
     runs = {}
     for rows in counts:
         hidden = (rng.standard_normal((1, rows, cfg.hidden_size)) * 0.5).astype(np.float32)
-        out = np.empty_like(hidden)
-        inputs = {"hidden": ov(hidden), "past_key": ov(key), "past_value": ov(value),
-                  "seqlens_k": ov(np.array([rows - 1], np.int32)),
-                  "total_seq_len": ov(np.array(rows, np.int32))}
+        if layers:
+            out = {"hidden_out": np.empty_like(hidden)}
+            inputs = {"hidden": ov(hidden), "past_key": ov(key), "past_value": ov(value),
+                      "seqlens_k": ov(np.array([rows - 1], np.int32)),
+                      "total_seq_len": ov(np.array(rows, np.int32))}
+        else:
+            out = {"logits": np.empty((1, rows, cfg.vocab_size), np.float32)}
+            inputs = {"hidden": ov(hidden)}
         for p in paths:
             bindings = []
             for s in sessions[p]:
                 b = s.io_binding()
                 for name, v in inputs.items():
                     b.bind_ortvalue_input(name, v)
-                b.bind_ortvalue_output("hidden_out", ov(out))
-                b.bind_ortvalue_output("present_key", inputs["past_key"])
-                b.bind_ortvalue_output("present_value", inputs["past_value"])
+                for name, v in out.items():
+                    b.bind_ortvalue_output(name, ov(v))
+                if layers:
+                    b.bind_ortvalue_output("present_key", inputs["past_key"])
+                    b.bind_ortvalue_output("present_value", inputs["past_value"])
                 bindings.append((s, b))
             runs[p, rows] = bindings
     repeat = {r: max(1, 16 // r) for r in counts}  # short runs repeated, so a timer tick is small
@@ -283,8 +308,12 @@ def choose(artifact, cpu, ort_version: str, threads: int, providers, make_sessio
     if choice is None:
         measured = measure(artifact, usable, weights, make_session)
         path, prefill, rows, why = decide(measured, "matmulnbits")
+        timed = "layers" if timed_graphs(artifact.manifest)[1] else "post"
+        if timed == "post":  # only the lm_head differs: prompts run it on their last row
+            prefill, rows, why = None, 0, why.replace("measured on this CPU",
+                                                      "the lm_head measured on this CPU")
         choice = Choice(path, why + (u8 if "qgemm" in (path, prefill) else ""), weights,
-                        measured, prefill, rows)
+                        measured, prefill, rows, timed)
         write_cached(key, choice)
     if kernel == "auto" and choice.prefill_path:
         return choice.without_prefill_path(f"{choice.prefill_path} is faster from "

@@ -73,6 +73,12 @@ def _choose_kernel(artifact: Artifact, ort_version: str, threads: int, providers
         raise
 
 
+def kernels_8bit(scheme: dict) -> bool:
+    from edgellm.runtime.kernels import _is_8bit
+
+    return _is_8bit(scheme)
+
+
 def _with_memory_for_prefill(choice, artifact: Artifact):
     """The choice as it is, or without its prefill path where this machine's available memory
     would not hold the layers' weights twice with half of it to spare."""
@@ -164,7 +170,13 @@ class OrtEngine:
         self.layers = [load(name, on_qgemm) for name in m.graphs["layers"]]
         # forwards of prefill_rows rows or more (prompt chunks) on the other path's sessions,
         # where it was measured faster there (runtime.kernels) and memory holds both
-        self.prefill_layers = [load(name, not on_qgemm) for name in m.graphs["layers"]] \
+        # (a layer without 8-bit weights is the same graph on either path: its session serves)
+        from edgellm.runtime.kernels import is_8bit
+
+        eight = [is_8bit(m.layer_schemes.get(layer) or m.weight_scheme)
+                 for layer in m.layers]
+        self.prefill_layers = [load(name, not on_qgemm) if is8 else same for name, is8, same
+                               in zip(m.graphs["layers"], eight, self.layers)] \
             if self.kernel.prefill_path else None
         self.prefill_rows = self.kernel.prefill_rows if self.prefill_layers else 1 << 30
         # the graphs whose 8-bit weights were re-laid (those without any kept their graph)
@@ -192,7 +204,8 @@ class OrtEngine:
     def row_cost(self) -> float | None:
         """What each further row of a few-row forward (a verify of drafts) costs, as a share of
         a one-row forward, from the kernel choice's measurement (None: not measured)."""
-        times = self.kernel.measured.get(self.kernel.path, {})
+        times = self.kernel.measured.get(self.kernel.path, {}) \
+            if self.kernel.timed == "layers" else {}  # the lm_head alone says little
         if "1" not in times or "4" not in times or times["1"] <= 0:
             return None
         return (times["4"] - times["1"]) / 3 / times["1"]
