@@ -236,6 +236,7 @@ def _add_misc(sub):
     p.add_argument("--system", help="system message")
     _add_thinking(p)
     p.add_argument("--verify", action="store_true", help="check every file's sha256 first")
+    _add_prompt_cache(p)
     _add_sampling(p)
     _add_engine(p)
     p.set_defaults(func=cmd_chat)
@@ -335,6 +336,16 @@ def _sampling(a):
                           penalty_window=a.penalty_window, seed=a.seed)
 
 
+def _disk_cache(gen, a):
+    """run/chat --prompt-cache DIR: a prefix cache over the store on disk, or None."""
+    if not a.prompt_cache:
+        return None
+    from edgellm.runtime.prefix_cache import PrefixCache
+    from edgellm.server.serving import open_store
+
+    return PrefixCache(gen, slots=0, store=open_store(gen, a.prompt_cache, 2 << 30))
+
+
 def cmd_run(a) -> int:
     from edgellm.runtime.generator import Generator
 
@@ -348,12 +359,8 @@ def cmd_run(a) -> int:
         ids = gen.encode_chat(messages, **_template_kwargs(a))
     mask = _schema_mask(gen, a.json_schema) if a.json_schema else None
     stream = None if a.json else (lambda piece: print(piece, end="", flush=True))
-    cache = None
-    if a.prompt_cache:
-        from edgellm.runtime.prefix_cache import PrefixCache
-        from edgellm.server.serving import open_store
-
-        cache = PrefixCache(gen, slots=0, store=open_store(gen, a.prompt_cache, 2 << 30))
+    cache = _disk_cache(gen, a)
+    if cache is not None:
         cache.prepare(ids)
     result = gen.generate(ids, sampling, a.max_new_tokens, on_text=stream, mask=mask,
                           speculate=a.speculate, reuse_cache=cache is not None)
@@ -531,7 +538,7 @@ def cmd_chat(a) -> int:
     sampling = _sampling(a)
     gen = Generator.load(a.artifact, verify=a.verify, **_engine_opts(a))
     ChatLoop(gen, sampling, a.max_new_tokens, a.system, speculate=a.speculate,
-             template_kwargs=_template_kwargs(a)).run()
+             template_kwargs=_template_kwargs(a), prefix_cache=_disk_cache(gen, a)).run()
     return 0
 
 

@@ -83,3 +83,22 @@ def test_ctrl_c_stops_the_answer_but_not_the_chat(tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_chat_with_a_prompt_cache_reads_the_system_prompt_back_in_a_new_session(tiny, tmp_path):
+    """chat --prompt-cache: the first session stores its first prompt; a new session (a new
+    engine, as after a restart) restores the shared system prompt from disk for its first turn."""
+    from edgellm.runtime import prompt_store as ps
+    from edgellm.runtime.prefix_cache import PrefixCache
+
+    system = "be brief " * 4  # the tiny tokenizer: about 50 tokens with the template
+    hits = []
+    for question in ("hello world", "the capital"):
+        gen = Generator.load(tiny)
+        cache = PrefixCache(gen, slots=0, store=ps.PromptStore(tmp_path / "pc", ps.identity(gen),
+                                                               min_tokens=8))
+        loop = ChatLoop(gen, SamplingConfig(), 3, system, io.StringIO(), prefix_cache=cache)
+        feed = iter([question, "/exit"])
+        loop.run(read=lambda prompt: next(feed))
+        hits.append((cache.disk_hits, loop.last.reused_tokens))
+    assert hits[0] == (0, 0) and hits[1][0] == 1 and hits[1][1] > 30

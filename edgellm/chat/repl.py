@@ -56,8 +56,11 @@ def _stopped_early(r: GenerationResult, capacity: int, max_new_tokens: int) -> s
 class ChatLoop:
     def __init__(self, gen: Generator, sampling: SamplingConfig, max_new_tokens: int,
                  system: str | None = None, out=sys.stdout, speculate: str = "auto",
-                 template_kwargs: dict | None = None):
+                 template_kwargs: dict | None = None, prefix_cache=None):
+        """prefix_cache: a runtime.prefix_cache.PrefixCache with a store on disk (chat
+        --prompt-cache): each turn's prompt is looked up there first and remembered after."""
         self.gen, self.sampling, self.max_new_tokens, self.out = gen, sampling, max_new_tokens, out
+        self.prefix_cache = prefix_cache
         self.template_kwargs = template_kwargs or {}
         self.speculate = speculate
         self.system = system
@@ -116,9 +119,14 @@ class ChatLoop:
 
         try:
             ids = self._fit()
+            if self.prefix_cache is not None:
+                self.prefix_cache.prepare(ids)
             self.last = self.gen.generate(ids, self.sampling, self.max_new_tokens,
                                           on_text=show, reuse_cache=True,
                                           speculate=self.speculate)
+            if self.prefix_cache is not None:
+                self.prefix_cache.remember(ids)
+                self.prefix_cache.flush()
             self.say()
             self.totals.add(self.last)
             early = _stopped_early(self.last, self.gen.engine.kv_cache_len, self.max_new_tokens)
