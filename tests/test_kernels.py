@@ -323,3 +323,16 @@ def test_where_only_the_lm_head_is_8_bit_it_is_what_is_timed(tmp_path, cache, co
     assert counted and engine.kernel.timed == "post" and engine.kernel.prefill_path is None
     assert set(engine.kernel.measured["matmulnbits"]) == {"1", "4"}
     assert engine.row_cost() is None and "the lm_head measured" in engine.kernel.why
+
+
+def test_a_measurement_that_fails_falls_back_to_matmulnbits_with_a_warning(arts, cache,
+                                                                           monkeypatch, capfd):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such kernel\nsecond line")
+
+    monkeypatch.setattr(kernels, "measure", broken)
+    engine = _load(arts["s8"])
+    assert engine.kernel.path == "matmulnbits" and not engine.relaid
+    err = capfd.readouterr().err
+    assert "edgellm: warning: timing the kernel paths failed (RuntimeError: no such kernel)" in err
+    assert not list(cache.glob("*.json"))  # nothing cached: measured again next time

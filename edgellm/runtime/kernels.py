@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -306,7 +307,13 @@ def choose(artifact, cpu, ort_version: str, threads: int, providers, make_sessio
     key = cache_key(artifact.manifest, cpu, ort_version, threads)
     choice = read_cached(key, set(usable))
     if choice is None:
-        measured = measure(artifact, usable, weights, make_session)
+        try:
+            measured = measure(artifact, usable, weights, make_session)
+        except Exception as e:  # noqa: BLE001 -- ORT's own types; never worse than before
+            print(f"edgellm: warning: timing the kernel paths failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); using MatMulNBits",
+                  file=sys.stderr)
+            return Choice("matmulnbits", "the default: timing the paths failed", weights)
         path, prefill, rows, why = decide(measured, "matmulnbits")
         timed = "layers" if timed_graphs(artifact.manifest)[1] else "post"
         if timed == "post":  # only the lm_head differs: prompts run it on their last row
