@@ -75,10 +75,8 @@ def _array(t: onnx.TensorProto, base: Path) -> np.ndarray:
 
 
 class _Rewriter:
-    def __init__(self, graph, base: Path, scratch: Path | None, weights: str = "s8",
-                 fused: bool = False):
+    def __init__(self, graph, base: Path, scratch: Path | None, weights: str = "s8"):
         self.graph, self.base, self.scratch, self.unsigned = graph, base, scratch, weights == "u8"
-        self.fused = fused
         self.nodes, self.quantized = [], {}
         self.inits = {t.name: t for t in graph.initializer}
         self.external: dict[str, np.ndarray] = {}  # name -> read-only memmap of an unlinked file
@@ -134,15 +132,10 @@ class _Rewriter:
                                        numpy_helper.from_array(col, f"{scales}_col")])
         xq, row_scale = self.rows_quantized(x)
         zps = ["qgemm_zp"] + (["qgemm_zp"] if self.unsigned else [])
-        if self.fused:  # the column scales applied by the GEMM's output stage
-            y = self.node("MatMulIntegerToFloat", [xq, f"{qweight}_kn", "qgemm_one",
-                                                   f"{scales}_col", *zps], domain="com.microsoft")
-            y = self.node("Mul", [y, row_scale], None if bias else node.output[0])
-        else:
-            y = self.node("Cast", [self.node("MatMulInteger", [xq, f"{qweight}_kn", *zps])],
-                          to=onnx.TensorProto.FLOAT)
-            y = self.node("Mul", [self.node("Mul", [y, row_scale]), f"{scales}_col"],
-                          None if bias else node.output[0])
+        y = self.node("Cast", [self.node("MatMulInteger", [xq, f"{qweight}_kn", *zps])],
+                      to=onnx.TensorProto.FLOAT)
+        y = self.node("Mul", [self.node("Mul", [y, row_scale]), f"{scales}_col"],
+                      None if bias else node.output[0])
         if bias:
             self.node("Add", [y, bias], node.output[0])
 
@@ -152,7 +145,7 @@ def is_8bit_matmul(node) -> bool:
                                                  for a in node.attribute)
 
 
-def relayout(path: Path, scratch: Path | None = None, weights: str = "s8", fused: bool = False
+def relayout(path: Path, scratch: Path | None = None, weights: str = "s8"
              ) -> tuple[bytes, dict[str, np.ndarray]] | None:
     """The graph at `path` with its 8-bit MatMulNBits on QGEMM, serialized for ORT to load from
     memory, and the external initializers to give it (SessionOptions.add_external_initializers;
@@ -165,10 +158,8 @@ def relayout(path: Path, scratch: Path | None = None, weights: str = "s8", fused
     if not any(is_8bit_matmul(n) for n in model.graph.node):
         return None
     g = model.graph
-    r = _Rewriter(g, path.parent, scratch, weights, fused)
+    r = _Rewriter(g, path.parent, scratch, weights)
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in _CONSTS.items())
-    if fused:
-        g.initializer.append(numpy_helper.from_array(np.float32(1), "qgemm_one"))
     for node in list(g.node):
         if is_8bit_matmul(node):
             r.matmul(node)
