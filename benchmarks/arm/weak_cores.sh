@@ -103,12 +103,18 @@ for cpu in $CPUS; do
         p128=$(count "$cpu" "$RES/t" "${bench[@]}" -p 128 -n 0)
         echo "{\"decode\": $(((d24 - d8) / 16)), \"prefill\": $(((p128 - p64) / 64))}" > "$line"
     done
-    for name in s8 s4; do
-        line=$RES/$cpu-edgellm-$name.json
+    # s8 on each path (A53: QGEMM only, MatMulNBits would dequantize per call), s4 as chosen
+    runs="s8@qgemm s4@auto"
+    [[ $cpu == cortex-a53 ]] || runs="s8@matmulnbits $runs"
+    for run in $runs; do
+        name=${run%@*} kernel=${run#*@}
+        line=$RES/$cpu-edgellm-$name-$kernel.json
         [[ -s $line && -z ${FORCE:-} ]] && continue
-        log "edgellm $name on $cpu"
+        log "edgellm $name --kernel $kernel on $cpu"
         if [[ $cpu == EPYC* ]]; then  # the host's own Python, run by the x86 QEMU
-            py=("$(command -v "$HOST_PY")" "$REPO/benchmarks/arm/probe.py")
+            # (the interpreter itself: QEMU runs ELF files, not a pyenv shim script)
+            py=("$("$HOST_PY" -c 'import sys; print(sys.executable)')"
+                "$REPO/benchmarks/arm/probe.py")
         else
             py=(-L "$ROOT" "$ROOT/opt/venv/bin/python3" /opt/probe.py)
         fi
@@ -116,7 +122,8 @@ for cpu in $CPUS; do
         env -i PATH=/usr/bin:/bin HOME=/root XDG_CACHE_HOME="$RES/cache-$cpu" \
             PYTHONPATH="$([[ $cpu == EPYC* ]] && echo "$REPO")" "$qemu" -cpu "$cpu" \
             -plugin "$ARM_WORK/qemu/libinsn_marks.so,out=$RES/m" "${py[@]}" \
-            "$ARM_WORK/art/$name" --engine ort --mark > "$RES/probe.json" 2>"$RES/probe.log" ||
+            "$ARM_WORK/art/$name" --engine ort --mark --kernel "$kernel" > "$RES/probe.json" \
+            2>"$RES/probe.log" ||
             { echo '{"error": "probe failed"}' > "$line"; continue; }
         "$HOST_PY" - "$RES/m" "$RES/probe.json" > "$line" <<'EOF'
 import json, sys
@@ -137,16 +144,21 @@ def load(cpu, what):
         return json.load(open(f"{res}/{cpu}-{what}.json"))
     except (OSError, ValueError):
         return {"error": "missing"}
-print("| CPU (emulated) | edgellm | M instr./decoded token | M instr./prefill token | llama.cpp "
-      "| M instr./decoded token | M instr./prefill token | decode, prefill: llama.cpp / edgellm |")
+print("| CPU (emulated) | edgellm, path | M instr./decoded token | M instr./prefill token "
+      "| llama.cpp | M instr./decoded token | M instr./prefill token "
+      "| decode, prefill: llama.cpp / edgellm |")
 print("|---|---|---|---|---|---|---|---|")
 for cpu in cpus:
-    for ours, theirs in (("s8", "Q8_0"), ("s4", "Q4_0")):
+    for ours, theirs in (("s8-matmulnbits", "Q8_0"), ("s8-qgemm", "Q8_0"), ("s4-auto", "Q4_0")):
         a, b = load(cpu, f"edgellm-{ours}"), load(cpu, f"llama-{theirs}")
-        if "error" in a or "error" in b:
-            print(f"| {cpu} | {ours} | {a.get('error', '')} | | {theirs} | {b.get('error', '')} | | |")
+        if a.get("error") == "missing":
             continue
-        print(f"| {cpu} | {ours} ({(a['kernel'] or '').split(' (')[0]}) | {a['decode'] / 1e6:,.1f} "
+        if "error" in a or "error" in b:
+            print(f"| {cpu} | {ours} | {a.get('error', '')} | | {theirs} | {b.get('error', '')} "
+                  f"| | |")
+            continue
+        path = (a["kernel"] or "").split(" (")[0]
+        print(f"| {cpu} | {ours.split('-')[0]}, {path} | {a['decode'] / 1e6:,.1f} "
               f"| {a['prefill'] / 1e6:,.1f} | {theirs} | {b['decode'] / 1e6:,.1f} "
               f"| {b['prefill'] / 1e6:,.1f} | {b['decode'] / a['decode']:.2f}x, "
               f"{b['prefill'] / a['prefill']:.2f}x |")
