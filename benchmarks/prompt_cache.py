@@ -3,6 +3,11 @@ time to first token cold, after a restart (the prefix read from DIR), and whethe
 agree. The figures in docs/PERFORMANCE.md, "A smart home's prompt after a restart".
 
     python benchmarks/prompt_cache.py ART [--devices 86] [--kernel auto] [--threads 2]
+                                          [--llama-cpp GGUF]
+
+--llama-cpp GGUF: the same phases with llama.cpp (llama-cpp-python, built as
+compare_llamacpp.py says) on the same token ids, its state saved to a file with save_state() and
+read back by a fresh Llama (its prompt cache); e.g. the Q8_0 that compare_llamacpp.py makes.
 
 ART needs a KV cache longer than the prompt (build it with --kv-cache-len 4096). Each phase
 loads the artifact anew (a restart); the cache directory is a fresh temporary one.
@@ -68,12 +73,50 @@ def ttft(art: str, messages, tools, store_dir: str | None, kernel: str, threads:
     return first, result.token_ids, len(ids), result.reused_tokens
 
 
+def llama_cpp_phases(gguf: str, ids_a: list[int], ids_b: list[int], threads: int) -> dict:
+    """llama.cpp's first token cold (prompt b), and after a restart with the state of prompt a
+    saved to a file and loaded by a fresh instance (llama-cpp-python reuses the common prefix)."""
+    import pickle
+
+    from llama_cpp import Llama
+
+    def fresh():
+        return Llama(gguf, n_ctx=len(ids_b) + 64, n_threads=threads, n_threads_batch=threads,
+                     n_batch=512, verbose=False)
+
+    def first_token(llm, ids):
+        t = time.perf_counter()
+        out = llm.create_completion(ids, max_tokens=1, temperature=0)
+        return time.perf_counter() - t, out["choices"][0]["text"]
+
+    cold, cold_text = first_token(fresh(), ids_b)
+    llm = fresh()
+    first_token(llm, ids_a)
+    with tempfile.NamedTemporaryFile(suffix=".state") as f:
+        t = time.perf_counter()
+        pickle.dump(llm.save_state(), f)
+        f.flush()
+        saved = time.perf_counter() - t
+        del llm
+        llm = fresh()
+        t = time.perf_counter()
+        f.seek(0)
+        llm.load_state(pickle.load(f))
+        loading = time.perf_counter() - t
+    warm, warm_text = first_token(llm, ids_b)
+    return {"llama_cold_ttft_s": round(cold, 3), "llama_after_restart_ttft_s":
+            round(loading + warm, 3), "llama_state_save_s": round(saved, 3),
+            "llama_ratio": round((loading + warm) / cold, 4), "llama_same_first_token":
+            warm_text == cold_text}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifact")
     p.add_argument("--devices", type=int, default=86)
     p.add_argument("--kernel", default="auto")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--llama-cpp", metavar="GGUF", help="the same phases with llama.cpp")
     a = p.parse_args()
     system, tools = hub_prompt(a.devices)
     ask = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]  # noqa
@@ -86,6 +129,13 @@ def main() -> int:
             "first_with_cache_ttft_s": round(first[0], 3),
             "after_restart_ttft_s": round(warm[0], 3), "reused_tokens": warm[3],
             "ratio": round(warm[0] / cold[0], 4), "same_answer": warm[1] == cold[1]}
+    if a.llama_cpp:
+        from edgellm.runtime.generator import Generator
+
+        gen = Generator.load(a.artifact, threads=1, kernel="matmulnbits")
+        rows.update(llama_cpp_phases(
+            a.llama_cpp, gen.encode_chat(ask("Turn off the hall switch 4"), tools=tools),
+            gen.encode_chat(ask("Turn on the kitchen light 0"), tools=tools), a.threads))
     json.dump(rows, sys.stdout)
     print()
     return 0
