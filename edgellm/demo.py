@@ -50,7 +50,9 @@ def demo(model: str | None, prompt: str, max_new_tokens: int, **engine_opts) -> 
                           SamplingConfig(), max_new_tokens,
                           on_text=lambda piece: print(piece, end="", flush=True))
     print()
-    print(f"[{name} s8, {type(gen.engine).__name__}] ttft {result.ttft_ms:.0f} ms, prefill "
+    kernel = getattr(gen.engine, "kernel", None)  # runtime.kernels: the 8-bit weights' path
+    engine = type(gen.engine).__name__ + (f" on {kernel.path}" if kernel else "")
+    print(f"[{name} s8, {engine}] ttft {result.ttft_ms:.0f} ms, prefill "
           f"{result.prefill_tok_s:.1f} tok/s ({result.prompt_tokens} tokens), decode "
           f"{result.decode_tok_s:.1f} tok/s ({len(result.token_ids)} tokens)")
     return 0
