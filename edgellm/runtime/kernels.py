@@ -279,7 +279,7 @@ def measure(artifact, paths: list[str], weights: str, make_session,
     return {p: {str(r): statistics.median(v) for r, v in times[p].items()} for p in paths}
 
 
-def choose(artifact, cpu, ort_version: str, threads: int, providers, make_session,
+def choose(artifact, cpu, ort_version: str, threads: int, make_session,
            kernel: str = "auto") -> Choice:
     """The path for this artifact on this CPU: `kernel` forced, the only one there is, the
     cached choice, or measured now (and cached); make_session(graph name, qgemm, weights)

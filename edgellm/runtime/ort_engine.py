@@ -46,8 +46,8 @@ def _session_options(ort, threads: int | None):
     return so
 
 
-def _choose_kernel(artifact: Artifact, ort_version: str, threads: int, providers,
-                   kernel: str, allow_slow: bool, make_session):
+def _choose_kernel(artifact: Artifact, ort_version: str, threads: int, kernel: str,
+                   allow_slow: bool, make_session):
     """The path for the 8-bit weights on this CPU (runtime.kernels: forced, the only one, cached
     or measured); never the per-call dequantizing path without saying so (runtime.cpu)."""
     import sys
@@ -63,8 +63,7 @@ def _choose_kernel(artifact: Artifact, ort_version: str, threads: int, providers
               f"(tens of times slower)", file=sys.stderr)
         return kernels.Choice("matmulnbits", "--kernel matmulnbits --allow-slow-kernels")
     try:
-        return kernels.choose(artifact, cpu, ort_version, threads, providers, make_session,
-                              kernel)
+        return kernels.choose(artifact, cpu, ort_version, threads, make_session, kernel)
     except EdgeLLMError as e:
         if slow and kernel == "matmulnbits":
             raise EdgeLLMError(f"{e}; run it anyway with --allow-slow-kernels (it dequantizes "
@@ -152,7 +151,7 @@ class OrtEngine:
         self.threads = _GLOBAL_POOL[0] or threads  # the process-wide pool's (the first engine's)
         measured = lambda name, qgemm, weights: _session(  # noqa: E731
             ort, artifact.path / name, so, providers, qgemm, threads, weights)
-        self.kernel = _choose_kernel(artifact, ort.__version__, self.threads, providers, kernel,
+        self.kernel = _choose_kernel(artifact, ort.__version__, self.threads, kernel,
                                      allow_slow_kernels, measured)
         self.kernel = _with_memory_for_prefill(self.kernel, artifact)
         self.ort = ort
