@@ -258,7 +258,7 @@ def _add_misc(sub):
                         "favours new requests' first token, smaller the running streams "
                         "(default: the artifact's prefill chunk, 128 unless built otherwise)")
     _add_prompt_cache(p)
-    p.add_argument("--warm", action="append", default=[], metavar="FILE",
+    p.add_argument("--warm", action="append", metavar="FILE",
                    help="prefill this prompt at start and keep it (repeatable): a system prompt "
                         "as plain text, or a chat request body in JSON (messages and tools); "
                         "with --prompt-cache read from there when it was stored before")
@@ -551,7 +551,7 @@ def cmd_serve(a) -> int:
     serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
           quiet=a.quiet, verify=a.verify, tool_grammar=not a.no_tool_grammar,
           speculate=a.speculate, parallel=a.parallel, prefill_budget=a.prefill_budget,
-          prompt_cache=a.prompt_cache, warm=a.warm,
+          prompt_cache=a.prompt_cache, warm=a.warm or (),
           prompt_cache_size=int(parse_size(a.prompt_cache_size, "--prompt-cache-size")),
           **_engine_opts(a))
     return 0
