@@ -67,8 +67,9 @@ class Choice:
 
 @functools.lru_cache(maxsize=None)
 def u8s8_exact() -> bool:
-    """(Call it after ort_engine made the process-wide thread pool.) Whether ONNX Runtime's u8 x s8 integer GEMM is exact on this CPU: the worst case (255
-    times 127, pairs that overflow a 16-bit lane) on 1 and 16 rows against numpy."""
+    """Whether ONNX Runtime's u8 x s8 integer GEMM is exact on this CPU: the worst case (255
+    times 127, pairs that overflow a 16-bit lane) on 1 and 16 rows against numpy. (Call it
+    once ort_engine has made the process-wide thread pool.)"""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

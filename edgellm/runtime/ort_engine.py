@@ -72,12 +72,6 @@ def _choose_kernel(artifact: Artifact, ort_version: str, threads: int, kernel: s
         raise
 
 
-def kernels_8bit(scheme: dict) -> bool:
-    from edgellm.runtime.kernels import _is_8bit
-
-    return _is_8bit(scheme)
-
-
 def _with_memory_for_prefill(choice, artifact: Artifact):
     """The choice as it is, or without its prefill path where this machine's available memory
     would not hold the layers' weights twice with half of it to spare."""
@@ -134,8 +128,8 @@ class OrtEngine:
         """kernel: the path of the 8-bit weights (runtime.kernels): "matmulnbits" (the graphs
         as built), "qgemm" (re-laid at load for ORT's integer GEMM, edgellm.onnx.qgemm),
         "auto" (the faster, measured at the first load on this CPU, then cached) or "mixed"
-        (auto, and prompt chunks on the other path where that was measured faster). slots: sequences with a
-        KV cache each."""
+        (auto, and prompt chunks on the other path where that was measured faster).
+        slots: sequences with a KV cache each."""
         import onnxruntime as ort
 
         m = artifact.manifest

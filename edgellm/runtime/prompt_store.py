@@ -104,15 +104,13 @@ class PromptStore:
 
     def best(self, ids: list[int]) -> tuple[int, str | None]:
         """(n, file name): the stored prefix sharing the most leading tokens with ids."""
+        from edgellm.runtime.prefix_cache import common_prefix
+
         best, name = 0, None
         with self.lock:
             entries = list(self.index.items())
         for file, stored in entries:
-            n = 0
-            for a, b in zip(stored, ids):
-                if a != b:
-                    break
-                n += 1
+            n = common_prefix(stored, ids)
             if n > best:
                 best, name = n, file
         return best, name
