@@ -55,7 +55,7 @@ def ttft(art: str, messages, tools, store_dir: str | None, kernel: str, threads:
     from edgellm.runtime.generator import Generator
     from edgellm.runtime.prefix_cache import PrefixCache
     from edgellm.runtime.sampler import SamplingConfig
-    from edgellm.server.serving import open_store
+    from edgellm.runtime.prompt_store import open_store
 
     gen = Generator.load(art, threads=threads, kernel=kernel)
     ids = gen.encode_chat(messages, tools=tools)

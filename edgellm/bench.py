@@ -95,11 +95,8 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
         "params": parameter_count(gen.artifact.config),
         "weight_type": layout_label(m.weight_scheme, m.post_scheme, bool(m.layer_schemes)),
         # the path of the 8-bit weights and why (runtime.kernels), noted once
-        "engine": type(gen.engine).__name__ + (f" ({gen.engine.kernel.path}"
-                                               + (f", {gen.engine.kernel.prefill_path} from "
-                                                  f"{gen.engine.kernel.prefill_rows} rows"
-                                                  if gen.engine.kernel.prefill_path else "")
-                                               + ")" if hasattr(gen.engine, "kernel") else ""),
+        "engine": type(gen.engine).__name__ + (f" ({gen.engine.kernel.label()})"
+                                               if hasattr(gen.engine, "kernel") else ""),
         "kernel": gen.engine.kernel.line() if hasattr(gen.engine, "kernel") else None,
         "threads": gen.engine.threads,  # as used: ORT's pool size; numpy: None (BLAS default)
     }

@@ -341,7 +341,7 @@ def _disk_cache(gen, a):
     if not a.prompt_cache:
         return None
     from edgellm.runtime.prefix_cache import PrefixCache
-    from edgellm.server.serving import open_store
+    from edgellm.runtime.prompt_store import open_store
 
     return PrefixCache(gen, slots=0, store=open_store(gen, a.prompt_cache, 2 << 30))
 

@@ -51,7 +51,7 @@ def demo(model: str | None, prompt: str, max_new_tokens: int, **engine_opts) -> 
                           on_text=lambda piece: print(piece, end="", flush=True))
     print()
     kernel = getattr(gen.engine, "kernel", None)  # runtime.kernels: the 8-bit weights' path
-    engine = type(gen.engine).__name__ + (f" on {kernel.path}" if kernel else "")
+    engine = type(gen.engine).__name__ + (f" on {kernel.label()}" if kernel else "")
     print(f"[{name} s8, {engine}] ttft {result.ttft_ms:.0f} ms, prefill "
           f"{result.prefill_tok_s:.1f} tok/s ({result.prompt_tokens} tokens), decode "
           f"{result.decode_tok_s:.1f} tok/s ({len(result.token_ids)} tokens)")

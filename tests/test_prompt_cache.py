@@ -213,7 +213,7 @@ def test_serve_reuses_the_prompt_cache_after_a_restart(art, tmp_path, parallel):
     import httpx
 
     from edgellm.server.app import create_app
-    from edgellm.server.serving import open_store
+    from edgellm.runtime.prompt_store import open_store
     from helpers import start_server
 
     system = "You control a home. " + " ".join(f"lamp{i} is off." for i in range(12))

@@ -55,11 +55,14 @@ class Choice:
     timed: str = "layers"  # what was measured: "layers", or "post" (only the lm_head is 8-bit)
     cached: bool = False
 
-    def line(self) -> str:
-        path = self.path
+    def label(self) -> str:
+        """The path(s), e.g. "matmulnbits, qgemm from 16 rows"."""
         if self.prefill_path:
-            path += f", {self.prefill_path} from {self.prefill_rows} rows"
-        return f"{path} ({self.why}{', cached' if self.cached else ''})"
+            return f"{self.path}, {self.prefill_path} from {self.prefill_rows} rows"
+        return self.path
+
+    def line(self) -> str:
+        return f"{self.label()} ({self.why}{', cached' if self.cached else ''})"
 
     def without_prefill_path(self, reason: str) -> "Choice":
         return replace(self, prefill_path=None, prefill_rows=0, why=f"{self.why}; {reason}")

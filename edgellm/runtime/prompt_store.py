@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm.errors import EdgeLLMError
+
 MAGIC = b"EDGELLM-KV\n"
 VERSION = 1
 
@@ -197,3 +199,13 @@ class PromptStore:
             with self.lock:
                 self.index.pop(name, None)
             total -= size
+
+
+def open_store(gen, directory: str | Path, max_bytes: int) -> PromptStore:
+    """The store on disk for gen's artifact and engine (`--prompt-cache DIR` of serve, run and
+    chat), or a one-line error where the directory cannot be made or written."""
+    try:
+        return PromptStore(directory, identity(gen), max_bytes,
+                           min_tokens=min(64, gen.engine.prefill_len))
+    except OSError as e:
+        raise EdgeLLMError(f"--prompt-cache {directory}: {e.strerror or e}") from None

@@ -10,6 +10,7 @@ from pathlib import Path
 from edgellm.artifact.inspect import layout_label
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.generator import Generator
+from edgellm.runtime.prompt_store import open_store
 from edgellm.server.app import create_app
 from edgellm.server.request_log import RequestLog
 
@@ -117,18 +118,6 @@ def warm_ids(gen, path: str) -> list[int]:
     except (ValidationError, APIError, TypeError) as e:
         raise EdgeLLMError(f"--warm {path}: not a chat request ({str(e).splitlines()[0]})") \
             from None
-
-
-def open_store(gen, directory: str, max_bytes: int):
-    """The prompt store on disk for gen's artifact and engine (runtime.prompt_store), or a
-    one-line error where the directory cannot be made or written."""
-    from edgellm.runtime.prompt_store import PromptStore, identity
-
-    try:
-        return PromptStore(directory, identity(gen), max_bytes,
-                           min_tokens=min(64, gen.engine.prefill_len))
-    except OSError as e:
-        raise EdgeLLMError(f"--prompt-cache {directory}: {e.strerror or e}") from None
 
 
 def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
