@@ -10,6 +10,7 @@ import numpy as np
 
 from edgellm.artifact.inspect import layout_label
 from edgellm.errors import EdgeLLMError
+from edgellm.runtime.context import more_context
 
 _TEXT = ("The edge device reads every weight once per generated token, so decoding speed is set "
          "by memory bandwidth, while the prompt is processed as matrix products. ")
@@ -49,7 +50,8 @@ def _answers(gen, prompt: str, gen_tokens: int, repeats: int, speculate: str) ->
     ids = gen.encode_chat([{"role": "user", "content": prompt}])
     if len(ids) + gen_tokens > gen.engine.kv_cache_len:
         raise EdgeLLMError(f"the prompt file's {len(ids)} tokens + --gen-tokens {gen_tokens} "
-                           f"exceed the artifact's KV cache of {gen.engine.kv_cache_len}")
+                           f"exceed the KV cache of {gen.engine.kv_cache_len}: "
+                           f"{more_context(gen.engine.config, len(ids) + gen_tokens)}")
     modes = ["off"] + ([speculate] if speculate != "off" else [])
     gen.generate(ids[:8], SamplingConfig(), 4)  # warm-up
     runs: dict[str, list] = {m: [] for m in modes}
@@ -76,16 +78,18 @@ def _answers(gen, prompt: str, gen_tokens: int, repeats: int, speculate: str) ->
 def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
           engine: str = "auto", threads: int | None = None,
           providers: list[str] | None = None, allow_slow_kernels: bool = False,
-          prompt: str | None = None, speculate: str = "off", kernel: str = "auto") -> dict:
+          prompt: str | None = None, speculate: str = "off", kernel: str = "auto",
+          ctx_size: int | None = None) -> dict:
     """The fixed-prompt measurement, or with `prompt` (a user message) its greedy answer, plain
     and with `speculate`."""
     from edgellm.runtime.generator import Generator
 
     gen = Generator.load(artifact, engine=engine, threads=threads, providers=providers,
-                         allow_slow_kernels=allow_slow_kernels, kernel=kernel)
+                         allow_slow_kernels=allow_slow_kernels, kernel=kernel, ctx_size=ctx_size)
     if prompt_tokens + gen_tokens > gen.engine.kv_cache_len:
         raise EdgeLLMError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} "
-                           f"exceeds the artifact's KV cache of {gen.engine.kv_cache_len}")
+                           f"exceeds the KV cache of {gen.engine.kv_cache_len}: "
+                           f"{more_context(gen.engine.config, prompt_tokens + gen_tokens)}")
     if prompt_tokens < 1 or gen_tokens < 2:
         raise EdgeLLMError("bench needs --prompt-tokens >= 1 and --gen-tokens >= 2")
     m = gen.artifact.manifest
@@ -99,6 +103,7 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
                                                if hasattr(gen.engine, "kernel") else ""),
         "kernel": gen.engine.kernel.line() if hasattr(gen.engine, "kernel") else None,
         "threads": gen.engine.threads,  # as used: ORT's pool size; numpy: None (BLAS default)
+        "context": gen.engine.kv_cache_len,
     }
     if prompt is not None:
         return {**about, "gen_tokens": gen_tokens, "repeats": repeats,
@@ -129,7 +134,8 @@ def markdown(r: dict) -> str:
         f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['weight_type']} | {r['engine']} "
         f"| {r['threads'] or 'BLAS default'} | {r['prefill_tok_s']:.1f} ({r['prompt_tokens']} tokens) "
         f"| {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB |",
-    ] + ([f"\nkernel: {r['kernel']}"] if r.get("kernel") else []))
+    ] + ([f"\nkernel: {r['kernel']}"] if r.get("kernel") else [])
+      + ([f"context: {r['context']} positions"] if r.get("context") else []))
 
 
 def _answer_markdown(r: dict) -> str:

@@ -173,6 +173,10 @@ def _add_engine(p):
     p.add_argument("--allow-slow-kernels", action="store_true",
                    help="with --kernel matmulnbits: run even where ONNX Runtime has no 8-bit "
                         "kernel on this CPU (it dequantizes every weight per token)")
+    p.add_argument("--ctx-size", type=int, default=None, metavar="N",
+                   help="positions of the KV cache (prompt + answer), up to the model's trained "
+                        "context; default: the artifact's --kv-cache-len. No rebuild: the "
+                        "graphs are changed at load")
 
 
 def _add_prompt_cache(p):
@@ -185,7 +189,8 @@ def _add_prompt_cache(p):
 def _engine_opts(a) -> dict:
     providers = a.providers.split(",") if a.providers else None
     return {"engine": a.engine, "threads": a.threads, "providers": providers,
-            "allow_slow_kernels": a.allow_slow_kernels, "kernel": a.kernel}
+            "allow_slow_kernels": a.allow_slow_kernels, "kernel": a.kernel,
+            "ctx_size": a.ctx_size}
 
 
 def _add_run(sub):
@@ -459,7 +464,8 @@ def _add_quality(sub):
                                  "(overrides the board's)")
     p.add_argument("--bandwidth", help="memory bandwidth, e.g. 17GB/s; a bare number is GB/s "
                                        "(overrides the board's)")
-    p.add_argument("--kv-cache-len", type=int, metavar="N", help="default: the artifact's")
+    p.add_argument("--ctx-size", "--kv-cache-len", dest="kv_cache_len", type=int, metavar="N",
+                   help="positions of the KV cache to plan for (default: the artifact's)")
     p.add_argument("--parallel", type=_count, default=1, metavar="N",
                    help="requests served at once (`serve --parallel`): N KV caches")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -505,6 +511,10 @@ def cmd_plan(a) -> int:
                            f"{board.cpu}, still decide the kernel column)")
     art = load_artifact(a.artifact)
     kv = a.kv_cache_len or art.manifest.kv_cache_len
+    if a.kv_cache_len is not None:
+        from edgellm.runtime.context import check_trained
+
+        check_trained(art.config, a.kv_cache_len)
     import onnxruntime
 
     from edgellm.runtime.cpu import Cpu, read_cpu

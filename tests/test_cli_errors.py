@@ -159,7 +159,20 @@ def test_verify_catches_a_changed_byte(tiny_artifact, tmp_path):
 
 def test_prompt_longer_than_kv_cache(tiny_artifact):
     _fails_cleanly(edgellm("run", tiny_artifact, "-p", "hello world " * 40),
-                   "KV cache holds 24", "--kv-cache-len")
+                   "KV cache holds 24", "--ctx-size", "no rebuild")
+    # the advice works: the same prompt at a longer context, the artifact unchanged
+    done = edgellm("run", tiny_artifact, "-p", "hello world " * 40, "--ctx-size", "256",
+                   "--max-new-tokens", "4", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["prompt_tokens"] > 24
+
+
+@pytest.mark.parametrize("size,words", [("0", ("at least 1",)),
+                                        ("257", ("257", "256 positions", "trained"))])
+def test_ctx_size_out_of_range(tiny_artifact, size, words):
+    _fails_cleanly(edgellm("run", tiny_artifact, "-p", "hi", "--ctx-size", size), *words)
+    _fails_cleanly(edgellm("plan", tiny_artifact, "--ram", "1GB", "--bandwidth", "1GB",
+                           "--ctx-size", size), *words)
 
 
 def test_bad_sampling_flag(tiny_artifact):

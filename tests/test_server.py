@@ -179,7 +179,7 @@ def test_disconnect_cancels_generation(server):
     (json.dumps({"model": MODEL, "messages": QUESTION, "presence_penalty": 1}).encode(), 400,
      "presence_penalty"),
     (json.dumps({"model": MODEL, "messages": [
-        {"role": "user", "content": "word " * 600}]}).encode(), 400, "context"),
+        {"role": "user", "content": "word " * 600}]}).encode(), 400, "--ctx-size"),
     (json.dumps({"model": MODEL, "messages": [
         {"role": "user", "content": "x" * 70_000}]}).encode(), 413, "body over"),
 ])

@@ -86,7 +86,8 @@ class ChatLoop:
             dropped += 1
         if dropped:
             self.say(f"[the conversation outgrew the {self.gen.engine.kv_cache_len}-token KV "
-                     f"cache: dropped the {dropped} oldest turn(s), kept the system prompt]")
+                     f"cache: dropped the {dropped} oldest turn(s), kept the system prompt; "
+                     f"--ctx-size N holds more]")
         return ids
 
     def command(self, line: str) -> bool:

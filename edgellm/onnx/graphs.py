@@ -253,6 +253,26 @@ def post_graph(path: Path, cfg: ModelConfig, file_name: str, tensors: dict, sche
           [_value("logits", f, ["b", "n", cfg.vocab_size])], path, path.stem)
 
 
+CACHE_IO = ("past_key", "past_value", "present_key", "present_value")
+
+
+def with_context(model: onnx.ModelProto, cfg: ModelConfig, layer: int, context: int) -> None:
+    """A layer graph, as layer_graph made it, changed in place for a KV cache of `context`
+    positions: the cache's declared length and the rotary tables, computed again for that
+    context (longrope picks its factors by it), as layer_graph would have made them."""
+    g = model.graph
+    cache = [v for v in [*g.input, *g.output] if v.name in CACHE_IO]
+    tables = {t.name: t for t in g.initializer if t.name in ("cos_cache", "sin_cache")}
+    if len(cache) != len(CACHE_IO) or len(tables) != 2:
+        raise ValueError(f"{g.name}: not a layer graph with a KV cache and rotary tables")
+    for v in cache:
+        v.type.tensor_type.shape.dim[2].dim_value = context
+    cos, sin = rope_tables(cfg.layer_rope(layer), np.arange(context), context)
+    for name, values in (("cos_cache", cos), ("sin_cache", sin)):
+        tables[name].CopyFrom(helper.make_tensor(name, TensorProto.FLOAT, values.shape,
+                                                 values.ravel()))
+
+
 def supports(scheme: dict) -> bool:
     return scheme.get("kind") == "int"
 
@@ -265,4 +285,4 @@ def unsupported_shape(cfg: ModelConfig) -> str | None:
     return None
 
 
-__all__ = ["layer_graph", "post_graph", "supports", "LAYER_LINEARS"]
+__all__ = ["layer_graph", "post_graph", "supports", "with_context", "LAYER_LINEARS"]

@@ -145,10 +145,19 @@ def is_8bit_matmul(node) -> bool:
                                                  for a in node.attribute)
 
 
+def mapped(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The graph at `path` as it is, for ORT to load from memory (after changes: a context
+    length, graphs.with_context), and its external initializers mapped from their files, to
+    give it with SessionOptions.add_external_initializers."""
+    model = onnx.load(str(path), load_external_data=False)
+    return model, {t.name: _array(t, path.parent) for t in model.graph.initializer
+                   if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
 def relayout(path: Path, scratch: Path | None = None, weights: str = "s8"
-             ) -> tuple[bytes, dict[str, np.ndarray]] | None:
-    """The graph at `path` with its 8-bit MatMulNBits on QGEMM, serialized for ORT to load from
-    memory, and the external initializers to give it (SessionOptions.add_external_initializers;
+             ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]] | None:
+    """The graph at `path` with its 8-bit MatMulNBits on QGEMM, for ORT to load from memory,
+    and the external initializers to give it (SessionOptions.add_external_initializers;
     none without `scratch`: every weight inline); None when it has no 8-bit matmul. The old
     weights are read from their files, never loaded whole into the graph. weights: "s8" (int8,
     zero point 0) or "u8" (uint8, zero point 128: for CPUs whose u8 x s8 kernel saturates)."""
@@ -172,4 +181,4 @@ def relayout(path: Path, scratch: Path | None = None, weights: str = "s8"
             t.raw_data = np.ascontiguousarray(_array(t, path.parent)).tobytes()
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
-    return model.SerializeToString(), r.external
+    return model, r.external

@@ -34,10 +34,10 @@ class NumpyEngine:
     Holds float32 copies of the weights (4 bytes per parameter): simple and exact, not fast.
     """
 
-    def __init__(self, artifact: Artifact, slots: int = 1):
+    def __init__(self, artifact: Artifact, slots: int = 1, context: int | None = None):
         m = artifact.manifest
         self.config = cfg = artifact.config
-        self.kv_cache_len = m.kv_cache_len
+        self.kv_cache_len = context or m.kv_cache_len  # rotary tables follow it (reference)
         self.prefill_len = m.prefill_len
         self.hidden_type = m.hidden_state_type
         self.embed = artifact.embedding()  # [vocab, hidden] bf16 bits, mmapped
@@ -45,7 +45,7 @@ class NumpyEngine:
                                         LAYER_LINEARS, cfg) for f in m.layers]
         self.post_weights = _dequantize_file(artifact.tensors(m.post), artifact.post_scheme,
                                              ("lm_head",), cfg)
-        shape = (slots, cfg.num_layers, m.kv_cache_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (slots, cfg.num_layers, self.kv_cache_len, cfg.num_kv_heads, cfg.head_dim)
         store = dtypes.STORAGE_DTYPE[self.hidden_type]
         self.slots = slots
         self.k_slots = np.zeros(shape, store)  # [slots, layers, kv_len, kv_heads, head_dim]

@@ -63,21 +63,25 @@ ENGINES = ("auto", "ort", "numpy")
 
 def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = None,
                 providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                kernel: str = "auto", slots: int = 1):
+                kernel: str = "auto", slots: int = 1, ctx_size: int | None = None):
     """`ort` (ONNX Runtime graphs), `numpy` (the reference), or `auto`: ort when the artifact
-    has graphs."""
+    has graphs. ctx_size: the KV cache's positions (runtime.context; default the artifact's)."""
+    from edgellm.runtime.context import context_length
+
     if engine not in ENGINES:
         raise EdgeLLMError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    context = context_length(artifact, ctx_size, slots)
     if engine == "numpy" or (engine == "auto" and not artifact.manifest.graphs):
         if threads:
             _limit_blas_threads(threads)
-        numpy_engine = NumpyEngine(artifact, slots)
+        numpy_engine = NumpyEngine(artifact, slots, context)
         numpy_engine.threads = threads  # None: the BLAS library's own default
         return numpy_engine
     from edgellm.runtime.ort_engine import OrtEngine
 
     return OrtEngine(artifact, threads=threads or physical_cores(), providers=providers,
-                     allow_slow_kernels=allow_slow_kernels, kernel=kernel, slots=slots)
+                     allow_slow_kernels=allow_slow_kernels, kernel=kernel, slots=slots,
+                     context=context)
 
 
 def physical_cores() -> int:
@@ -110,13 +114,13 @@ class Generator:
 
     def __init__(self, artifact: Artifact, engine: str = "auto", threads: int | None = None,
                  providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                 kernel: str = "auto", slots: int = 1):
+                 kernel: str = "auto", slots: int = 1, ctx_size: int | None = None):
         self.artifact = artifact
         self.text = ModelText.from_artifact(artifact)
         self.tokenizer, self.template = self.text.tokenizer, self.text.template
         self.eos_ids = self.text.eos_ids
         self.engine = make_engine(artifact, engine, threads, providers, allow_slow_kernels, kernel,
-                                  slots)
+                                  slots, ctx_size)
         self.cached_ids: list[int] = []  # tokens whose K/V sit at positions 0.. of the cache
 
     def for_engine(self, engine) -> "Generator":
@@ -136,10 +140,12 @@ class Generator:
     def _check_fits(self, n_prompt: int):
         limit = self.engine.kv_cache_len
         if n_prompt >= limit:
+            from edgellm.runtime.context import more_context
+
             raise EdgeLLMError(
                 f"the prompt has {n_prompt} tokens but the KV cache holds {limit} positions "
-                f"(it must leave room for at least one new token); shorten the prompt or rebuild "
-                f"with a larger --kv-cache-len")
+                f"(it must leave room for at least one new token): "
+                f"{more_context(self.engine.config, n_prompt)}")
         if n_prompt == 0:
             raise EdgeLLMError("the prompt is empty")
 

@@ -90,21 +90,26 @@ def _with_memory_for_prefill(choice, artifact: Artifact):
 
 
 def _session(ort, path, so, providers, relaid: bool = False, threads: int | None = None,
-             weights: str = "s8"):
+             weights: str = "s8", context=None):
+    """A session of the graph at `path`: as built, re-laid for QGEMM (`relaid`), and/or changed
+    for a KV cache of another length (`context`: (config, layer, positions))."""
     from edgellm.fileutil import cache_dir
-    from edgellm.onnx.qgemm import relayout
+    from edgellm.onnx.graphs import with_context
+    from edgellm.onnx.qgemm import mapped, relayout
 
     try:
-        # (graph bytes, external weights), or None: nothing 8-bit in it
+        # (graph, external weights), or None: nothing 8-bit in it
         model = relayout(path, cache_dir() / "tmp", weights) if relaid else None
-        if model is None:
+        if model is None and context is None:
             return ort.InferenceSession(str(path), so, providers=providers)
-        graph, external = model
+        graph, external = model or mapped(path)
+        if context is not None:
+            with_context(graph, *context)
         own = _session_options(ort, threads)  # these initializers are this graph's alone
         own.add_external_initializers(list(external),
                                       [ort.OrtValue.ortvalue_from_numpy(a)
                                        for a in external.values()])
-        session = ort.InferenceSession(graph, own, providers=providers)
+        session = ort.InferenceSession(graph.SerializeToString(), own, providers=providers)
         session.edgellm_external = external  # mapped while the session lives
         advice = getattr(mmap, "MADV_DONTNEED", None)
         for weights in external.values():  # ORT packed them: out of RSS (the file stays mapped,
@@ -124,12 +129,13 @@ class OrtEngine:
 
     def __init__(self, artifact: Artifact, threads: int | None = None,
                  providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                 kernel: str = "auto", slots: int = 1):
+                 kernel: str = "auto", slots: int = 1, context: int | None = None):
         """kernel: the path of the 8-bit weights (runtime.kernels): "matmulnbits" (the graphs
         as built), "qgemm" (re-laid at load for ORT's integer GEMM, edgellm.onnx.qgemm),
         "auto" (the faster, measured at the first load on this CPU, then cached) or "mixed"
         (auto, and prompt chunks on the other path where that was measured faster).
-        slots: sequences with a KV cache each."""
+        slots: sequences with a KV cache each. context: its positions (default: the artifact's
+        kv_cache_len; another length changes the layer graphs at load, runtime.context)."""
         import onnxruntime as ort
 
         m = artifact.manifest
@@ -150,12 +156,20 @@ class OrtEngine:
         self.kernel = _with_memory_for_prefill(self.kernel, artifact)
         self.ort = ort
         self.config = cfg = artifact.config
-        self.kv_cache_len, self.prefill_len = m.kv_cache_len, m.prefill_len
+        self.kv_cache_len, self.prefill_len = context or m.kv_cache_len, m.prefill_len
         self.hidden_type = m.hidden_state_type
         self.embed = artifact.embedding()  # [vocab, hidden] bf16 bits, mmapped
         weights = self.kernel.weights
-        load = lambda name, qgemm: _session(ort, artifact.path / name, so,  # noqa: E731
-                                            providers, qgemm, threads, weights)
+        resized = self.kv_cache_len != m.kv_cache_len
+        layer_of = {name: i for i, name in enumerate(m.graphs["layers"])}
+
+        def load(name, qgemm):
+            layer = layer_of.get(name)
+            return _session(ort, artifact.path / name, so, providers, qgemm, threads, weights,
+                            (cfg, layer, self.kv_cache_len) if resized and layer is not None
+                            else None)
+
+
         on_qgemm = self.kernel.path == "qgemm"
         # the post session first: ORT prepacks the lm_head (136 MB for Qwen2-0.5B) through a
         # transient buffer, which then peaks before the layers are resident, not on top of them
@@ -177,7 +191,7 @@ class OrtEngine:
                     *zip(m.graphs["layers"], self.prefill_layers or [])]
         self.relaid = {name for name, s in sessions if hasattr(s, "edgellm_external")}
         self.slots = slots
-        shape = (len(self.layers), slots, cfg.num_kv_heads, m.kv_cache_len, cfg.head_dim)
+        shape = (len(self.layers), slots, cfg.num_kv_heads, self.kv_cache_len, cfg.head_dim)
         # kv: [layers, slots, kv_heads, kv_cache_len, head_dim] fp32; a run of neighbouring
         # slots of one layer is contiguous and wrapped (not copied) as an OrtValue that GQA
         # updates in place

@@ -34,12 +34,20 @@ VERSION = 1
 
 
 def identity(gen) -> str:
-    """What a stored K/V depends on: the artifact's manifest, the engine, the kernel path."""
+    """What a stored K/V depends on: the artifact's manifest, the engine, the kernel path, and
+    the rotary frequencies at the context it runs with (longrope picks them by the context)."""
+    from edgellm.arch.rope import inv_freq
+
     engine = gen.engine
     kernel = getattr(engine, "kernel", None)
+    cfg = gen.artifact.config
+    rope = [inv_freq(cfg.layer_rope(layer), engine.kv_cache_len)
+            for layer in range(cfg.num_layers)]
     parts = [(gen.artifact.path / "manifest.json").read_bytes(),
              type(getattr(getattr(engine, "batcher", None), "engine", engine)).__name__.encode(),
-             (kernel.path if kernel else "").encode(), (kernel.weights if kernel else "").encode()]
+             (kernel.path if kernel else "").encode(), (kernel.weights if kernel else "").encode(),
+             b"".join(np.asarray(f, np.float64).tobytes() + np.float64(a).tobytes()
+                      for f, a in rope)]
     h = hashlib.sha256()
     for p in parts:
         h.update(len(p).to_bytes(8, "little") + p)

@@ -114,8 +114,11 @@ class Scheduler:
     def check_context(self, ids: list[int]):
         limit = self.gen.engine.kv_cache_len
         if len(ids) >= limit:
+            from edgellm.runtime.context import more_context
+
             raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context holds "
-                                f"{limit}", code="context_length_exceeded", param="messages")
+                                f"{limit}: {more_context(self.gen.engine.config, len(ids))}",
+                           code="context_length_exceeded", param="messages")
 
     def mask(self, build, param: str) -> TokenMask:
         """`build(grammar)`'s token mask for one request (the model's grammar tokenizer is made

@@ -60,7 +60,8 @@ def _url(host: str, sock: socket.socket) -> str:
 MAX_PARALLEL = 4
 
 
-def slots_for(artifact: str, parallel: int | None, engine: str = "auto") -> int:
+def slots_for(artifact: str, parallel: int | None, engine: str = "auto",
+              context: int | None = None) -> int:
     """--parallel checked against the artifact and free memory; None: as many as fit, at most
     MAX_PARALLEL (each slot is one more KV cache; the weights are shared)."""
     from edgellm.artifact.reader import load_artifact
@@ -77,7 +78,7 @@ def slots_for(artifact: str, parallel: int | None, engine: str = "auto") -> int:
                                f"it serves one request at a time; rebuild it for --parallel "
                                f"{parallel}")
         return 1
-    kv = footprint(cfg, art.weight_scheme, art.post_scheme, m.kv_cache_len).kv_cache
+    kv = footprint(cfg, art.weight_scheme, art.post_scheme, context or m.kv_cache_len).kv_cache
     _, available = machine_memory()
     weights = sum(m.files[f]["size"] for f in [*m.layers, m.post])
     fit = max(1, int((available - weights) * 0.5 // kv))  # half of what is left, for the rest
@@ -127,7 +128,8 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
           prompt_cache_size: int = 2 << 30, warm: list[str] = (), **engine_opts) -> None:
     import uvicorn
 
-    slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"))
+    slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"),
+                      engine_opts.get("ctx_size"))
     sock = bind(host, port)  # before the model loads: a busy port fails at once
     gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
     name = model_name or Path(artifact).name
