@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from edgellm.errors import EdgeLLMError
 from edgellm.quant.schemes import SCHEMES
@@ -184,6 +185,11 @@ def _add_prompt_cache(p):
                    help="keep the K/V of long prompt prefixes (a system prompt, a tool list) in "
                         "DIR and reuse them after a restart; only token ids and their K/V are "
                         "written, owner-only")
+    p.add_argument("--cache-reuse", type=int, default=64, metavar="N",
+                   help="past a change in the middle of a cached prompt (a device's state), "
+                        "reuse runs of at least N tokens it still has, moved to their new "
+                        "positions (an approximation: logits within a few %% of a cold run's, "
+                        "measured); 0: only the shared prefix, exact")
 
 
 def _engine_opts(a) -> dict:
@@ -341,6 +347,12 @@ def _sampling(a):
                           penalty_window=a.penalty_window, seed=a.seed)
 
 
+def _cache_reuse(a) -> int:
+    if a.cache_reuse < 0:
+        raise EdgeLLMError(f"--cache-reuse must be 0 (off) or more, not {a.cache_reuse}")
+    return a.cache_reuse
+
+
 def _disk_cache(gen, a):
     """run/chat --prompt-cache DIR: a prefix cache over the store on disk, or None."""
     if not a.prompt_cache:
@@ -348,13 +360,15 @@ def _disk_cache(gen, a):
     from edgellm.runtime.prefix_cache import PrefixCache
     from edgellm.runtime.prompt_store import open_store
 
-    return PrefixCache(gen, slots=0, store=open_store(gen, a.prompt_cache, 2 << 30))
+    return PrefixCache(gen, slots=0, store=open_store(gen, a.prompt_cache, 2 << 30),
+                       reuse=_cache_reuse(a))
 
 
 def cmd_run(a) -> int:
     from edgellm.runtime.generator import Generator
 
     sampling = _sampling(a)
+    _cache_reuse(a)  # checked before the model loads
     gen = Generator.load(a.artifact, verify=a.verify, **_engine_opts(a))
     if a.raw:
         ids = gen.tokenizer.encode(a.prompt).ids
@@ -365,10 +379,13 @@ def cmd_run(a) -> int:
     mask = _schema_mask(gen, a.json_schema) if a.json_schema else None
     stream = None if a.json else (lambda piece: print(piece, end="", flush=True))
     cache = _disk_cache(gen, a)
+    start = time.perf_counter()
     if cache is not None:
         cache.prepare(ids)
+    preparing = time.perf_counter() - start  # the prefix read, runs moved, a change computed
     result = gen.generate(ids, sampling, a.max_new_tokens, on_text=stream, mask=mask,
                           speculate=a.speculate, reuse_cache=cache is not None)
+    result.ttft_ms = round(result.ttft_ms + preparing * 1000, 2)
     if cache is not None:
         cache.remember(ids)
         cache.flush()
@@ -546,6 +563,7 @@ def cmd_chat(a) -> int:
     from edgellm.runtime.generator import Generator
 
     sampling = _sampling(a)
+    _cache_reuse(a)  # checked before the model loads
     gen = Generator.load(a.artifact, verify=a.verify, **_engine_opts(a))
     ChatLoop(gen, sampling, a.max_new_tokens, a.system, speculate=a.speculate,
              template_kwargs=_template_kwargs(a), prefix_cache=_disk_cache(gen, a)).run()
@@ -561,7 +579,7 @@ def cmd_serve(a) -> int:
     serve(a.artifact, a.host, a.port, a.api_key, a.model_name, a.max_queue, upstream,
           quiet=a.quiet, verify=a.verify, tool_grammar=not a.no_tool_grammar,
           speculate=a.speculate, parallel=a.parallel, prefill_budget=a.prefill_budget,
-          prompt_cache=a.prompt_cache, warm=a.warm or (),
+          prompt_cache=a.prompt_cache, warm=a.warm or (), cache_reuse=_cache_reuse(a),
           prompt_cache_size=int(parse_size(a.prompt_cache_size, "--prompt-cache-size")),
           **_engine_opts(a))
     return 0

@@ -214,8 +214,8 @@ class SlotEngine:
         with self.batcher.engine_lock:
             return self.batcher.engine.kv_snapshot(n, slot=self.slot)
 
-    def kv_restore(self, snapshot) -> int:
+    def kv_restore(self, snapshot, at: int = 0) -> int:
         with self.batcher.engine_lock:
-            n = self.batcher.engine.kv_restore(snapshot, slot=self.slot)
-            self.batcher.fill[self.slot] = max(self.batcher.fill[self.slot], n)
-        return n
+            end = self.batcher.engine.kv_restore(snapshot, slot=self.slot, at=at)
+            self.batcher.fill[self.slot] = max(self.batcher.fill[self.slot], end)
+        return end

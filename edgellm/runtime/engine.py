@@ -83,8 +83,13 @@ class NumpyEngine:
         """Copies of a slot's first n cache positions of every layer."""
         return self.k_slots[slot, :, :n].copy(), self.v_slots[slot, :, :n].copy()
 
-    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0) -> int:
-        """Put a snapshot back into a slot; the positions it holds."""
+    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0,
+                   at: int = 0) -> int:
+        """Put a snapshot into a slot at positions at..; the position after it."""
         k, v = snapshot
-        self.k_slots[slot, :, :k.shape[1]], self.v_slots[slot, :, :v.shape[1]] = k, v
-        return k.shape[1]
+        end = at + k.shape[1]
+        if end > self.kv_cache_len:
+            raise EdgeLLMError(f"positions {at}..{end - 1} exceed the KV cache "
+                               f"of {self.kv_cache_len}")
+        self.k_slots[slot, :, at:end], self.v_slots[slot, :, at:end] = k, v
+        return end

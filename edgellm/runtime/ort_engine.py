@@ -316,9 +316,11 @@ class OrtEngine:
         return (self.k_np[:, slot:slot + 1, :, :n].copy(),
                 self.v_np[:, slot:slot + 1, :, :n].copy())
 
-    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0) -> int:
-        """Put a snapshot back into a slot; the positions it holds."""
+    def kv_restore(self, snapshot: tuple[np.ndarray, np.ndarray], slot: int = 0,
+                   at: int = 0) -> int:
+        """Put a snapshot into a slot at positions at..; the position after it."""
         k, v = snapshot
-        n = k.shape[3]
-        self.k_np[:, slot:slot + 1, :, :n], self.v_np[:, slot:slot + 1, :, :n] = k, v
-        return n
+        end = at + k.shape[3]
+        self._check(at, k.shape[3])
+        self.k_np[:, slot:slot + 1, :, at:end], self.v_np[:, slot:slot + 1, :, at:end] = k, v
+        return end

@@ -31,12 +31,17 @@ class _Slot:
 class PrefixCache:
     """The engine's live cache plus up to `slots` saved ones; `prepare` swaps in the best."""
 
-    def __init__(self, gen: Generator, slots: int = 4, min_gain: int = 16, store=None):
+    def __init__(self, gen: Generator, slots: int = 4, min_gain: int = 16, store=None,
+                 reuse: int = 0):
+        """reuse: past the shared prefix, move runs of at least this many tokens that the
+        cached prompt has too (runtime.cache_reuse; 0: only the prefix is reused)."""
         self.gen, self.slots, self.min_gain, self.store = gen, slots, min_gain, store
+        self.reuse = reuse
         self._saved: OrderedDict[int, _Slot] = OrderedDict()
         self._next = 0
         self.swaps = 0
         self.disk_hits = 0  # prompts whose prefix came from the store
+        self.moved = 0  # prompt tokens whose K/V were moved from after a change
         self._writes: list[threading.Thread] = []
 
     def _save_live(self):
@@ -55,23 +60,25 @@ class PrefixCache:
     def _axis(self, k: np.ndarray) -> int:
         return 3 if k.ndim == 5 else 1  # ORT: [L,1,kvh,T,hd]; numpy: [L,T,kvh,hd]
 
-    def _from_store(self, target: list[int], have: int) -> bool:
+    def _from_store(self, target: list[int], have: int):
         """Restore the stored prefix sharing the most with target, where it beats `have`
-        positions already at hand by min_gain; whether it did."""
+        positions already at hand by min_gain; (the stored ids, a loader of their K/V) when it
+        did, else None."""
         n, file = self.store.best(target)
         if n < self.store.min_tokens or n - have < self.min_gain:
-            return False
-        shape_probe = self.gen.engine.kv_snapshot(0)[0]
-        kv = self.store.load(file, n, self._axis(shape_probe))
+            return None
+        axis = self._axis(self.gen.engine.kv_snapshot(0)[0])
+        stored = list(self.store.index.get(file, ()))
+        kv = self.store.load(file, n, axis)
         if kv is None:
-            return False
+            return None
         if len(self.gen.cached_ids) - common_prefix(self.gen.cached_ids, target) >= \
                 self.min_gain:
             self._save_live()
         self.gen.engine.kv_restore(kv)
         self.gen.cached_ids = list(target[:n])
         self.disk_hits += 1
-        return True
+        return stored, lambda: self.store.load(file, len(stored), axis)
 
     def remember(self, prompt_ids: list[int], whole: bool = False) -> None:
         """After a generation: keep on disk (with a store) the prefix of prompt_ids worth it: the
@@ -116,9 +123,10 @@ class PrefixCache:
             t.join()
         self._writes = []
 
-    def prepare(self, prompt_ids: list[int]) -> None:
+    def prepare(self, prompt_ids: list[int], cancelled=None) -> None:
         """Make the live cache the one sharing the longest prefix with prompt_ids (in memory,
-        or with a store on disk)."""
+        or with a store on disk); with `reuse`, runs of that cached prompt found after the
+        change are moved in too and the tokens between them computed (until `cancelled`)."""
         target = prompt_ids[:-1]  # the last prompt token always runs
         live = common_prefix(self.gen.cached_ids, target)
         best_key, best = None, live
@@ -126,18 +134,48 @@ class PrefixCache:
             n = common_prefix(slot.ids, target)
             if n > best:
                 best_key, best = key, n
-        if self.store is not None and self._from_store(target, best):
-            return
-        if best_key is None or best - live < self.min_gain:
+        source = self._from_store(target, best) if self.store is not None else None
+        if source is None and (best_key is None or best - live < self.min_gain):
+            source = list(self.gen.cached_ids), None  # None: the live cache's own K/V
             if len(self.gen.cached_ids) - live >= self.min_gain:
                 self._save_live()  # another conversation is about to overwrite it
+        elif source is None:
+            slot = self._saved.pop(best_key)
+            self._save_live()
+            k, v = slot.kv
+            axis = self._axis(k)
+            self.gen.engine.kv_restore((np.take(k, range(best), axis=axis),
+                                        np.take(v, range(best), axis=axis)))
+            self.gen.cached_ids = list(slot.ids[:best])
+            self._saved[best_key] = slot  # still useful later; most recently used now
+            self.swaps += 1
+            source = slot.ids, lambda: slot.kv
+        if self.reuse:
+            self._move_runs(target, *source, cancelled)
+
+    def _move_runs(self, target: list[int], old: list[int], load, cancelled) -> None:
+        """After the prefix at hand: the runs of `old` that target has too, moved to their
+        places in target (keys rotated by the distance), the tokens between them computed."""
+        from edgellm.runtime.cache_reuse import moved_keys, runs
+
+        start = common_prefix(self.gen.cached_ids, target)
+        found = runs(old, target, start, self.reuse)
+        if sum(n for *_, n in found) < self.min_gain:
             return
-        slot = self._saved.pop(best_key)
-        self._save_live()
-        k, v = slot.kv
+        kv = load() if load else self.gen.engine.kv_snapshot(len(old))  # (copied first)
+        if kv is None:
+            return
+        del self.gen.cached_ids[start:]
+        engine, (k, v) = self.gen.engine, kv
         axis = self._axis(k)
-        self.gen.engine.kv_restore((np.take(k, range(best), axis=axis),
-                                    np.take(v, range(best), axis=axis)))
-        self.gen.cached_ids = list(slot.ids[:best])
-        self._saved[best_key] = slot  # still useful later; most recently used now
-        self.swaps += 1
+        for new_pos, old_pos, n in found:
+            keys, values = (np.take(a, range(old_pos, old_pos + n), axis=axis) for a in (k, v))
+            engine.kv_restore((moved_keys(keys, engine.config, engine.kv_cache_len,
+                                          new_pos - old_pos), values), at=new_pos)
+        end = start
+        for new_pos, _, n in found:
+            if new_pos > end and self.gen.prefill(target[end:new_pos], end, cancelled) is None:
+                return  # cancelled: the cache holds target[:end + what was computed]
+            self.gen.cached_ids = list(target[:new_pos + n])
+            end = new_pos + n
+            self.moved += n

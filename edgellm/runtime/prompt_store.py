@@ -113,16 +113,17 @@ class PromptStore:
             return self._drop(path, f"is damaged ({type(e).__name__})")
 
     def best(self, ids: list[int]) -> tuple[int, str | None]:
-        """(n, file name): the stored prefix sharing the most leading tokens with ids."""
+        """(n, file name): the stored prefix sharing the most leading tokens with ids; of
+        several, the longest (what follows a change may still be in it: runtime.cache_reuse)."""
         from edgellm.runtime.prefix_cache import common_prefix
 
-        best, name = 0, None
+        best, name, length = 0, None, 0
         with self.lock:
             entries = list(self.index.items())
         for file, stored in entries:
             n = common_prefix(stored, ids)
-            if n > best:
-                best, name = n, file
+            if n > best or (n == best and n and len(stored) > length):
+                best, name, length = n, file, len(stored)
         return best, name
 
     def load(self, file: str, n: int, axis: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -20,6 +20,7 @@ from edgellm.chat.constrained import TokenMask
 from edgellm.chat.tools import (ToolCallStream, forced_prefix, messages_for_template,
                                 parse_tool_calls)
 from edgellm.errors import EdgeLLMError
+from edgellm.runtime.cache_reuse import MIN_RUN as CACHE_REUSE
 from edgellm.runtime.generator import GenerationResult, Generator
 from edgellm.runtime.sampler import SamplingConfig
 from edgellm.server.errors import APIError, error_body
@@ -280,6 +281,8 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         lines.append(f"edgellm_queue_depth {served.pending}")
         swaps = sum(slot.prefix_cache.swaps for slot in served.slots)
         lines.append(f"edgellm_prefix_cache_slot_swaps_total {swaps}")
+        moved = sum(slot.prefix_cache.moved for slot in served.slots)
+        lines.append(f"edgellm_prefix_cache_moved_tokens_total {moved}")
         store = served.slots[0].prefix_cache.store
         if store is not None:  # serve --prompt-cache
             hits = sum(slot.prefix_cache.disk_hits for slot in served.slots)
@@ -445,13 +448,15 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4,
                upstream: Upstream | None = None, tool_grammar: bool = True,
                speculate: str = "auto", prefill_budget: int | None = None,
-               prompt_store=None) -> FastAPI:
+               prompt_store=None, cache_reuse: int = CACHE_REUSE) -> FastAPI:
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`).
     `tool_grammar` False leaves `tool_choice` auto unconstrained (to measure what the lazy
     grammar is worth). `prefill_budget`: runtime.batch's prefill policy (None: one chunk).
-    `prompt_store`: a runtime.prompt_store.PromptStore, long prefixes kept on disk."""
+    `prompt_store`: a runtime.prompt_store.PromptStore, long prefixes kept on disk.
+    `cache_reuse`: the shortest run of a cached prompt moved past a change (0: off)."""
     served = Scheduler.batched(gen, max_queue, cache_slots, speculate=speculate,
-                               prefill_budget=prefill_budget, store=prompt_store)
+                               prefill_budget=prefill_budget, store=prompt_store,
+                               reuse=cache_reuse)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 from edgellm.chat.constrained import TokenMask, ToolCallGrammar
 from edgellm.errors import EdgeLLMError
@@ -55,17 +56,21 @@ class Scheduler:
 
     @classmethod
     def batched(cls, gen: Generator, max_queue: int, cache_slots: int,
-                prefill_budget: int | None = None, store=None, **opts) -> "Scheduler":
+                prefill_budget: int | None = None, store=None, reuse: int = 0,
+                **opts) -> "Scheduler":
         """One slot per KV-cache slot of gen's engine (built with slots=N), decode batched
         (prefill_budget: runtime.batch's prefill policy); `store`: the prompt store on disk
-        the slots share (runtime.prompt_store), or None."""
+        the slots share (runtime.prompt_store), or None; `reuse`: PrefixCache's runs moved
+        past a change (runtime.cache_reuse; 0: off)."""
         n = getattr(gen.engine, "slots", 1)
         if n == 1:
-            return cls(gen, max_queue, PrefixCache(gen, cache_slots, store=store), **opts)
+            return cls(gen, max_queue, PrefixCache(gen, cache_slots, store=store, reuse=reuse),
+                       **opts)
         batcher = Batcher(gen.engine, prefill_budget=prefill_budget)
         gens = [gen.for_engine(SlotEngine(batcher, i)) for i in range(n)]
         per_slot = max(1, cache_slots // n)  # saved prefixes are whole KV copies
-        slots = [Slot(i, g, PrefixCache(g, per_slot, store=store)) for i, g in enumerate(gens)]
+        slots = [Slot(i, g, PrefixCache(g, per_slot, store=store, reuse=reuse))
+                 for i, g in enumerate(gens)]
         return cls(gen, max_queue, slots[0].prefix_cache, slots=slots, batcher=batcher, **opts)
 
     def _take_slot(self, ids: list[int], stopped) -> Slot | None:
@@ -152,13 +157,16 @@ class Scheduler:
             if slot is None:
                 return None
             try:
+                start = time.perf_counter()
                 if not stopped():
-                    slot.prefix_cache.prepare(ids)
+                    slot.prefix_cache.prepare(ids, stopped)
+                preparing = time.perf_counter() - start  # restoring, moving, the change
                 result = slot.gen.generate(ids, sampling,
                                            min(max_tokens or limit, limit - len(ids)),
                                            on_text=on_text, reuse_cache=True, stop=stop,
                                            cancelled=stopped, mask=mask,
                                            speculate=self.speculate)
+                result = replace(result, ttft_ms=round(result.ttft_ms + preparing * 1000, 2))
                 if result.stop_reason != "cancelled":
                     slot.prefix_cache.remember(ids)  # long prefixes on disk, with a store
                 return result
