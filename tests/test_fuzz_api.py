@@ -32,6 +32,11 @@ schema = schemathesis.pytest.from_fixture("api_schema")
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.filter_too_much])
 def test_no_request_makes_a_server_error(case):
+    if case.path in ("/api/embed", "/api/embeddings"):  # 501 by design: no embedding output
+        response = case.call()
+        assert 400 <= response.status_code < 500 or response.status_code == 501, response.text
+        assert set(response.json()) == {"error"}
+        return
     case.call_and_validate(checks=[not_a_server_error])
 
 
@@ -112,3 +117,46 @@ def test_hostile_bodies_get_no_server_error_and_streams_end_properly(fuzz_client
         assert events and (events[-1] == "[DONE]" or '"error"' in events[-1]), events[-3:]
     else:
         assert "choices" in r.json()
+
+
+_options = st.fixed_dictionaries({}, optional={
+    "temperature": _number, "top_k": _number, "top_p": _number, "seed": _number,
+    "num_predict": st.one_of(st.integers(-3, 6), _junk), "stop": st.one_of(_text, _junk),
+    "repeat_penalty": _number, "repeat_last_n": st.one_of(st.integers(-2, 70), _junk),
+    "num_ctx": _number, "mirostat": _junk})
+_ollama_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]),
+     "content": st.one_of(_text, _junk)},
+    optional={"tool_calls": st.one_of(st.lists(st.fixed_dictionaries({"function": st.one_of(
+        st.fixed_dictionaries({"name": _text}, optional={"arguments": st.one_of(
+            st.dictionaries(_text, _junk, max_size=2), _junk)}), _junk)}), max_size=2), _junk),
+              "tool_name": _junk, "images": st.one_of(st.lists(_text, max_size=1), _junk),
+              "thinking": _junk})
+_ollama_body = st.fixed_dictionaries(
+    {"model": st.one_of(st.sampled_from(["tiny", "tiny:latest", "tiny:7b"]), _text)},
+    optional={"messages": st.one_of(st.lists(_ollama_message, max_size=3), _junk),
+              "prompt": st.one_of(_text, _junk), "system": st.one_of(_text, _junk),
+              "raw": st.one_of(st.booleans(), _junk), "stream": st.one_of(st.booleans(), _junk),
+              "format": st.one_of(st.just("json"), _schema), "options": st.one_of(_options,
+                                                                                 _junk),
+              "tools": st.one_of(st.lists(_tool, max_size=2), _junk),
+              "think": st.one_of(st.booleans(), _junk), "keep_alive": _junk})
+
+
+@given(body=_ollama_body, path=st.sampled_from(["/api/chat", "/api/generate"]))
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_hostile_ollama_bodies_get_no_server_error_and_streams_end_properly(fuzz_client, body,
+                                                                            path):
+    import json
+
+    r = fuzz_client.post(path, content=json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+    assert r.status_code < 500, (r.status_code, r.text[:300], body)
+    if r.status_code >= 400:
+        assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
+    elif r.headers["content-type"].startswith("application/x-ndjson"):
+        lines = [json.loads(line) for line in r.text.splitlines() if line]
+        assert lines and (lines[-1].get("done") is True or "error" in lines[-1]), lines[-3:]
+    else:
+        assert r.json()["done"] is True

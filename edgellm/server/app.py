@@ -346,11 +346,23 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         return FileResponse(STATIC / "index.html")
 
 
+def _ollama_path(path: str) -> bool:
+    """A route of the Ollama API (server.ollama), whose errors are {"error": "..."}."""
+    return path.startswith("/api/")
+
+
+def _error(path: str, status: int, body: dict, headers=None) -> JSONResponse:
+    """An error in the shape of the API the path belongs to."""
+    if _ollama_path(path):
+        body = {"error": body["error"]["message"]}
+    return JSONResponse(body, status, headers=headers)
+
+
 def _add_error_handlers(app: FastAPI):
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(error_body(e.message, e.kind, e.code, e.param), e.status,
-                            headers=e.headers)
+        return _error(request.url.path, e.status, error_body(e.message, e.kind, e.code,
+                                                             e.param), e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
@@ -359,16 +371,17 @@ def _add_error_handlers(app: FastAPI):
         message = "invalid JSON body" if first.get("type") == "json_invalid" else \
             f"{where or 'body'}: {first.get('msg', 'invalid request')}"
         param = None if first.get("type") == "json_invalid" else where
-        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request",
-                                       param), 400)
+        return _error(request.url.path, 400, error_body(message, "invalid_request_error",
+                                                        "invalid_request", param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), e.status_code)
+        return _error(request.url.path, e.status_code,
+                      error_body(str(e.detail), "invalid_request_error"))
 
     @app.exception_handler(Exception)
     async def bug(request, e: Exception):  # never plain-text "Internal Server Error"
-        return JSONResponse(_server_error(e), 500)
+        return _error(request.url.path, 500, _server_error(e))
 
 
 class Guard:
@@ -384,9 +397,8 @@ class Guard:
         if self.api_key and scope["path"] not in ("/health", "/"):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if given != f"Bearer {self.api_key}".encode():
-                response = JSONResponse(error_body("missing or wrong API key",
-                                                   "authentication_error", "invalid_api_key"),
-                                        401)
+                response = _error(scope["path"], 401, error_body(
+                    "missing or wrong API key", "authentication_error", "invalid_api_key"))
                 return await response(scope, receive, send)
 
         async def served_by(message):
@@ -408,9 +420,9 @@ class BodyLimit:
         self.app, self.max_body = app, max_body
 
     async def _too_large(self, scope, receive, send):
-        response = JSONResponse(error_body(f"request body over {self.max_body} bytes",
-                                           "invalid_request_error", "body_too_large"), 413,
-                                headers={"Connection": "close"})
+        response = _error(scope["path"], 413, error_body(
+            f"request body over {self.max_body} bytes", "invalid_request_error",
+            "body_too_large"), {"Connection": "close"})
         await response(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
@@ -467,6 +479,9 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
     app = FastAPI(title="edgellm", version="0.1.0", lifespan=lifespan)
     app.state.served = served
     _add_routes(app, served, model_name, upstream, tool_grammar)
+    from edgellm.server import ollama
+
+    ollama.add_routes(app, served, model_name, tool_grammar, gen.artifact)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_body=max_body)
     app.add_middleware(Guard, api_key=api_key)  # outermost: the key before the body
