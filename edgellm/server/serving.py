@@ -46,6 +46,8 @@ def banner(url: str, name: str, gen, api_key: str | None) -> str:
         *([f"  kernel      {gen.engine.kernel.line()}"] if hasattr(gen.engine, "kernel") else []),
         f"  OpenAI API  {url}/v1   model \"{name}\", "
         + ("API key required (Authorization: Bearer KEY)" if api_key else "no API key needed"),
+        f"  Ollama API  {url}      model \"{name if ':' in name else name + ':latest'}\" "
+        f"(a hub's Ollama integration, the ollama client)",
         f"  web page    {url}/",
         "  Ctrl-C stops",
     ])
