@@ -5,6 +5,7 @@ integration calls, errors in Ollama's shape and codes, and the same answers as t
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import ollama
@@ -34,8 +35,9 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(tiny):
     gen = Generator.load(tiny, threads=1)
-    server, thread, url = start_server(create_app(gen, "tiny", max_body=64 * 1024))
-    yield url, gen
+    app = create_app(gen, "tiny", max_body=64 * 1024)
+    server, thread, url = start_server(app)
+    yield url, gen, app
     server.should_exit = True
     thread.join()
 
@@ -186,6 +188,18 @@ def test_the_key_and_the_body_limit_guard_the_ollama_routes(tiny, served):
         thread.join()
 
 
+def test_a_full_queue_is_a_429_with_retry_after(client, served):
+    scheduler = served[2].state.served
+    scheduler.pending = scheduler.max_queue + 1  # as if that many requests were in line
+    try:
+        reply = httpx.post(served[0] + "/api/chat", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
+        assert set(reply.json()) == {"error"}
+    finally:
+        scheduler.pending = 0
+
+
 @pytest.mark.slow
 def test_a_home_hubs_conversation_replayed(qwen_s8):
     """Qwen2.5-Coder-0.5B s8, as a hub's Ollama integration drives it: list, show, ps, then a
@@ -229,6 +243,20 @@ def test_a_home_hubs_conversation_replayed(qwen_s8):
             {"role": "user", "content": "Name a city and its population."}], format=schema,
             options={"temperature": 0}).message.content)
         assert isinstance(answer["city"], str) and isinstance(answer["population"], int)
+        # a client that leaves mid-stream stops its generation (a long count otherwise)
+        scheduler = server.config.app.state.served
+        before = scheduler.metrics["completion_tokens_total"]
+        body = {"model": "qwen", "messages": [{"role": "user", "content": "Count from 1 to 500."}],
+                "options": {"num_predict": 400, "temperature": 0}}
+        with httpx.stream("POST", url + "/api/chat", json=body) as reply:
+            lines = reply.iter_lines()
+            assert not json.loads(next(lines))["done"] and not json.loads(next(lines))["done"]
+        for _ in range(100):
+            if scheduler.pending == 0:
+                break
+            time.sleep(0.1)
+        assert scheduler.pending == 0
+        assert scheduler.metrics["completion_tokens_total"] - before < 300
     finally:
         server.should_exit = True
         thread.join()
