@@ -243,6 +243,9 @@ def test_a_home_hubs_conversation_replayed(qwen_s8):
             {"role": "user", "content": "Name a city and its population."}], format=schema,
             options={"temperature": 0}).message.content)
         assert isinstance(answer["city"], str) and isinstance(answer["population"], int)
+        assert isinstance(json.loads(client.chat("qwen", messages=[
+            {"role": "user", "content": "Describe Paris as JSON."}], format="json",
+            options={"temperature": 0, "num_predict": 200}).message.content), dict)
         # a client that leaves mid-stream stops its generation (a long count otherwise)
         scheduler = server.config.app.state.served
         before = scheduler.metrics["completion_tokens_total"]

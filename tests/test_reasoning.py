@@ -99,3 +99,19 @@ def test_an_answer_inside_the_reasoning_is_reasoning_content(client):
         message["reasoning_content"]
     assert "".join(d.get("content", "") for d in deltas) == ""
     assert raw.rstrip().endswith("data: [DONE]")
+
+
+def test_ollamas_think_reaches_the_template(client):
+    """/api/chat's think: false writes Qwen3's empty reasoning block (enable_thinking false),
+    true leaves the model to think (accepted: the template thinks)."""
+    def chat(**extra):
+        body = {"model": "tiny", "stream": False, "options": {"temperature": 0,
+                                                              "num_predict": 4},
+                "messages": [{"role": "user", "content": "hello"}], **extra}
+        reply = client.post("/api/chat", json=body)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    plain, on, off = chat(), chat(think=True), chat(think=False)
+    assert on["prompt_eval_count"] == plain["prompt_eval_count"] < off["prompt_eval_count"]
+    assert on["message"]["role"] == "assistant" and on["done"]
