@@ -115,7 +115,12 @@ def test_bench_json_has_the_promised_keys(tiny_artifact):
 
 def test_bench_refuses_lengths_over_the_kv_cache(tiny_artifact):
     done = edgellm("bench", tiny_artifact, "--prompt-tokens", "60", "--gen-tokens", "8")
-    assert done.returncode == 1 and "exceeds the artifact's KV cache of 64" in done.stderr
+    assert done.returncode == 1 and "exceeds the KV cache of 64" in done.stderr
+    assert "--ctx-size" in done.stderr  # the way to a longer one, no rebuild
+    longer = edgellm("bench", tiny_artifact, "--prompt-tokens", "60", "--gen-tokens", "8",
+                     "--ctx-size", "128", "--repeats", "1", "--json")
+    assert longer.returncode == 0, longer.stderr
+    assert json.loads(longer.stdout)["context"] == 128
 
 
 @pytest.mark.parametrize("engine", ["numpy", "ort"])

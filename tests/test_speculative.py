@@ -234,8 +234,8 @@ def test_bench_prompt_file_measures_plain_and_speculative(tiny_artifact, tmp_pat
     assert missing.returncode == 1 and missing.stderr.startswith("edgellm: error:")
     prompt.write_text("world " * 150)
     long = edgellm("bench", str(tiny_artifact), "--prompt-file", str(prompt), "--gen-tokens", "30")
-    assert long.returncode == 1 and "--gen-tokens 30 exceed the artifact's KV cache of 160" \
-        in long.stderr, long.stderr
+    assert long.returncode == 1 and "--gen-tokens 30 exceed the KV cache of 160" \
+        in long.stderr and "--ctx-size 256" in long.stderr, long.stderr
 
 
 def test_metrics_count_drafts(tiny_artifact):
