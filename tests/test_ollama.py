@@ -162,6 +162,10 @@ def test_errors_come_in_ollamas_shape_and_codes(client, served, call, status, wo
     (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                  "options": {"temperature": -1}}).encode(), "temperature"),
     (json.dumps({"messages": []}).encode(), "model"),
+    # a lone surrogate (the fuzz suite's find: its 404 message could not be encoded, a 500)
+    (b'{"model": "\\ud800", "messages": []}', "lone UTF-16 surrogate"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\udfffb"}]}',
+     "messages.0.content"),
 ])
 def test_bad_bodies_are_400s_with_an_error_string(served, body, words):
     reply = httpx.post(served[0] + "/api/chat", content=body,

@@ -17,22 +17,22 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgellm.chat.constrained import TokenMask
-from edgellm.chat.tools import (ToolCallStream, forced_prefix, messages_for_template,
-                                parse_tool_calls)
+from edgellm.chat.tools import ToolCallStream
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.cache_reuse import MIN_RUN as CACHE_REUSE
 from edgellm.runtime.generator import GenerationResult, Generator
 from edgellm.runtime.sampler import SamplingConfig
+from edgellm.server import ollama
 from edgellm.server.errors import APIError, error_body
 from edgellm.server.scheduler import Scheduler
 from edgellm.server.schemas import ChatRequest, CompletionRequest
+from edgellm.server.steps import (FINISH, chat_message, encode_chat, grammar_mask, split_pieces,
+                                  watched)
 from edgellm.server.upstream import SERVED_BY, Upstream
-from edgellm.text.reasoning import ReasoningStream, opens_inside, split_reasoning, thinks
+from edgellm.text.reasoning import ReasoningStream
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("edgellm.server")
-FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length",
-          "kv_cache_full": "length"}
 
 
 def _sampling(req) -> SamplingConfig:
@@ -64,87 +64,9 @@ def _check_model(served_name: str, name: str):
                             f"{served_name!r}", code="model_not_found", param="model")
 
 
-# what the server itself gives the template; chat_template_kwargs may not replace them
-TEMPLATE_ARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
-
-
-def _encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list[dict],
-                                                             bool | None]:
-    """Prompt ids, the forced start of the answer (tool_choice), the active tools, and where
-    a thinking model's answer starts (None: the template has no reasoning; True: inside it)."""
-    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
-    choice = req.tool_choice or ("auto" if tools else "none")
-    if not isinstance(choice, str):  # {"type": "function", "function": {"name": ...}}
-        choice = choice.model_dump()
-    if choice != "none" and not tools:
-        raise APIError(400, "tool_choice needs tools", param="tool_choice")
-    if isinstance(choice, dict):
-        name = choice["function"]["name"]
-        if name not in {t["function"]["name"] for t in tools}:
-            raise APIError(400, f"tool_choice names an unknown function {name!r}",
-                           param="tool_choice")
-    active = tools if choice != "none" else []
-    if active and req.response_format and req.response_format.type != "text":
-        raise APIError(400, "response_format with tools is not supported; use one or the "
-                            "other", param="response_format")
-    if gen.template is None:
-        raise APIError(400, "this model has no chat template; use /v1/completions")
-    # a template that cannot render tools gets them as Hermes-style instructions instead
-    renders_tools = "tools" in gen.template.source
-    messages = messages_for_template([m.model_dump(exclude_none=True) for m in req.messages],
-                                     active, renders_tools)
-    extra = req.chat_template_kwargs or {}
-    if TEMPLATE_ARGS & set(extra):
-        raise APIError(400, f"chat_template_kwargs may not set "
-                            f"{', '.join(sorted(TEMPLATE_ARGS & set(extra)))}",
-                       param="chat_template_kwargs")
-    try:
-        text = gen.template.render(messages, add_generation_prompt=True,
-                                   tools=(active or None) if renders_tools else None, **extra)
-    except EdgeLLMError as e:
-        raise APIError(400, str(e)) from None
-    prefix = forced_prefix(choice, active) if active else ""
-    ids = gen.tokenizer.encode(text + prefix, add_special_tokens=False).ids
-    inside = (opens_inside(text) and not prefix) if thinks(gen.template.source) else None
-    return ids, prefix, active, inside
-
-
 def _usage(r: GenerationResult) -> dict:
     return {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(r.token_ids),
             "total_tokens": r.prompt_tokens + len(r.token_ids)}
-
-
-def _grammar(served: Scheduler, req: ChatRequest, prefix: str, tools: list[dict],
-             lazy: bool) -> TokenMask | None:
-    """The token mask of one request: a forced call's rest, the lazy grammar of `auto`
-    calls, or response_format's schema; None when the answer is free."""
-    parallel = req.parallel_tool_calls
-    fmt = req.response_format
-    if fmt and fmt.type != "text":
-        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
-        return served.mask(lambda g: g.json_schema(schema), "response_format")
-    if tools and prefix:
-        return served.mask(lambda g: g.mask_after(prefix, tools, parallel), "tools")
-    if tools and lazy:
-        return served.mask(lambda g: g.lazy_calls(tools, parallel), "tools")
-    return None
-
-
-def _chat_message(r: GenerationResult, prefix: str, tools: list[dict],
-                  parallel: bool = True, thinking: bool | None = None) -> tuple[dict, str]:
-    reasoning, text = split_reasoning(r.text, thinking) if thinking is not None else (None,
-                                                                                      r.text)
-    said = {"reasoning_content": reasoning} if reasoning is not None else {}
-    if not tools:
-        return {"role": "assistant", "content": text, **said}, FINISH[r.stop_reason]
-    parsed = parse_tool_calls(prefix + text, tools, parallel)
-    if parsed.calls:
-        return ({"role": "assistant", "content": parsed.content or None, **said,
-                 "tool_calls": parsed.calls}, "tool_calls")
-    message = {"role": "assistant", "content": prefix + text, **said}
-    if parsed.error:
-        message["tool_call_error"] = parsed.error  # reported, not passed on as a call
-    return message, FINISH[r.stop_reason]
 
 
 def _chunk(cid: str, model: str, delta: dict, finish=None, **extra) -> str:
@@ -171,13 +93,6 @@ def _deltas(events: list[tuple]) -> list[dict]:
     return out
 
 
-def _split_pieces(thinking: ReasoningStream | None, piece: str | None) -> list[tuple[str, str]]:
-    """A streamed piece as ("reasoning" | "content", text) parts; None: the end of the answer."""
-    if thinking is None:
-        return [("content", piece)] if piece else []
-    return thinking.feed(piece) if piece is not None else thinking.finish()
-
-
 async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, prefix, tools,
                        sampling, stop, mask: TokenMask | None, inside: bool | None = None):
     cid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -194,7 +109,7 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
     def deltas(piece: str | None) -> list[dict]:
         nonlocal answer
         out = []
-        for kind, text in _split_pieces(thinking, piece):
+        for kind, text in split_pieces(thinking, piece):
             if kind == "reasoning":
                 out.append({"reasoning_content": text})
             elif calls is None:
@@ -219,7 +134,7 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
                 finish = "tool_calls" if calls.calls and result.stop_reason != "length" \
                     else FINISH[result.stop_reason]
             else:
-                message, finish = _chat_message(result, prefix, tools, req.parallel_tool_calls,
+                message, finish = chat_message(result, prefix, tools, req.parallel_tool_calls,
                                                 inside)
                 if not live:
                     delta = {k: v for k, v in message.items() if k != "role"}
@@ -252,16 +167,6 @@ def _body(req) -> dict:
 def _server_error(e: Exception) -> dict:
     return error_body(f"internal error ({type(e).__name__}); the server's log has the details",
                       "server_error", "internal_error")
-
-
-async def _watched(request: Request, run, cancel: threading.Event):
-    """Await `run` (a non-streamed generation), cancelling it once the client has gone."""
-    task = asyncio.ensure_future(run)
-    while not task.done():
-        await asyncio.wait({task}, timeout=0.25)
-        if not task.done() and await request.is_disconnected():
-            cancel.set()
-    return task.result()
 
 
 def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream | None,
@@ -298,21 +203,21 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
             return await upstream.forward("/chat/completions", _body(req), "model")
         _check_model(name, req.model)
         sampling, stop = _sampling(req), _stops(req)
-        ids, prefix, tools, inside = _encode_chat(served.gen, req)
+        ids, prefix, tools, inside = encode_chat(served.gen, req)
         if upstream and len(ids) >= served.gen.engine.kv_cache_len:
             return await upstream.forward("/chat/completions", _body(req), "context")
         served.check_context(ids)
         mask = await asyncio.get_running_loop().run_in_executor(
-            None, _grammar, served, req, prefix, tools, tool_grammar)
+            None, grammar_mask, served, req, prefix, tools, tool_grammar)
         served.admit()
         if req.stream:
             return await _stream_chat(served, name, req, ids, prefix, tools, sampling, stop,
                                       mask, inside)
         cancel = threading.Event()
-        result = await _watched(request, served.run(
+        result = await watched(request, served.run(
             ids, sampling, req.max_completion_tokens or req.max_tokens, stop, cancel=cancel,
             mask=mask), cancel)
-        message, finish = _chat_message(result, prefix, tools, req.parallel_tool_calls, inside)
+        message, finish = chat_message(result, prefix, tools, req.parallel_tool_calls, inside)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
@@ -333,7 +238,7 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         served.check_context(ids)
         served.admit()
         cancel = threading.Event()
-        result = await _watched(request, served.run(ids, sampling, req.max_tokens, stop,
+        result = await watched(request, served.run(ids, sampling, req.max_tokens, stop,
                                                     cancel=cancel), cancel)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": name,
@@ -479,8 +384,6 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
     app = FastAPI(title="edgellm", version="0.1.0", lifespan=lifespan)
     app.state.served = served
     _add_routes(app, served, model_name, upstream, tool_grammar)
-    from edgellm.server import ollama
-
     ollama.add_routes(app, served, model_name, tool_grammar, gen.artifact)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_body=max_body)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import threading
 import time
 from datetime import datetime, timezone
@@ -29,10 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edgellm import __version__
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.sampler import SamplingConfig
+from edgellm.server import steps
 from edgellm.server.errors import APIError
-from edgellm.server.schemas import ChatRequest, Tool
+from edgellm.server.schemas import ChatRequest, Tool, surrogate_at
 from edgellm.text.reasoning import ReasoningStream, thinks
 
+log = logging.getLogger("edgellm.server")
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1,
             "repeat_last_n": 64}
 DONE = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length",
@@ -144,6 +147,8 @@ async def _json(request: Request) -> dict:
         raise APIError(400, "invalid JSON body") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
+    if where := surrogate_at(body):
+        raise APIError(400, f"{where} holds a lone UTF-16 surrogate, which is not text")
     return body
 
 
@@ -207,7 +212,7 @@ def _chat_request(gen, name: str, body: Request_, messages: list[dict], tools) -
 
 
 def _ollama_message(message: dict) -> dict:
-    """An OpenAI assistant message (app._chat_message's) in Ollama's shape."""
+    """An OpenAI assistant message (steps.chat_message's) in Ollama's shape."""
     out = {"role": "assistant", "content": message.get("content") or ""}
     if message.get("reasoning_content"):
         out["thinking"] = message["reasoning_content"]
@@ -232,8 +237,6 @@ def _line(body: dict) -> str:
 
 
 def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) -> None:
-    from edgellm.server import app as openai_routes  # the shared request steps
-
     gen = served.gen
     m = artifact.manifest
     digest = hashlib.sha256((artifact.path / "manifest.json").read_bytes()).hexdigest()
@@ -264,15 +267,15 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
         asked = _check_model(name, body.model)
         sampling, predict, stop = _sampling(body.options)
         req = _chat_request(gen, name, body, messages, tools)
-        ids, prefix, active, inside = openai_routes._encode_chat(gen, req)
+        ids, prefix, active, inside = steps.encode_chat(gen, req)
         served.check_context(ids)
         mask = await asyncio.get_running_loop().run_in_executor(
-            None, openai_routes._grammar, served, req, prefix, active, tool_grammar)
+            None, steps.grammar_mask, served, req, prefix, active, tool_grammar)
         served.admit()
         head = {"model": asked}
 
         def answer(result) -> dict:
-            message, _ = openai_routes._chat_message(result, prefix, active, True, inside)
+            message, _ = steps.chat_message(result, prefix, active, True, inside)
             message = _ollama_message(message)
             if key == "response":
                 said = {"response": message["content"]}
@@ -290,7 +293,7 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
 
         if not body.stream:
             cancel = threading.Event()
-            result = await openai_routes._watched(request, served.run(
+            result = await steps.watched(request, served.run(
                 ids, sampling, predict, stop, cancel=cancel, mask=mask), cancel)
             return {**final(result), **answer(result)}
         live = not active  # tool calls are parsed whole, then sent as one message
@@ -299,7 +302,7 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
 
         def pieces(piece: str | None) -> list[dict]:
             out = []
-            for kind, text in openai_routes._split_pieces(thinking, piece):
+            for kind, text in steps.split_pieces(thinking, piece):
                 if key == "message":
                     part = {"role": "assistant", "content": "" if kind == "reasoning" else text}
                     if kind == "reasoning":
@@ -323,7 +326,7 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
             except APIError as e:
                 yield _line({"error": e.message})
             except Exception as e:  # a bug: the client still gets an error line, not a cut
-                openai_routes.log.exception("stream failed")
+                log.exception("stream failed")
                 yield _line({"error": f"internal error ({type(e).__name__}); the server's "
                                       f"log has the details"})
             finally:

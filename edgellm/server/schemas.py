@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
-def _surrogate_at(value, where: str = "") -> str | None:
+def surrogate_at(value, where: str = "") -> str | None:
     """The path of the first string holding a lone surrogate (not encodable as UTF-8)."""
     if isinstance(value, str):
         try:
@@ -22,12 +22,12 @@ def _surrogate_at(value, where: str = "") -> str | None:
             return where or "body"
     elif isinstance(value, dict):
         for k, v in value.items():
-            found = _surrogate_at(k, where) or _surrogate_at(v, f"{where}.{k}".lstrip("."))
+            found = surrogate_at(k, where) or surrogate_at(v, f"{where}.{k}".lstrip("."))
             if found:
                 return found
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            if found := _surrogate_at(v, f"{where}.{i}".lstrip(".")):
+            if found := surrogate_at(v, f"{where}.{i}".lstrip(".")):
                 return found
     return None
 
@@ -37,7 +37,7 @@ class Body(BaseModel):
 
     @model_validator(mode="after")
     def _text_only(self):
-        where = _surrogate_at(self.model_dump())
+        where = surrogate_at(self.model_dump())
         if where:
             raise ValueError(f"{where} holds a lone UTF-16 surrogate, which is not text")
         return self

@@ -100,7 +100,7 @@ def warm_ids(gen, path: str) -> list[int]:
 
     from pydantic import ValidationError
 
-    from edgellm.server.app import _encode_chat
+    from edgellm.server.steps import encode_chat
     from edgellm.server.errors import APIError
     from edgellm.server.schemas import ChatRequest
 
@@ -117,7 +117,7 @@ def warm_ids(gen, path: str) -> list[int]:
             raise EdgeLLMError(f"--warm {path}: the file is empty")
         body = {"messages": [{"role": "system", "content": text}]}
     try:
-        return _encode_chat(gen, ChatRequest(**{**body, "model": body.get("model", "")}))[0]
+        return encode_chat(gen, ChatRequest(**{**body, "model": body.get("model", "")}))[0]
     except (ValidationError, APIError, TypeError) as e:
         raise EdgeLLMError(f"--warm {path}: not a chat request ({str(e).splitlines()[0]})") \
             from None

@@ -1,0 +1,118 @@
+"""The steps of a chat request that every API surface shares (the OpenAI routes in server.app,
+the Ollama routes in server.ollama): the prompt rendered with the model's template and tools,
+the grammar that holds the answer, the answer parsed back into a message, a non-streamed
+generation watched for the client leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from fastapi import Request
+
+from edgellm.chat.constrained import TokenMask
+from edgellm.chat.tools import forced_prefix, messages_for_template, parse_tool_calls
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.generator import GenerationResult, Generator
+from edgellm.server.errors import APIError
+from edgellm.server.scheduler import Scheduler
+from edgellm.server.schemas import ChatRequest
+from edgellm.text.reasoning import ReasoningStream, opens_inside, split_reasoning, thinks
+
+FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length",
+          "kv_cache_full": "length"}
+
+
+# what the server itself gives the template; chat_template_kwargs may not replace them
+TEMPLATE_ARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
+def encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list[dict],
+                                                             bool | None]:
+    """Prompt ids, the forced start of the answer (tool_choice), the active tools, and where
+    a thinking model's answer starts (None: the template has no reasoning; True: inside it)."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = req.tool_choice or ("auto" if tools else "none")
+    if not isinstance(choice, str):  # {"type": "function", "function": {"name": ...}}
+        choice = choice.model_dump()
+    if choice != "none" and not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        if name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names an unknown function {name!r}",
+                           param="tool_choice")
+    active = tools if choice != "none" else []
+    if active and req.response_format and req.response_format.type != "text":
+        raise APIError(400, "response_format with tools is not supported; use one or the "
+                            "other", param="response_format")
+    if gen.template is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions")
+    # a template that cannot render tools gets them as Hermes-style instructions instead
+    renders_tools = "tools" in gen.template.source
+    messages = messages_for_template([m.model_dump(exclude_none=True) for m in req.messages],
+                                     active, renders_tools)
+    extra = req.chat_template_kwargs or {}
+    if TEMPLATE_ARGS & set(extra):
+        raise APIError(400, f"chat_template_kwargs may not set "
+                            f"{', '.join(sorted(TEMPLATE_ARGS & set(extra)))}",
+                       param="chat_template_kwargs")
+    try:
+        text = gen.template.render(messages, add_generation_prompt=True,
+                                   tools=(active or None) if renders_tools else None, **extra)
+    except EdgeLLMError as e:
+        raise APIError(400, str(e)) from None
+    prefix = forced_prefix(choice, active) if active else ""
+    ids = gen.tokenizer.encode(text + prefix, add_special_tokens=False).ids
+    inside = (opens_inside(text) and not prefix) if thinks(gen.template.source) else None
+    return ids, prefix, active, inside
+
+
+def grammar_mask(served: Scheduler, req: ChatRequest, prefix: str, tools: list[dict],
+             lazy: bool) -> TokenMask | None:
+    """The token mask of one request: a forced call's rest, the lazy grammar of `auto`
+    calls, or response_format's schema; None when the answer is free."""
+    parallel = req.parallel_tool_calls
+    fmt = req.response_format
+    if fmt and fmt.type != "text":
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        return served.mask(lambda g: g.json_schema(schema), "response_format")
+    if tools and prefix:
+        return served.mask(lambda g: g.mask_after(prefix, tools, parallel), "tools")
+    if tools and lazy:
+        return served.mask(lambda g: g.lazy_calls(tools, parallel), "tools")
+    return None
+
+
+def chat_message(r: GenerationResult, prefix: str, tools: list[dict],
+                  parallel: bool = True, thinking: bool | None = None) -> tuple[dict, str]:
+    reasoning, text = split_reasoning(r.text, thinking) if thinking is not None else (None,
+                                                                                      r.text)
+    said = {"reasoning_content": reasoning} if reasoning is not None else {}
+    if not tools:
+        return {"role": "assistant", "content": text, **said}, FINISH[r.stop_reason]
+    parsed = parse_tool_calls(prefix + text, tools, parallel)
+    if parsed.calls:
+        return ({"role": "assistant", "content": parsed.content or None, **said,
+                 "tool_calls": parsed.calls}, "tool_calls")
+    message = {"role": "assistant", "content": prefix + text, **said}
+    if parsed.error:
+        message["tool_call_error"] = parsed.error  # reported, not passed on as a call
+    return message, FINISH[r.stop_reason]
+
+
+def split_pieces(thinking: ReasoningStream | None, piece: str | None) -> list[tuple[str, str]]:
+    """A streamed piece as ("reasoning" | "content", text) parts; None: the end of the answer."""
+    if thinking is None:
+        return [("content", piece)] if piece else []
+    return thinking.feed(piece) if piece is not None else thinking.finish()
+
+
+async def watched(request: Request, run, cancel: threading.Event):
+    """Await `run` (a non-streamed generation), cancelling it once the client has gone."""
+    task = asyncio.ensure_future(run)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            cancel.set()
+    return task.result()
