@@ -16,7 +16,7 @@ checker are used. The checker imports bfcl's table of every model it knows (and 
 vendor SDK) for one flag, whether "." in a function name was sent as "_": that module is replaced
 here by the answer for OpenAI-style function calling (yes), which is what both servers get.
 Requests: the category's messages, its functions as OpenAI tools, tool_choice auto,
-temperature 0; a call is [{name: arguments}] as BFCL's OpenAI FC handler decodes it.
+temperature 0, max_tokens 512 (--max-tokens); a call is [{name: arguments}] as BFCL's OpenAI FC handler decodes it.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def sample(category: str, per_category: int | None, seed: int) -> list[tuple[dic
     return [(e, truth.get(e["id"])) for e in entries]
 
 
-def run_one(client, model: str, entry: dict, truth, category: str, tools, check) -> dict:
+def run_one(client, model: str, entry: dict, truth, category: str, tools, check,
+            max_tokens: int) -> dict:
     """One case: its verdict and, when it failed, why."""
     import openai
 
@@ -83,9 +84,11 @@ def run_one(client, model: str, entry: dict, truth, category: str, tools, check)
     try:
         r = client.chat.completions.create(model=model, messages=messages,
                                            tools=tools(entry["function"]), temperature=0,
-                                           tool_choice="auto")
+                                           tool_choice="auto", max_tokens=max_tokens)
     except openai.APIStatusError as e:
         return {"valid": False, "why": f"HTTP {e.status_code}: {str(e.message)[:200]}"}
+    except openai.APIConnectionError as e:  # a timeout included
+        return {"valid": False, "why": f"no answer ({type(e).__name__})"}
     message = r.choices[0].message
     calls = message.tool_calls or []
     if "irrelevance" in category:
@@ -103,7 +106,8 @@ def run_one(client, model: str, entry: dict, truth, category: str, tools, check)
     return {"valid": verdict["valid"], "why": why, "calls": decoded}
 
 
-def evaluate(url: str, model: str, categories, per_category, seed, failures=None) -> dict:
+def evaluate(url: str, model: str, categories, per_category, seed, failures=None,
+             max_tokens: int = 512) -> dict:
     import openai
 
     tools, check = _bfcl()
@@ -112,11 +116,12 @@ def evaluate(url: str, model: str, categories, per_category, seed, failures=None
     for category in categories:
         passed, cases = 0, sample(category, per_category, seed)
         for entry, truth in cases:
-            result = run_one(client, model, entry, truth, category, tools, check)
+            result = run_one(client, model, entry, truth, category, tools, check, max_tokens)
             passed += result["valid"]
             if failures is not None and not result["valid"]:
                 failures.write(json.dumps({"server": url, "model": model, "category": category,
                                            "id": entry["id"], **result}) + "\n")
+                failures.flush()
         scores[category] = (passed, len(cases))
         print(f"  {category}: {passed}/{len(cases)}", file=sys.stderr, flush=True)
     return scores
@@ -175,6 +180,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--per-category", type=int, default=8, help="0: every case")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="per answer, on every server (a rambling answer fails either way)")
     p.add_argument("--categories", default=",".join(CATEGORIES))
     p.add_argument("--failures", help="write every failure and its reason to this JSONL file")
     a = p.parse_args()
@@ -196,11 +203,11 @@ def main() -> int:
         print(name, file=sys.stderr, flush=True)
         with Server(command, port, name) as server:
             columns[name] = evaluate(server.url, "model", categories, a.per_category or None,
-                                     a.seed, failures)
+                                     a.seed, failures, a.max_tokens)
     for url in a.url:
         print(url, file=sys.stderr, flush=True)
         columns[url] = evaluate(url, a.model, categories, a.per_category or None, a.seed,
-                                failures)
+                                failures, a.max_tokens)
     names = list(columns)
     print("| category | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
