@@ -16,12 +16,12 @@ import numpy as np
 
 from edgellm import dtypes
 from edgellm.arch.rope import inv_freq
+from edgellm.runtime.reference import apply_rope
 
 MIN_RUN = 64  # the default shortest run moved (serve, run and chat: --cache-reuse)
 ANCHOR = 8  # tokens that must match to try a run there
 CANDIDATES = 16  # places of one anchor tried (repeated text: a device list repeats much)
-_TYPES = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16",
-          np.dtype(np.uint16): "bf16"}
+_TYPES = {np.dtype(t): kind for kind, t in dtypes.STORAGE_DTYPE.items()}  # K/V dtype -> kind
 
 
 def runs(old: list[int], new: list[int], start: int, min_run: int
@@ -54,18 +54,16 @@ def runs(old: list[int], new: list[int], start: int, min_run: int
 
 def moved_keys(k: np.ndarray, cfg, context: int, delta: int) -> np.ndarray:
     """Keys [layers, ..., head_dim] as rotated at their positions, rotated for positions
-    `delta` further on (rotate-half, each layer's own rotary frequencies at `context`): rotary
-    angles add, and the longrope attention factor is in the keys already."""
+    `delta` further on (reference.apply_rope, each layer's own rotary frequencies at `context`):
+    rotary angles add, and the longrope attention factor is in the keys already."""
     if delta == 0:
         return k
     kind = _TYPES[k.dtype]
-    x = dtypes.decode(k, kind) if kind != "fp32" else k
-    out = np.array(x, np.float32, copy=True)
+    x = dtypes.decode(k, kind)
+    out = np.empty_like(x)
     for layer in range(k.shape[0]):
         freq, _ = inv_freq(cfg.layer_rope(layer), context)
-        half = len(freq)
-        c, s = (f(delta * freq).astype(np.float32) for f in (np.cos, np.sin))
-        x1, x2 = x[layer, ..., :half], x[layer, ..., half:2 * half]
-        out[layer, ..., :half] = x1 * c - x2 * s
-        out[layer, ..., half:2 * half] = x2 * c + x1 * s
-    return dtypes.encode(out, kind) if kind != "fp32" else out
+        angles = (delta * freq)[None]  # [1, rotary_dim / 2]: one shift for every position
+        out[layer] = apply_rope(x[layer], np.cos(angles).astype(np.float32),
+                                np.sin(angles).astype(np.float32))
+    return dtypes.encode(out, kind)
