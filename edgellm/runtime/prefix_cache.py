@@ -69,16 +69,16 @@ class PrefixCache:
             return None
         axis = self._axis(self.gen.engine.kv_snapshot(0)[0])
         stored = list(self.store.index.get(file, ()))
-        kv = self.store.load(file, n, axis)
-        if kv is None:
+        kv = self.store.load(file, len(stored), axis)  # read and checked whole either way
+        if kv is None or kv[0].shape[axis] < n:  # (gone, or evicted since best() saw it)
             return None
         if len(self.gen.cached_ids) - common_prefix(self.gen.cached_ids, target) >= \
                 self.min_gain:
             self._save_live()
-        self.gen.engine.kv_restore(kv)
+        self.gen.engine.kv_restore(tuple(np.take(a, range(n), axis=axis) for a in kv))
         self.gen.cached_ids = list(target[:n])
         self.disk_hits += 1
-        return stored, lambda: self.store.load(file, len(stored), axis)
+        return stored, lambda: kv
 
     def remember(self, prompt_ids: list[int], whole: bool = False) -> None:
         """After a generation: keep on disk (with a store) the prefix of prompt_ids worth it: the
