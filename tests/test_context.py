@@ -12,7 +12,7 @@ import pytest
 from edgellm.artifact.reader import load_artifact
 from edgellm.compiler import BuildOptions, build
 from edgellm.errors import EdgeLLMError
-from edgellm.runtime.context import context_length, kv_bytes_per_position
+from edgellm.runtime.context import context_length
 from edgellm.runtime.engine import NumpyEngine
 from edgellm.runtime.ort_engine import OrtEngine
 import test_parity
@@ -35,6 +35,11 @@ def _build(tmp, arch, tied, config):
                                                    for c in CASES])
 def built(request, tmp_path_factory):
     return _build(tmp_path_factory.mktemp("ctx"), *request.param)
+
+
+def _kv_bytes(cfg) -> int:
+    """K and V, float32, of every layer for one position: the count the checks must use."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
 
 
 def _logits(engine, ids):
@@ -84,7 +89,7 @@ def test_context_limits(built):
         context_length(art, trained + 1)
     with pytest.raises(EdgeLLMError, match="at least 1"):
         context_length(art, 0)
-    per = kv_bytes_per_position(art.config)
+    per = _kv_bytes(art.config)
     weights = sum(f["size"] for f in art.manifest.files.values())
     room = weights + 200 * per * 2  # two slots of 200 positions
     assert context_length(art, 200, slots=2, available=room) == 200
@@ -98,5 +103,5 @@ def test_plan_counts_the_context(built):
                               "--ctx-size", str(n), "--json").stdout) for n in (SHORT, 200)]
     assert [o["kv_cache_len"] for o in out] == [SHORT, 200]
     grow = [b["kv_cache_gb"] - a["kv_cache_gb"] for a, b in zip(out[0]["rows"], out[1]["rows"])]
-    want = (200 - SHORT) * kv_bytes_per_position(built[SHORT].config) / 1e9
+    want = (200 - SHORT) * _kv_bytes(built[SHORT].config) / 1e9
     assert grow and all(g == pytest.approx(want) for g in grow)

@@ -5,14 +5,10 @@ ONNX Runtime engine changes its layer graphs at load for another length (onnx.gr
 
 from __future__ import annotations
 
+from edgellm.compiler.memory import kv_bytes_per_position
 from edgellm.errors import EdgeLLMError
 
 GB = 1e9
-
-
-def kv_bytes_per_position(cfg) -> int:
-    """K and V of every layer for one position, float32 (as both engines hold them at most)."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
 
 
 def check_trained(cfg, requested: int) -> None:
