@@ -118,6 +118,11 @@ class ModelConfig:
         """Layer `layer`'s sliding window, or None when it attends to the whole context."""
         return self.layer_windows[layer] if self.layer_windows else None
 
+    def kv_bytes_per_position(self) -> int:
+        """K and V of every layer for one position in float32 (as both engines hold them at
+        most): what a KV cache costs per position of context."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
     def layer_rope(self, layer: int) -> "ModelConfig":
         """The config whose rope tables layer `layer` uses: Gemma 3's local layers rotate with
         their own base and no scaling."""

@@ -74,16 +74,11 @@ def calibration_bytes(cfg, tokens: int) -> int:
     return 4 * tokens * (8 * d + 2 * i) + 12 * i * i + 4 * 8192 * i
 
 
-def kv_bytes_per_position(cfg) -> int:
-    """K and V of every layer for one position, float32 (as both engines hold them at most)."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
-
-
 def footprint(cfg, scheme, post_scheme, kv_cache_len: int,
               calibration_tokens: int = 0) -> Footprint:
     layers = cfg.num_layers * layer_bytes(cfg, scheme)
     post = matrix_bytes(post_scheme, cfg.vocab_size, cfg.hidden_size) + cfg.hidden_size * 4
-    kv = kv_bytes_per_position(cfg) * kv_cache_len
+    kv = cfg.kv_bytes_per_position() * kv_cache_len
     largest = max(cfg.vocab_size * cfg.hidden_size, cfg.intermediate_size * cfg.hidden_size) * 4
     calibration = calibration_bytes(cfg, calibration_tokens) if calibration_tokens else 0
     return Footprint(int(layers), int(post), cfg.vocab_size * cfg.hidden_size * 2, kv,

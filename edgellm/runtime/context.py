@@ -5,7 +5,6 @@ ONNX Runtime engine changes its layer graphs at load for another length (onnx.gr
 
 from __future__ import annotations
 
-from edgellm.compiler.memory import kv_bytes_per_position
 from edgellm.errors import EdgeLLMError
 
 GB = 1e9
@@ -31,7 +30,7 @@ def context_length(artifact, requested: int | None = None, slots: int = 1,
     if requested is None:
         return m.kv_cache_len
     check_trained(cfg, requested)
-    per_position = kv_bytes_per_position(cfg) * slots
+    per_position = cfg.kv_bytes_per_position() * slots
     weights = sum(info.get("size", 0) for info in m.files.values())
     if available is None:
         available = machine_memory()[1]
