@@ -181,11 +181,13 @@ def _add_engine(p):
 
 
 def _add_prompt_cache(p):
+    from edgellm.runtime.cache_reuse import MIN_RUN as CACHE_REUSE
+
     p.add_argument("--prompt-cache", metavar="DIR",
                    help="keep the K/V of long prompt prefixes (a system prompt, a tool list) in "
                         "DIR and reuse them after a restart; only token ids and their K/V are "
                         "written, owner-only")
-    p.add_argument("--cache-reuse", type=int, default=64, metavar="N",
+    p.add_argument("--cache-reuse", type=int, default=CACHE_REUSE, metavar="N",
                    help="past a change in the middle of a cached prompt (a device's state), "
                         "reuse runs of at least N tokens it still has, moved to their new "
                         "positions (an approximation: logits within a few %% of a cold run's, "

@@ -169,7 +169,6 @@ class OrtEngine:
                             (cfg, layer, self.kv_cache_len) if resized and layer is not None
                             else None)
 
-
         on_qgemm = self.kernel.path == "qgemm"
         # the post session first: ORT prepacks the lm_head (136 MB for Qwen2-0.5B) through a
         # transient buffer, which then peaks before the layers are resident, not on top of them

@@ -135,7 +135,7 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
                     else FINISH[result.stop_reason]
             else:
                 message, finish = chat_message(result, prefix, tools, req.parallel_tool_calls,
-                                                inside)
+                                               inside)
                 if not live:
                     delta = {k: v for k, v in message.items() if k != "role"}
                     if delta.get("tool_calls"):
@@ -239,7 +239,7 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
         served.admit()
         cancel = threading.Event()
         result = await watched(request, served.run(ids, sampling, req.max_tokens, stop,
-                                                    cancel=cancel), cancel)
+                                                   cancel=cancel), cancel)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "text": result.text, "logprobs": None,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edgellm.artifact.inspect import layout_label
 from edgellm.errors import EdgeLLMError
+from edgellm.runtime.cache_reuse import MIN_RUN as CACHE_REUSE
 from edgellm.runtime.generator import Generator
 from edgellm.runtime.prompt_store import open_store
 from edgellm.server.app import create_app
@@ -127,7 +128,7 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
           max_queue: int, upstream=None, quiet: bool = False, verify: bool = False,
           tool_grammar: bool = True, speculate: str = "auto", parallel: int | None = None,
           prefill_budget: int | None = None, prompt_cache: str | None = None,
-          prompt_cache_size: int = 2 << 30, warm: list[str] = (), cache_reuse: int = 64,
+          prompt_cache_size: int = 2 << 30, warm: list[str] = (), cache_reuse: int = CACHE_REUSE,
           **engine_opts) -> None:
     import uvicorn
 
