@@ -129,13 +129,18 @@ def _check_model(served: str, asked: str) -> str:
     return asked
 
 
+def _invalid(e: ValidationError) -> APIError:
+    """A validation error as a 400 naming the first field at fault."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+    return APIError(400, f"{where}: {first.get('msg', 'invalid')}")
+
+
 def _parse(model, body: dict):
     try:
         return model(**body)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise APIError(400, f"{where}: {first.get('msg', 'invalid')}") from None
+        raise _invalid(e) from None
     except TypeError:
         raise APIError(400, "the body must be a JSON object") from None
 
@@ -206,9 +211,7 @@ def _chat_request(gen, name: str, body: Request_, messages: list[dict], tools) -
         return ChatRequest(model=name, messages=messages, tools=tools or None,
                            response_format=response_format, chat_template_kwargs=kwargs)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise APIError(400, f"{where}: {first.get('msg', 'invalid')}") from None
+        raise _invalid(e) from None
 
 
 def _ollama_message(message: dict) -> dict:
@@ -244,21 +247,19 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
                                       timezone.utc).isoformat().replace("+00:00", "Z")
     size = sum(f.get("size", 0) for f in m.files.values())
 
-    def details() -> dict:
-        from edgellm.artifact.inspect import layout_label
-        from edgellm.bench import parameter_count
+    from edgellm.artifact.inspect import layout_label
+    from edgellm.bench import parameter_count
 
-        n = parameter_count(gen.artifact.config)
-        return {"parent_model": "", "format": "edgellm", "family": gen.artifact.config.arch,
-                "families": [gen.artifact.config.arch],
-                "parameter_size": f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M",
-                "quantization_level": layout_label(m.weight_scheme, m.post_scheme,
-                                                   bool(m.layer_schemes))}
-
-    def listed(asked: str | None = None) -> dict:
-        tag = asked or _tagged(name)
-        return {"name": tag, "model": tag, "modified_at": modified, "size": size,
-                "digest": digest, "details": details()}
+    cfg = gen.artifact.config
+    params = parameter_count(cfg)
+    details = {"parent_model": "", "format": "edgellm", "family": cfg.arch,
+               "families": [cfg.arch],
+               "parameter_size": f"{params / 1e9:.1f}B" if params >= 1e9 else
+               f"{params / 1e6:.0f}M",
+               "quantization_level": layout_label(m.weight_scheme, m.post_scheme,
+                                                  bool(m.layer_schemes))}
+    listed = {"name": _tagged(name), "model": _tagged(name), "modified_at": modified,
+              "size": size, "digest": digest, "details": details}
 
     async def generation(request: Request, body: Request_, messages: list[dict], tools,
                          key: str):
@@ -370,27 +371,25 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
 
     @app.get("/api/tags")
     async def tags():
-        return {"models": [listed()]}
+        return {"models": [listed]}
 
     @app.get("/api/ps")
     async def ps():
-        return {"models": [{**listed(), "expires_at": "2999-01-01T00:00:00Z",
+        return {"models": [{**listed, "expires_at": "2999-01-01T00:00:00Z",
                             "size_vram": 0, "context_length": gen.engine.kv_cache_len}]}
 
     @app.post("/api/show")
     async def show(request: Request):
         asked = _check_model(name, _parse(NameBody, await _json(request)).which())
-        cfg, arch = gen.artifact.config, gen.artifact.config.arch
-        from edgellm.bench import parameter_count
-
+        arch = cfg.arch
         source = gen.template.source if gen.template else ""
         capabilities = ["completion"] + (["tools"] if "tools" in source else []) + \
             (["thinking"] if source and thinks(source) else [])
         return {"license": "", "modelfile": f"# edgellm artifact {gen.artifact.path.name}\n"
                                             f"FROM {asked}\n",
-                "parameters": "", "template": source, "details": details(),
+                "parameters": "", "template": source, "details": details,
                 "model_info": {"general.architecture": arch,
-                               "general.parameter_count": parameter_count(cfg),
+                               "general.parameter_count": params,
                                f"{arch}.context_length": gen.engine.kv_cache_len,
                                f"{arch}.embedding_length": cfg.hidden_size,
                                f"{arch}.block_count": cfg.num_layers,
