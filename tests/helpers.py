@@ -84,6 +84,17 @@ def edgellm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd)
 
 
+def assert_idle(scheduler, seconds: float = 10.0) -> None:
+    """Wait up to `seconds` for the server's scheduler to have no request in line or running
+    (a client that left must free its place), then assert it."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while scheduler.pending and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert scheduler.pending == 0
+
+
 def start_server(app, **config):
     """(server, thread, base URL) of `app` served by uvicorn on a free loopback port, once it
     is up; stop it with `server.should_exit = True` and `thread.join()`."""

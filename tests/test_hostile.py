@@ -17,7 +17,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from helpers import edgellm, make_tiny_model, start_server
+from helpers import assert_idle, edgellm, make_tiny_model, start_server
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -292,11 +292,7 @@ def test_abandoned_requests_stop_and_free_the_queue(served):
     start = time.monotonic()
     assert_still_serving(url)  # not behind ~9000 tokens decoded for nobody
     waited = time.monotonic() - start
-    for _ in range(50):
-        if scheduler.pending == 0:
-            break
-        time.sleep(0.1)
-    assert scheduler.pending == 0
+    assert_idle(scheduler, 5.0)
     generated = scheduler.metrics["completion_tokens_total"] - before
     assert generated < 3000, (generated, waited)
 

@@ -5,7 +5,6 @@ integration calls, errors in Ollama's shape and codes, and the same answers as t
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import ollama
@@ -13,7 +12,7 @@ import pytest
 
 from edgellm.runtime.generator import Generator
 from edgellm.server.app import create_app
-from helpers import edgellm, make_tiny_model, start_server
+from helpers import assert_idle, edgellm, make_tiny_model, start_server
 
 TOOLS = [{"type": "function", "function": {
     "name": "HassTurnOn", "description": "Turn on a device or an entity",
@@ -258,11 +257,7 @@ def test_a_home_hubs_conversation_replayed(qwen_s8):
         with httpx.stream("POST", url + "/api/chat", json=body) as reply:
             lines = reply.iter_lines()
             assert not json.loads(next(lines))["done"] and not json.loads(next(lines))["done"]
-        for _ in range(100):
-            if scheduler.pending == 0:
-                break
-            time.sleep(0.1)
-        assert scheduler.pending == 0
+        assert_idle(scheduler)
         assert scheduler.metrics["completion_tokens_total"] - before < 300
     finally:
         server.should_exit = True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 
@@ -11,7 +10,7 @@ import pytest
 
 from edgellm.runtime.generator import Generator
 from edgellm.server.app import create_app
-from helpers import start_server
+from helpers import assert_idle, start_server
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -161,11 +160,7 @@ def test_disconnect_cancels_generation(server):
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req) as r:
         r.readline(), r.readline(), r.readline()
-    for _ in range(100):
-        if served.pending == 0:
-            break
-        time.sleep(0.1)
-    assert served.pending == 0
+    assert_idle(served)
     assert served.metrics["completion_tokens_total"] - before < 300
 
 
