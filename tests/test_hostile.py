@@ -430,3 +430,59 @@ def test_a_soak_of_mixed_requests_leaves_the_server_idle_and_well(artifact):
     assert report["final_request"] == [200, "assistant"]
     kinds = report["outcomes"]
     assert kinds.get("200", 0) > 20 and kinds.get("400", 0) > 10 and kinds.get("disconnected")
+
+
+# a requested stop --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, path", [("SIGTERM", "/v1/chat/completions"),
+                                       ("SIGINT", "/api/chat")])
+def test_a_stop_mid_stream_ends_streams_with_an_error_and_exits_cleanly(artifact, sig, path):
+    """Issue 33, item 2: SIGTERM or Ctrl-C while a stream runs (and a non-streamed request
+    waits for its answer): the stream ends with an error event (OpenAI) or error line (Ollama),
+    the other request gets a 503 in the API's shape, and the server exits with status 0
+    without a traceback (it waited out a 5 s grace period and cancelled tasks, printing one)."""
+    import re
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(artifact),
+                             "--port", "0", "--threads", "1", "--parallel", "2", "--quiet"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        banner = []
+        for line in proc.stderr:
+            banner.append(line)
+            if "Ctrl-C stops" in line:
+                break
+        url = re.search(r"(http://\S+?)/v1", "".join(banner)).group(1)
+        waiting = {}
+        other = threading.Thread(target=lambda: waiting.update(
+            answer=post(url, chat(max_tokens=3000, temperature=0), timeout=60)))
+        other.start()
+        model = MODEL if path.startswith("/v1") else MODEL + ":latest"
+        body = json.dumps({"model": model, "messages": HELLO, "stream": True,  # greedy: long
+                           **({"max_tokens": 3000, "temperature": 0} if path.startswith("/v1")
+                              else {"options": {"num_predict": 3000, "temperature": 0}})}
+                          ).encode()
+        request = urllib.request.Request(url + path, body, {"Content-Type": "application/json"})
+        lines = []
+        with urllib.request.urlopen(request, timeout=60) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:  # answering: stop the server
+                    proc.send_signal(getattr(signal, sig))
+        other.join(60)
+        assert proc.wait(60) == 0
+        log = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    last = json.loads(lines[-1].removeprefix("data: "))
+    assert "error" in last, lines[-3:]
+    message = last["error"]["message"] if path.startswith("/v1") else last["error"]
+    assert "shutting down" in message, lines[-3:]
+    assert len(lines) < 1000  # stopped, not run to its end
+    status, payload = waiting["answer"]
+    assert_openai_error(status, payload, 503)
+    assert payload["error"]["code"] == "shutting_down"

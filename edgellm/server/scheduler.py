@@ -181,6 +181,11 @@ class Scheduler:
                 from None
         finally:
             self.pending -= 1
+        if self.closing.is_set() and (result is None or result.stop_reason == "cancelled"):
+            # the server stops (SIGTERM, Ctrl-C): the client hears it, a stream as an error
+            # event, rather than an answer cut short that looks whole
+            raise APIError(503, "the server is shutting down; the answer was stopped",
+                           "server_error", "shutting_down", headers={"Retry-After": "1"})
         if result is None:
             return GenerationResult("", [], len(ids), 0.0, 0.0, 0.0, "cancelled")
         self.record(result)

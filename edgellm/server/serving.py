@@ -154,8 +154,17 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
             if not self.should_exit:
                 print(text, file=sys.stderr, flush=True)
 
-    # on SIGTERM/Ctrl-C: connections still open after 5 s are closed (the scheduler has
-    # stopped their generations by then)
+        def handle_exit(self, sig, frame):
+            # a requested stop: running generations stop at their next token and their clients
+            # get an error (a stream: an error event), so connections close at once, not after
+            # the grace period's cancelled tasks and tracebacks
+            app.state.served.close()
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if captured is not None:  # not raised again after shutdown: exit status 0
+                captured.clear()
+
+    # on SIGTERM/Ctrl-C: connections still open after 5 s are closed
     config = uvicorn.Config(app if quiet else RequestLog(app), log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
     Server(config).run(sockets=[sock])
