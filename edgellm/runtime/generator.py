@@ -14,6 +14,7 @@ import numpy as np
 
 from edgellm.artifact.reader import Artifact, load_artifact
 from edgellm.errors import EdgeLLMError
+from edgellm.machine import give_back_freed_memory
 from edgellm.runtime.engine import NumpyEngine
 from edgellm.runtime.sampler import Sampler, SamplingConfig
 from edgellm.runtime.speculative import SpeculationStats, drafter
@@ -163,6 +164,8 @@ class Generator:
                 chunk = ids[start:start + step]
                 logits = self._checked(self.engine.forward(chunk, pos + start), pos + start)
                 self.cached_ids.extend(chunk)
+        if len(ids) >= step:  # a prompt's activations, freed, out of the process
+            give_back_freed_memory()
         return logits
 
     def _checked(self, logits, pos: int):

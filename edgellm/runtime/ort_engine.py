@@ -17,6 +17,7 @@ import numpy as np
 
 from edgellm.artifact.reader import Artifact
 from edgellm.errors import EdgeLLMError
+from edgellm.machine import give_back_freed_memory
 from edgellm.runtime.engine import embedding_rows
 
 
@@ -197,6 +198,7 @@ class OrtEngine:
         self.k_np, self.v_np = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         self._views: dict[tuple[int, int], tuple[list, list]] = {}
         self._decode: dict[tuple[int, int], tuple] = {}  # (first, count) -> one-token bindings
+        give_back_freed_memory()  # what packing the weights left behind
 
     def _cache(self, first: int, count: int) -> tuple[list, list]:
         """Per layer, OrtValues over slots first .. first+count-1 of the K and V caches."""
