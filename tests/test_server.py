@@ -250,6 +250,54 @@ def test_web_page_streams_an_answer_in_chromium(server):
     assert "TTFT" in stats
 
 
+def test_web_page_asks_for_the_key_and_shows_every_failure(generator):
+    """Issue 33, item 1: with `serve --api-key` the page said nothing (its GET /v1/models got a
+    401 and the script died on it). Now it asks for the key (kept in the tab's session), names
+    the model, and shows a failed request (a wrong key, a prompt over the context) on the page."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium package")
+    app = create_app(generator, MODEL, api_key="sesame")
+    srv, thread, url = start_server(app)
+    done = "document.querySelector('#send').disabled === false"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("#keyform", state="visible", timeout=30_000)
+            assert "API key" in page.text_content("#keyform")
+            page.fill("#input", "What is the capital of France?")  # without the key
+            page.click("#send")
+            page.wait_for_selector(".assistant .error", timeout=30_000)
+            assert "missing or wrong API key" in page.text_content(".assistant .error")
+            page.fill("#key", "sesame")
+            page.click("#keyform button")
+            page.wait_for_function(f"document.querySelector('#model').textContent === "
+                                   f"'{MODEL}'", timeout=30_000)
+            assert page.is_hidden("#keyform")
+            page.fill("#input", "What is the capital of France?")
+            page.click("#send")
+            page.wait_for_function(f"document.querySelectorAll('.assistant').length === 2 && "
+                                   f"{done}", timeout=60_000)
+            answer = page.locator(".assistant").nth(1).text_content()
+            page.fill("#input", "word " * 3000)  # past the 1023-position context: a 400
+            page.click("#send")
+            page.wait_for_function(f"document.querySelectorAll('.assistant').length === 3 && "
+                                   f"{done}", timeout=60_000)
+            too_long = page.locator(".assistant").nth(2).text_content()
+            key = page.evaluate("sessionStorage.getItem('edgellm-key')")
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    assert "Paris" in answer and "error" not in answer
+    assert "[error: the prompt has" in too_long and "--ctx-size" in too_long
+    assert key == "sesame"
+
+
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
     """A stand-in for a cloud server: another edgellm on loopback, tiny model, long context."""
