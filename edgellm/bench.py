@@ -55,9 +55,11 @@ def _answers(gen, prompt: str, gen_tokens: int, repeats: int, speculate: str) ->
     modes = ["off"] + ([speculate] if speculate != "off" else [])
     gen.generate(ids[:8], SamplingConfig(), 4)  # warm-up
     runs: dict[str, list] = {m: [] for m in modes}
-    for _ in range(repeats):
+    for i in range(repeats):
         for m in modes:
+            _progress(f"bench: run {i + 1} of {repeats}, speculation {m} ...")
             runs[m].append(gen.generate(ids, SamplingConfig(), gen_tokens, speculate=m))
+    _progress("")
     plain = runs["off"]
     out = {"prompt_tokens": len(ids), "answer_tokens": len(plain[0].token_ids),
            "prefill_tok_s": statistics.median(r.prefill_tok_s for r in plain),
@@ -75,6 +77,14 @@ def _answers(gen, prompt: str, gen_tokens: int, repeats: int, speculate: str) ->
     return out
 
 
+def _progress(text: str) -> None:
+    """One line that rewrites itself on a terminal's stderr (nothing elsewhere); "" clears it."""
+    import sys
+
+    if sys.stderr.isatty():
+        print(f"\r\033[K{text}", end="" if text else "\r", file=sys.stderr, flush=True)
+
+
 def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3,
           engine: str = "auto", threads: int | None = None,
           providers: list[str] | None = None, allow_slow_kernels: bool = False,
@@ -82,8 +92,10 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
           ctx_size: int | None = None) -> dict:
     """The fixed-prompt measurement, or with `prompt` (a user message) its greedy answer, plain
     and with `speculate`."""
+    from edgellm.machine import warn_if_busy
     from edgellm.runtime.generator import Generator
 
+    warn_if_busy(threads, "bench measures")
     gen = Generator.load(artifact, engine=engine, threads=threads, providers=providers,
                          allow_slow_kernels=allow_slow_kernels, kernel=kernel, ctx_size=ctx_size)
     if prompt_tokens + gen_tokens > gen.engine.kv_cache_len:
@@ -111,7 +123,12 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     prompt = _prompt_ids(gen.tokenizer, prompt_tokens)
     _one_pass(gen, prompt[:8], 4)  # warm-up: sessions, thread pool, prepacked weights
-    runs = [_one_pass(gen, prompt, gen_tokens) for _ in range(repeats)]
+    runs = []
+    for i in range(repeats):
+        _progress(f"bench: run {i + 1} of {repeats} (prefill {prompt_tokens}, decode "
+                  f"{gen_tokens}) ...")
+        runs.append(_one_pass(gen, prompt, gen_tokens))
+    _progress("")
     return {
         **about,
         "prompt_tokens": prompt_tokens,

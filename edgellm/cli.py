@@ -71,10 +71,12 @@ def _add_build(sub):
                  "directory (per-layer integer weights, ONNX graphs, bf16 embedding table, "
                  "tokenizer, manifest). The vendor's underscore spellings (--input_path, "
                  "--kv_cache_len, ...) are accepted too.")
-    p.add_argument("input", nargs="?", help="HF model directory or .gguf file")
+    p.add_argument("input", nargs="?", help="HF model directory, .gguf file, or a model name "
+                                            "`edgellm pull` knows (pulled if needed)")
     p.add_argument("-o", "--output", "--output_path", "--output-path", dest="output",
                    metavar="DIR", help="the artifact directory to write (must not exist, "
-                                       "unless --force)")
+                                       "unless --force); default: the cache's artifacts "
+                                       "folder, named after the model and layout")
     p.add_argument("--input_path", "--input-path", dest="input_path", help=argparse.SUPPRESS)
     p.add_argument("--weight-type", "--weight_type", default=None, choices=sorted(SCHEMES),
                    help="decoder layers' weights: s8 (int8), s4 (int4: group 32 and an s8 "
@@ -225,6 +227,8 @@ def _add_misc(sub):
     p.add_argument("artifact")
     p.add_argument("--verify", action="store_true", help="check every file's sha256")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument("--files", action="store_true",
+                   help="list every file with its size and checksum (default: by kind)")
     p.add_argument("--vendor-config", action="store_true",
                    help="print the vendor's model-config JSON for this artifact")
     p.set_defaults(func=cmd_inspect)
@@ -324,9 +328,21 @@ def _exit_on_sigterm():
 def cmd_build(a) -> int:
     from edgellm.compiler import BuildOptions, build
 
+    from pathlib import Path
+
+    from edgellm.hub.pull import MODELS, cache_dir, pull
+
     source = a.input or a.input_path
-    if not source or not a.output:
-        raise EdgeLLMError("build needs an input (HF directory or .gguf) and -o OUTPUT")
+    if not source:
+        raise EdgeLLMError(f"build needs an input: a HF model directory, a .gguf file or a "
+                           f"model `edgellm pull` knows ({', '.join(MODELS)})")
+    name = Path(source).name.removesuffix(".gguf")
+    if source in MODELS and not Path(source).exists():  # a name pull knows: pulled if needed
+        name, source = source, pull(source)
+    elif not Path(source).exists():
+        raise EdgeLLMError(f"{source} does not exist, and is not a model `edgellm pull` "
+                           f"knows ({', '.join(MODELS)})")
+    output = a.output or cache_dir() / "artifacts" / f"{name}-{a.weight_type or a.target or 's8'}"
     opts = BuildOptions(kv_cache_len=a.kv_cache_len, prefill_len=a.prefill_len,
                         weight_type=a.weight_type, post_weight_type=a.post_weight_type,
                         group_size=a.group_size, asymmetric=a.asymmetric,
@@ -336,7 +352,9 @@ def cmd_build(a) -> int:
                         keep_s8=a.keep_s8, accuracy_level=a.accuracy_level,
                         quant_method=a.quant_method, calibration=a.calibration,
                         calibration_tokens=a.calibration_tokens, target=a.target)
-    out = build(source, a.output, opts)
+    if not a.output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    out = build(source, output, opts)
     print(out)
     return 0
 
@@ -438,7 +456,7 @@ def cmd_inspect(a) -> int:
 
         print(json.dumps(vendor_config(art.config, art.path.name), indent=2))
     else:
-        print(art.manifest.to_json() if a.json else describe(art) + _kernel_here(art))
+        print(art.manifest.to_json() if a.json else describe(art, a.files) + _kernel_here(art))
     if a.verify:
         total = sum(f["size"] for f in art.manifest.files.values())
         print(f"verified: all {len(art.manifest.files)} files ({total / 1e6:,.1f} MB) match "
@@ -473,11 +491,13 @@ def _add_quality(sub):
     p.set_defaults(func=cmd_eval)
 
     from edgellm.boards import memory_spec
+    from edgellm.runtime.cpu import CORE_FEATURES
 
     boards = "\n".join(f"  {k:10s} {v.note}: {memory_spec(v)}" for k, v in _boards().items())
     p = _command(sub, "plan", "will it fit a device, and its decode ceiling, per weight type",
                  epilog=f"boards:\n{boards}")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="an artifact, or before a build a .gguf file, a HF model "
+                                    "directory or a model `edgellm pull` knows")
     p.add_argument("--board", choices=sorted(_boards()), help="a preset: RAM and bandwidth")
     p.add_argument("--ram", help="device RAM, e.g. 2GB or 512MB; a bare number is GB "
                                  "(overrides the board's)")
@@ -485,6 +505,9 @@ def _add_quality(sub):
                                        "(overrides the board's)")
     p.add_argument("--ctx-size", "--kv-cache-len", dest="kv_cache_len", type=int, metavar="N",
                    help="positions of the KV cache to plan for (default: the artifact's)")
+    p.add_argument("--cpu", choices=sorted(CORE_FEATURES),
+                   help="the device's cores, for the kernel column (default: the board's, or "
+                        "this machine's)")
     p.add_argument("--parallel", type=_count, default=1, metavar="N",
                    help="requests served at once (`serve --parallel`): N KV caches")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -514,7 +537,6 @@ def cmd_eval(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from edgellm.artifact.reader import load_artifact
     from edgellm.plan import BOARDS, parse_size, plan, table
 
     board = BOARDS.get(a.board)
@@ -524,30 +546,66 @@ def cmd_plan(a) -> int:
     ram = parse_size(a.ram, "--ram") if a.ram else board.ram
     bandwidth = parse_size(a.bandwidth, "--bandwidth", per_second=True) if a.bandwidth \
         else board.bandwidth
+    basis = "as given (--bandwidth)"
     if ram is None or bandwidth is None:
         raise EdgeLLMError(f"--board {a.board} ({board.note}) has no known RAM and memory "
                            f"bandwidth to go by: give --ram and --bandwidth too (its cores, "
                            f"{board.cpu}, still decide the kernel column)")
-    art = load_artifact(a.artifact)
-    kv = a.kv_cache_len or art.manifest.kv_cache_len
+    art, cfg, kv = _planned(a.artifact)
+    kv = a.kv_cache_len or kv
     if a.kv_cache_len is not None:
         from edgellm.runtime.context import check_trained
 
-        check_trained(art.config, a.kv_cache_len)
+        check_trained(cfg, a.kv_cache_len)
     import onnxruntime
 
     from edgellm.runtime.cpu import Cpu, read_cpu
 
-    cpu = Cpu.core(board.cpu) if board else read_cpu()
+    if not a.bandwidth:
+        from edgellm.boards import sustained
+
+        bandwidth, basis = sustained(board)
+    cpu = Cpu.core(a.cpu) if a.cpu else Cpu.core(board.cpu) if board else read_cpu()
     if a.parallel < 1:
         raise EdgeLLMError("--parallel must be at least 1")
-    rows = plan(art.config, kv, ram, bandwidth, art, cpu, onnxruntime.__version__, a.parallel)
+    rows = plan(cfg, kv, ram, bandwidth, art, cpu, onnxruntime.__version__, a.parallel)
     if a.json:
-        print(json.dumps({"ram": ram, "bandwidth": bandwidth, "kv_cache_len": kv, "rows": rows}))
+        print(json.dumps({"ram": ram, "bandwidth": bandwidth, "bandwidth_basis": basis,
+                          "cpu": cpu.name, "kv_cache_len": kv, "built": art is not None,
+                          "rows": rows}))
     else:
-        print(board.note if board else f"this machine's CPU: {cpu.name}")
+        if art is None:
+            print(f"{a.artifact}: not built yet; every layout from the source's shapes, as "
+                  f"`edgellm build` would write it")
+        print(board.note if board and not a.cpu else
+              f"cores: {cpu.name} ({'--cpu' if a.cpu else 'this machine, as no --board or --cpu'}"
+              f" says which the kernel column is for)")
+        print(f"bandwidth: {bandwidth / 1e9:.1f} GB/s, {basis}")
         print(table(rows, ram, bandwidth, kv, a.parallel))
     return 0
+
+
+def _planned(path: str):
+    """(artifact or None, model config, its KV cache length) of what `plan` was given: an
+    artifact, or before a build a GGUF file, a HF directory or a model `edgellm pull` knows
+    (pulled if needed), at build's default context."""
+    from pathlib import Path
+
+    from edgellm.artifact.format import MANIFEST_NAME
+    from edgellm.artifact.reader import load_artifact
+    from edgellm.compiler import BuildOptions
+    from edgellm.compiler.sources import open_source
+    from edgellm.hub.pull import MODELS, pull
+
+    if (Path(path) / MANIFEST_NAME).is_file():
+        art = load_artifact(path)
+        return art, art.config, art.manifest.kv_cache_len
+    if path in MODELS and not Path(path).exists():
+        path = pull(path)
+    elif not Path(path).exists():
+        raise EdgeLLMError(f"{path} does not exist (an artifact, a source file or directory), "
+                           f"and is not a model `edgellm pull` knows ({', '.join(MODELS)})")
+    return None, open_source(path).config, BuildOptions().kv_cache_len
 
 
 def cmd_bench(a) -> int:
@@ -587,18 +645,26 @@ def cmd_serve(a) -> int:
     return 0
 
 
-def _known_models() -> list[str]:
-    from edgellm.hub.pull import DEFAULT_MODEL, MODELS
+def _known_models(mark_pulled: bool = False) -> list[str]:
+    """One line per known model; `mark_pulled`: which are in the cache already."""
+    from edgellm.hub.pull import DEFAULT_MODEL, MODELS, cache_dir
 
-    return [f"{name:30s} {m.description}, {m.size / 1e6:,.0f} MB"
-            f"{' (default)' if name == DEFAULT_MODEL else ''}" for name, m in MODELS.items()]
+    def tags(name, m) -> str:
+        path = cache_dir() / "models" / m.file_name
+        found = ["default"] if name == DEFAULT_MODEL else []
+        if mark_pulled and path.is_file() and path.stat().st_size == m.size:
+            found.append("pulled")
+        return f" ({', '.join(found)})" if found else ""
+
+    return [f"{name:30s} {m.description}, {m.size / 1e6:,.0f} MB{tags(name, m)}"
+            for name, m in MODELS.items()]
 
 
 def cmd_pull(a) -> int:
     from edgellm.hub.pull import pull
 
     if not a.name:
-        print("\n".join(_known_models()))
+        print("\n".join(_known_models(mark_pulled=True)))
         return 0
     print(pull(a.name))
     return 0

@@ -77,7 +77,11 @@ def test_ctrl_c_stops_the_answer_but_not_the_chat(tmp_path):
     child.expect("hello world\r\n")  # the echo; the answer (mostly blank pieces) follows
     time.sleep(0.8)  # well inside the ~2.5 s answer (a busier machine only makes it longer)
     child.sendintr()
-    child.expect(r"\[stopped\]")
+    child.expect(r"\[stopped after \d+ token\(s\): the answer so far stays in the conversation")
+    child.expect("you> ")
+    child.sendline("/stats")  # issue 33, item 9: the stopped turn counts, marked
+    child.expect(r"\[this conversation: 1 turn\(s\), 1 stopped \| KV cache \d+ of 4096")
+    child.expect(r"generated [1-9]\d* tokens")
     child.expect("you> ")
     child.sendline("/exit")
     child.expect(pexpect.EOF)

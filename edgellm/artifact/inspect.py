@@ -9,7 +9,20 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def describe(art: Artifact) -> str:
+def _files(m) -> list[str]:
+    """The files summed by kind: a layer's weights and graphs, the rest one by one."""
+    kinds: dict[str, list[int]] = {}
+    for name, f in m.files.items():
+        kind = ("layer weights" if name.startswith("layer_") and name.endswith(".bin") else
+                "layer graphs" if name.startswith("layer_") and name.endswith(".onnx") else name)
+        kinds.setdefault(kind, []).append(f["size"])
+    return [f"  {kind:42s} {_mb(sum(sizes)):>12s}" + (f"  ({len(sizes)} files)"
+                                                       if len(sizes) > 1 else "")
+            for kind, sizes in kinds.items()]
+
+
+def describe(art: Artifact, files: bool = False) -> str:
+    """The summary; `files`: every file with its size and checksum instead of their kinds."""
     m, c = art.manifest, art.config
     ws, ps = m.weight_scheme, m.post_scheme
     group = lambda s: (f" (group {s['group_size']}" + ("" if s.get("symmetric", True)  # noqa: E731
@@ -32,11 +45,23 @@ def describe(art: Artifact) -> str:
         f"tokens          bos {tok['bos_id']}, eos {tok['eos_ids']}, pad {tok['pad_id']}; "
         f"chat template: {'yes' if tok.get('chat_template') else 'no'}",
         f"source          {m.source.get('kind')}: {m.source.get('path')}",
-        f"files           {len(m.files)}, {_mb(total)} in all:",
+        *([f"built for       {_board(m.target['board'])} (build --target "
+           f"{m.target['board']})"] if m.target.get("board") else []),
+        f"files           {len(m.files)}, {_mb(total)} in all"
+        + (":" if files else " (--files lists each with its checksum):"),
     ]
+    if not files:
+        return "\n".join(lines + _files(m))
     for name, f in m.files.items():
         lines.append(f"  {name:42s} {_mb(f['size']):>12s}  sha256 {f['sha256'][:16]}…")
     return "\n".join(lines)
+
+
+def _board(name: str) -> str:
+    from edgellm.boards import BOARDS
+
+    board = BOARDS.get(name)
+    return board.note if board else name
 
 
 def _method(quantization: dict) -> str:

@@ -20,9 +20,10 @@ def _stats(r: GenerationResult) -> str:
 
 @dataclass
 class Totals:
-    """The conversation so far, for /stats."""
+    """The conversation since it began or was last cleared (/reset, /system), for /stats."""
 
     turns: int = 0
+    stopped: int = 0  # of the turns, answers stopped with Ctrl-C (they stay in the conversation)
     prefilled: int = 0  # prompt tokens run through the model
     reused: int = 0  # prompt tokens whose K/V were already in the cache
     generated: int = 0
@@ -36,10 +37,21 @@ class Totals:
         if r.decode_tok_s > 0 and len(r.token_ids) > 1:
             self.decode_seconds += (len(r.token_ids) - 1) / r.decode_tok_s
 
+    def add_stopped(self, prefilled: int, reused: int, generated: int):
+        """A turn whose answer Ctrl-C stopped: what it ran counts (no speed: it was cut)."""
+        self.turns += 1
+        self.stopped += 1
+        self.prefilled += prefilled
+        self.reused += reused
+        self.generated += generated
+
     def line(self, used: int, capacity: int) -> str:
-        speed = (f", {(self.generated - self.turns) / self.decode_seconds:.1f} tok/s decode"
+        timed = self.turns - self.stopped
+        speed = (f", {(self.generated - timed) / self.decode_seconds:.1f} tok/s decode"
                  if self.decode_seconds else "")
-        return (f"[{self.turns} turn(s) | KV cache {used} of {capacity} positions used "
+        stopped = f", {self.stopped} stopped" if self.stopped else ""
+        return (f"[this conversation: {self.turns} turn(s){stopped} | KV cache {used} of "
+                f"{capacity} positions used "
                 f"({100 * used / capacity:.0f}%) | prefilled {self.prefilled} tokens, reused "
                 f"{self.reused} | generated {self.generated} tokens{speed}]")
 
@@ -96,10 +108,11 @@ class ChatLoop:
         if name == "/exit":
             return False
         if name == "/reset":
-            self.messages = []
+            self.messages, self.totals, self.last = [], Totals(), None
             self.say("[conversation cleared]")
         elif name == "/system":
             self.system, self.messages = arg.strip() or None, []
+            self.totals, self.last = Totals(), None
             self.say("[system prompt set, conversation cleared]")
         elif name == "/stats":
             engine = self.gen.engine
@@ -118,8 +131,10 @@ class ChatLoop:
             pieces.append(piece)
             self.say(piece, end="")
 
+        ids, reused = [], 0
         try:
             ids = self._fit()
+            reused = self.gen.reusable_prefix(ids)
             if self.prefix_cache is not None:
                 self.prefix_cache.prepare(ids)
             self.last = self.gen.generate(ids, self.sampling, self.max_new_tokens,
@@ -136,7 +151,13 @@ class ChatLoop:
             self.say(_stats(self.last))
             self.messages.append({"role": "assistant", "content": self.last.text})
         except KeyboardInterrupt:  # stop this answer, keep what was said, stay in the chat
-            self.say("\n[stopped]")
+            # a decision: the answer so far stays in the conversation (the next turn sees it,
+            # as a chat page that keeps a stopped answer on screen does) and counts in /stats
+            ran = min(len(self.gen.cached_ids), len(ids))
+            generated = max(0, len(self.gen.cached_ids) - len(ids))
+            self.totals.add_stopped(max(0, ran - reused), min(reused, ran), generated)
+            self.say(f"\n[stopped after {generated} token(s): the answer so far stays in the "
+                     f"conversation; /reset clears it]")
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
         except EdgeLLMError as e:
             self.messages.pop()
