@@ -80,9 +80,10 @@ def start_server(art: str, parallel: int, threads: int, port: int,
 def server_metrics(port: int) -> dict:
     import httpx
 
+    from edgellm.server.metrics import parse
+
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return {k.removeprefix("edgellm_"): float(v) for k, v in
-            (line.split() for line in text.splitlines() if line.strip())}
+    return {k.removeprefix("edgellm_"): v for k, v in parse(text).items()}
 
 
 def one_request(client, prompt: str, max_tokens: int) -> dict:

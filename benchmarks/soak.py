@@ -90,7 +90,9 @@ def metrics(host: str, port: int) -> dict:
     conn = http.client.HTTPConnection(host, port, timeout=30)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
-    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line)}
+    from edgellm.server.metrics import parse
+
+    return parse(text)
 
 
 def soak(artifact: str, requests: int, clients: int, seed: int = 0) -> dict:

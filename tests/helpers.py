@@ -116,3 +116,16 @@ def start_server(app, **config):
             break
         time.sleep(0.05)
     return server, thread, f"http://127.0.0.1:{port}"
+
+
+def serve_process(*args) -> tuple[subprocess.Popen, list[str]]:
+    """`edgellm serve ARGS` in a process of its own, once it has printed its start lines
+    (returned); stop it with a signal, as a user would."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", *map(str, args)],
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "Ctrl-C stops" in line:
+            break
+    return proc, lines

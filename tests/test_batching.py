@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from edgellm.server.metrics import parse
 from helpers import edgellm, make_tiny_model, start_server
 
 TOOL = {"type": "function", "function": {
@@ -87,9 +88,10 @@ def test_four_concurrent_greedy_answers_equal_each_answer_alone(artifact):
         together = _concurrently(c, bodies)
         metrics = c.get("/metrics").text
     assert together == alone
-    steps = dict(line.split() for line in metrics.splitlines())
-    assert steps["edgellm_slots"] == "4" and steps["edgellm_active_slots"] == "0"
-    assert int(steps["edgellm_batch_steps_total"]) > 0
+    steps = parse(metrics)
+    assert steps["edgellm_slots"] == 4 and steps["edgellm_active_slots"] == 0
+    assert steps["edgellm_batch_steps_total"] > 0
+    assert 1 < steps["edgellm_batch_size_mean"] <= 4  # the mean since start, not of a window
 
 
 def test_on_ort_concurrent_greedy_answers_leave_their_own_only_at_near_ties(artifact):
@@ -240,11 +242,11 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_the_others_finish(artifa
         worker.join(60)
         assert other["choices"][0]["finish_reason"] in ("stop", "length")
         for _ in range(100):
-            m = dict(line.split() for line in httpx.get(f"{url}/metrics").text.splitlines())
-            if m["edgellm_active_slots"] == "0":
+            m = parse(httpx.get(f"{url}/metrics").text)
+            if m["edgellm_active_slots"] == 0:
                 break
             threading.Event().wait(0.1)
-        assert m["edgellm_active_slots"] == "0" and m["edgellm_queue_depth"] == "0"
+        assert m["edgellm_active_slots"] == 0 and m["edgellm_queue_depth"] == 0
         assert httpx.post(f"{url}/v1/chat/completions", json=_bodies()[2],
                           timeout=60).status_code == 200
     finally:

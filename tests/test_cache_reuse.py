@@ -15,6 +15,7 @@ from edgellm.runtime.generator import Generator
 from edgellm.runtime.prefix_cache import PrefixCache
 from edgellm.runtime.sampler import SamplingConfig
 import test_parity
+from edgellm.server.metrics import parse
 from helpers import make_tiny_model
 
 
@@ -200,8 +201,7 @@ def test_serve_moves_the_runs_after_a_changed_state(tmp_path, parallel):
             reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
             assert reply.status_code == 200, reply.text
         text = httpx.get(url + "/metrics", timeout=10).text
-        moved = next(float(line.split()[1]) for line in text.splitlines()
-                     if line.startswith("edgellm_prefix_cache_moved_tokens_total "))
+        moved = parse(text)["edgellm_prefix_cache_moved_tokens_total"]
         assert moved >= 40  # lamps 4..11 and what follows them
     finally:
         server.should_exit = True

@@ -17,7 +17,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from helpers import assert_idle, edgellm, make_tiny_model, start_server
+from helpers import assert_idle, edgellm, make_tiny_model, serve_process, start_server
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -444,15 +444,9 @@ def test_a_stop_mid_stream_ends_streams_with_an_error_and_exits_cleanly(artifact
     import re
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(artifact),
-                             "--port", "0", "--threads", "1", "--parallel", "2", "--quiet"],
-                            stderr=subprocess.PIPE, text=True)
+    proc, banner = serve_process(artifact, "--port", "0", "--threads", "1", "--parallel", "2",
+                                 "--quiet")
     try:
-        banner = []
-        for line in proc.stderr:
-            banner.append(line)
-            if "Ctrl-C stops" in line:
-                break
         url = re.search(r"(http://\S+?)/v1", "".join(banner)).group(1)
         waiting = {}
         other = threading.Thread(target=lambda: waiting.update(
@@ -486,3 +480,91 @@ def test_a_stop_mid_stream_ends_streams_with_an_error_and_exits_cleanly(artifact
     status, payload = waiting["answer"]
     assert_openai_error(status, payload, 503)
     assert payload["error"]["code"] == "shutting_down"
+
+
+# what an operator reads --------------------------------------------------------------------
+
+def test_metrics_are_the_prometheus_text_format_and_count_refusals(served):
+    """Issue 33, item 8: # HELP and # TYPE for every metric (read by prometheus_client's own
+    parser), refusals counted by reason (a prompt over the context was not counted), and the
+    mean batch size since start rather than of the last 10 s (0.0 beside 129 steps)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edgellm.server.metrics import METRICS
+
+    url, scheduler = served
+
+    def families():
+        with urllib.request.urlopen(url + "/metrics") as r:
+            assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+            return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+    before = families()
+    status, payload = post(url, chat(messages=[{"role": "user", "content": "hello " * 5000}]))
+    assert_openai_error(status, payload, 400, "context")
+    after = families()
+    assert set(before) == {f"edgellm_{n}".removesuffix("_total") for n in METRICS
+                           if not n.startswith("prompt_cache")}  # (no --prompt-cache here)
+    for name, family in after.items():
+        kind = METRICS[name.removeprefix("edgellm_") + ("_total" if family.type == "counter"
+                                                      else "")][0]
+        assert family.type == kind and family.documentation, name
+
+    def rejected(fams, reason):
+        return next(s.value for s in fams["edgellm_rejected"].samples
+                    if s.labels == {"reason": reason} and s.name.endswith("_total"))
+
+    assert rejected(after, "context_length") == rejected(before, "context_length") + 1
+    assert rejected(after, "queue_full") == rejected(before, "queue_full")
+    assert next(iter(after["edgellm_kv_cache_bytes"].samples)).value > 0
+
+
+def test_the_request_log_marks_a_stream_the_client_left(artifact):
+    import io
+
+    from edgellm.runtime.generator import Generator
+    from edgellm.server.app import create_app
+    from edgellm.server.request_log import RequestLog
+
+    out = io.StringIO()
+    app = create_app(Generator.load(artifact, threads=1), MODEL)
+    server, thread, url = start_server(RequestLog(app, out), log_level="error")
+    try:
+        assert post(url, chat(max_tokens=2))[0] == 200
+        body = json.dumps(chat(max_tokens=3000, temperature=0, stream=True)).encode()
+        request = urllib.request.Request(url + "/v1/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            for _ in range(3):
+                r.readline()
+        assert_idle(app.state.served)  # it noticed, stopped, and logged
+        for _ in range(100):
+            if len(out.getvalue().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    whole, left = out.getvalue().splitlines()[:2]
+    assert " 200 " in whole and "cut" not in whole, whole
+    assert " 200 cut " in left, left
+
+
+@pytest.mark.parametrize("key", [None, "sesame"])
+def test_a_server_open_to_the_network_says_where_and_warns_without_a_key(artifact, key):
+    """Issue 33, item 10: --host 0.0.0.0 printed http://0.0.0.0:PORT (which opens nothing) and
+    no word that the API was open to anyone."""
+    import signal
+
+    proc, out = serve_process(artifact, "--host", "0.0.0.0", "--port", "0", "--threads", "1",
+                              *(["--api-key", key] if key else []))
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    text = "".join(out)
+    assert "0.0.0.0" not in text.replace("--host 0.0.0.0", "")
+    assert "http://127.0.0.1:" in text
+    warned = [line for line in out if line.startswith("edgellm: warning: --host 0.0.0.0")]
+    assert len(warned) == (0 if key else 1) and (key or "--api-key" in warned[0])

@@ -182,7 +182,7 @@ def test_inspect_bench_and_serve_name_the_path(arts, cache):
     from edgellm.server.serving import banner
 
     gen = Generator.load(arts["s8"], kernel="qgemm", threads=1)
-    assert "  kernel      qgemm (--kernel qgemm" in banner("http://x", "m", gen, None)
+    assert "  kernel      qgemm (--kernel qgemm" in banner(["http://x"], "m", gen, None)
 
 
 @pytest.mark.parametrize("path", ["matmulnbits", "qgemm", "qgemm-u8", "mixed"])

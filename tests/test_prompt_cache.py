@@ -16,7 +16,8 @@ from edgellm.runtime import prompt_store as ps
 from edgellm.runtime.generator import Generator
 from edgellm.runtime.prefix_cache import PrefixCache
 from edgellm.runtime.sampler import SamplingConfig
-from helpers import edgellm, make_tiny_model
+from edgellm.server.metrics import parse
+from helpers import edgellm, make_tiny_model, serve_process
 
 SYSTEM = list(range(3, 83))  # an 80-token "system prompt"
 
@@ -225,9 +226,7 @@ def test_serve_reuses_the_prompt_cache_after_a_restart(art, tmp_path, parallel):
         return httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
 
     def metric(url, name):
-        text = httpx.get(url + "/metrics", timeout=10).text
-        return float(next(line.split()[1] for line in text.splitlines()
-                          if line.startswith(name + " ")))
+        return parse(httpx.get(url + "/metrics", timeout=10).text)[name]
 
     answers = []
     for store in (True, True, False):
@@ -252,8 +251,6 @@ def test_serve_reuses_the_prompt_cache_after_a_restart(art, tmp_path, parallel):
 def test_serve_warm_prefills_at_start_and_reads_it_back_after_a_restart(art, tmp_path):
     import re
     import signal
-    import subprocess
-    import sys
 
     system = "You control a home. " + " ".join(f"lamp{i} is off." for i in range(12))
     (tmp_path / "system.txt").write_text(system)
@@ -261,16 +258,9 @@ def test_serve_warm_prefills_at_start_and_reads_it_back_after_a_restart(art, tmp
         {"role": "system", "content": system}, {"role": "user", "content": "hi"}]}))
     lines = []
     for _ in range(2):
-        proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", str(art),
-                                 "--port", "0", "--threads", "1", "--warm",
-                                 str(tmp_path / "system.txt"), "--warm",
-                                 str(tmp_path / "request.json"), "--prompt-cache",
-                                 str(tmp_path / "pc")], stderr=subprocess.PIPE, text=True)
-        out = []
-        for line in proc.stderr:
-            out.append(line)
-            if "Ctrl-C stops" in line:
-                break
+        proc, out = serve_process(art, "--port", "0", "--threads", "1", "--warm",
+                                  tmp_path / "system.txt", "--warm", tmp_path / "request.json",
+                                  "--prompt-cache", tmp_path / "pc")
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
         lines.append([w for w in out if "warmed" in w])

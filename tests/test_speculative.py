@@ -13,6 +13,7 @@ import pytest
 from edgellm.runtime.generator import Generator
 from edgellm.runtime.sampler import Sampler, SamplingConfig
 from edgellm.runtime.speculative import PromptLookup
+from edgellm.server.metrics import parse
 from helpers import make_tiny_model
 
 GREEDY = SamplingConfig()
@@ -249,8 +250,7 @@ def test_metrics_count_drafts(tiny_artifact):
             "model": "tiny", "max_tokens": 40, "temperature": 0,
             "messages": [{"role": "user", "content": "world " * 6}]})
         assert r.status_code == 200, r.text
-        metrics = dict(line.split() for line in client.get("/metrics").text.splitlines()
-                       if line.startswith("edgellm_"))
+        metrics = parse(client.get("/metrics").text)
     assert int(metrics["edgellm_draft_tokens_proposed_total"]) > 0
     assert 0 < int(metrics["edgellm_draft_tokens_accepted_total"]) \
         <= int(metrics["edgellm_draft_tokens_proposed_total"])

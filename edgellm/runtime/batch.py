@@ -38,6 +38,7 @@ class Batcher:
         self.prefilling: set[int] = set()  # slots prefilling (or verifying) a prompt
         self.prefilled = 0  # their tokens admitted since the last decode step
         self.steps = 0
+        self.rows = 0  # slots stepped, summed over the steps
         self.recent: collections.deque = collections.deque(maxlen=256)  # (time, batch size)
 
     def step(self, slot: int, token: int, pos: int) -> np.ndarray:
@@ -90,6 +91,7 @@ class Batcher:
         self.running = False
         self.prefilled = 0
         self.steps += 1
+        self.rows += len(batch)
         self.recent.append((time.monotonic(), len(batch)))
         self.cond.notify_all()
 

@@ -24,6 +24,7 @@ from edgellm.runtime.generator import GenerationResult, Generator
 from edgellm.runtime.sampler import SamplingConfig
 from edgellm.server import ollama
 from edgellm.server.errors import APIError, error_body
+from edgellm.server.metrics import render
 from edgellm.server.scheduler import Scheduler
 from edgellm.server.schemas import ChatRequest, CompletionRequest
 from edgellm.server.steps import (FINISH, chat_message, encode_chat, grammar_mask, split_pieces,
@@ -181,21 +182,21 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
                                             "created": 0, "owned_by": "edgellm"}]}
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics():
-        lines = [f"edgellm_{k} {v}" for k, v in served.metrics.items()]
-        lines.append(f"edgellm_queue_depth {served.pending}")
-        swaps = sum(slot.prefix_cache.swaps for slot in served.slots)
-        lines.append(f"edgellm_prefix_cache_slot_swaps_total {swaps}")
-        moved = sum(slot.prefix_cache.moved for slot in served.slots)
-        lines.append(f"edgellm_prefix_cache_moved_tokens_total {moved}")
-        store = served.slots[0].prefix_cache.store
+    async def metrics():  # the Prometheus text format (server.metrics)
+        caches = [slot.prefix_cache for slot in served.slots]
+        values = {**served.metrics,
+                  "prefix_cache_slot_swaps_total": sum(c.swaps for c in caches),
+                  "prefix_cache_moved_tokens_total": sum(c.moved for c in caches)}
+        store = caches[0].store
         if store is not None:  # serve --prompt-cache
-            hits = sum(slot.prefix_cache.disk_hits for slot in served.slots)
-            lines += [f"edgellm_prompt_cache_disk_hits_total {hits}",
-                      f"edgellm_prompt_cache_files {len(store.index)}",
-                      f"edgellm_prompt_cache_writes_total {store.saves}"]
-        lines += [f"edgellm_{k} {v}" for k, v in served.state().items()]
-        return "\n".join(lines) + "\n"
+            values.update(prompt_cache_disk_hits_total=sum(c.disk_hits for c in caches),
+                          prompt_cache_files=len(store.index),
+                          prompt_cache_writes_total=store.saves)
+        engine = served.gen.engine
+        values.update(served.state(), kv_cache_bytes=sum(
+            getattr(engine, name).nbytes for name in ("k_np", "v_np", "k_slots", "v_slots")
+            if hasattr(engine, name)))
+        return PlainTextResponse(render(values), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):

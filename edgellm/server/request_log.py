@@ -1,4 +1,6 @@
-"""One log line per request of `edgellm serve`: method, path, status, tokens, seconds."""
+"""One log line per request of `edgellm serve`: method, path, status, tokens, seconds; a
+response that did not reach its end (a client that left mid-stream, a dropped connection) is
+marked `cut`."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class RequestLog:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        entry = {"prompt": 0, "completion": 0, "status": None, "logged": False}
+        entry = {"prompt": 0, "completion": 0, "status": None, "logged": False, "ended": False}
         start = time.perf_counter()
 
         def log():
@@ -38,8 +40,11 @@ class RequestLog:
             entry["logged"] = True
             tokens = (f" {entry['prompt']}+{entry['completion']} tokens"
                       if entry["prompt"] or entry["completion"] else "")
+            status = entry["status"] or "disconnected"
+            if entry["status"] and not entry["ended"]:
+                status = f"{status} cut"
             print(f"{time.strftime('%H:%M:%S')} {scope['method']} {scope['path']} "
-                  f"{entry['status'] or 'disconnected'}{tokens} "
+                  f"{status}{tokens} "
                   f"{time.perf_counter() - start:.2f} s", file=self.out, flush=True)
 
         async def logged_send(message):
@@ -47,6 +52,7 @@ class RequestLog:
                 entry["status"] = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
+                entry["ended"] = True
                 log()
 
         token = _current.set(entry)

@@ -17,6 +17,7 @@ from edgellm.runtime.batch import Batcher, SlotEngine
 from edgellm.runtime.generator import GenerationResult, Generator
 from edgellm.runtime.prefix_cache import PrefixCache, common_prefix
 from edgellm.server.errors import APIError
+from edgellm.server.metrics import REJECTED
 from edgellm.server.request_log import note_tokens
 
 
@@ -45,7 +46,8 @@ class Scheduler:
     batcher: Batcher | None = None
     free: threading.Condition = field(default_factory=threading.Condition)
     metrics: dict = field(default_factory=lambda: {
-        "requests_total": 0, "rejected_total": 0, "prompt_tokens_total": 0,
+        "requests_total": 0, "rejected_total": dict.fromkeys(REJECTED, 0),
+        "prompt_tokens_total": 0,
         "completion_tokens_total": 0, "prefix_cache_hits_total": 0,
         "prefix_cache_reused_tokens_total": 0, "draft_tokens_proposed_total": 0,
         "draft_tokens_accepted_total": 0, "last_decode_tok_s": 0.0, "last_ttft_ms": 0.0})
@@ -95,22 +97,25 @@ class Scheduler:
             self.free.notify()
 
     def state(self) -> dict:
-        """Slots busy, requests waiting, and (batched) the decode throughput of the last 10 s."""
+        """Slots busy, requests waiting, and (batched) the mean batch since start and the
+        decode throughput of the last 10 s."""
         active = sum(s.busy for s in self.slots)
-        tok_s, batch = self.batcher.throughput() if self.batcher else (0.0, 0.0)
-        return {"slots": len(self.slots), "active_slots": active,
-                "queued_requests": max(self.pending - active, 0),
-                "batch_steps_total": self.batcher.steps if self.batcher else 0,
-                "batch_size_mean": round(batch, 2), "decode_tok_s_aggregate": round(tok_s, 1)}
+        tok_s = self.batcher.throughput()[0] if self.batcher else 0.0
+        steps = self.batcher.steps if self.batcher else 0
+        return {"queue_depth": self.pending, "slots": len(self.slots), "active_slots": active,
+                "queued_requests": max(self.pending - active, 0), "batch_steps_total": steps,
+                "batch_size_mean": round(self.batcher.rows / steps, 2) if steps else 0.0,
+                "decode_tok_s_aggregate": round(tok_s, 1)}
 
     def admit(self):
         """Take a request in line, or refuse it (429) past the queue bound or while the
         server shuts down (an empty 200 answer would look like the model's)."""
         if self.closing.is_set():
+            self.metrics["rejected_total"]["shutting_down"] += 1
             raise APIError(503, "the server is shutting down; retry shortly", "server_error",
                            "shutting_down", headers={"Retry-After": "1"})
         if self.pending > self.max_queue:
-            self.metrics["rejected_total"] += 1
+            self.metrics["rejected_total"]["queue_full"] += 1
             raise APIError(429, "the server is busy; retry shortly", "rate_limit_error",
                            "queue_full", headers={"Retry-After": "1"})
         self.pending += 1
@@ -121,6 +126,7 @@ class Scheduler:
         if len(ids) >= limit:
             from edgellm.runtime.context import more_context
 
+            self.metrics["rejected_total"]["context_length"] += 1
             raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context holds "
                                 f"{limit}: {more_context(self.gen.engine.config, len(ids))}",
                            code="context_length_exceeded", param="messages")

@@ -38,8 +38,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def banner(url: str, name: str, gen, api_key: str | None) -> str:
+def banner(urls: list[str], name: str, gen, api_key: str | None) -> str:
     m = gen.artifact.manifest
+    url = urls[0]
     return "\n".join([
         f"edgellm serve: {name} ({layout_label(m.weight_scheme, m.post_scheme)}, "
         f"{type(gen.engine).__name__}, {gen.engine.kv_cache_len}-position KV cache, "
@@ -50,14 +51,56 @@ def banner(url: str, name: str, gen, api_key: str | None) -> str:
         f"  Ollama API  {url}      model \"{name if ':' in name else name + ':latest'}\" "
         f"(a hub's Ollama integration, the ollama client)",
         f"  web page    {url}/",
+        *([f"  also at     {', '.join(urls[1:])}"] if urls[1:] else []),
         "  Ctrl-C stops",
     ])
 
 
-def _url(host: str, sock: socket.socket) -> str:
+def _wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
+
+
+def _addresses() -> list[str]:
+    """This machine's addresses others may reach it at: the one its default route leaves from
+    (a UDP socket's local end once "connected", nothing sent), its host name's, loopback."""
+    found = []
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: routed by the default route, never sent
+            found.append(s.getsockname()[0])
+    except OSError:
+        pass
+    try:
+        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None,
+                                                            socket.AF_INET)]
+    except OSError:
+        pass
+    found.append("127.0.0.1")
+    return list(dict.fromkeys(a for a in found if not a.startswith("169.254.")))
+
+
+def _urls(host: str, sock: socket.socket) -> list[str]:
+    """Where the server can be opened: the host given, or for a wildcard host (0.0.0.0, ::)
+    the machine's reachable addresses (http://0.0.0.0:PORT opens nothing)."""
     port = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+    hosts = _addresses() if _wildcard(host) else [host]
+    return [f"http://{f'[{h}]' if ':' in h else h}:{port}" for h in hosts]
+
+
+def _open_to_others(host: str) -> bool:
+    """Whether clients on other machines can connect (not loopback only)."""
+    import ipaddress
+
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to
+        try:
+            return any(not ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return True
 
 
 MAX_PARALLEL = 4
@@ -135,13 +178,20 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"),
                       engine_opts.get("ctx_size"))
     sock = bind(host, port)  # before the model loads: a busy port fails at once
+    from edgellm.machine import warn_if_busy
+
+    warn_if_busy(engine_opts.get("threads"), "serve decodes")
     gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
     name = model_name or Path(artifact).name
     store = open_store(gen, prompt_cache, prompt_cache_size) if prompt_cache else None
     app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar,
                      speculate=speculate, prefill_budget=prefill_budget, prompt_store=store,
                      cache_reuse=cache_reuse)
-    text = banner(_url(host, sock), name, gen, api_key)
+    text = banner(_urls(host, sock), name, gen, api_key)
+    if not api_key and _open_to_others(host):
+        print(f"edgellm: warning: --host {host} without --api-key: anyone who can reach this "
+              f"machine on port {sock.getsockname()[1]} can use the model (give --api-key KEY, "
+              f"or --host 127.0.0.1 for this machine alone)", file=sys.stderr, flush=True)
     for path in warm:  # after the model loaded, before the first request
         ids = warm_ids(gen, path)
         read = app.state.served.slots[0].prefix_cache.warm(ids)
