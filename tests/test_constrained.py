@@ -76,3 +76,42 @@ def test_grammar_keeps_the_template_json_layout():
     assert lark.startswith("start: first (WS? \"</tool_call>\"")  # then more calls
     assert 'first0: "get_weather\\", \\"arguments\\": " %json' in lark
     assert '"item_separator": ", "' in lark
+
+
+LIGHTS = [{"type": "function", "function": {
+    "name": n, "description": d, "parameters": {"type": "object", "properties": {
+        "name": {"type": "string", "description": "the device"}}, "required": ["name"]}}}
+    for n, d in (("turn_on_light", "Turn a light on"), ("get_state", "Read a device's state"))]
+AFTER_A_RESULT = [
+    {"role": "user", "content": "Turn on the kitchen light."},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+     "function": {"name": "turn_on_light", "arguments": json.dumps({"name": "kitchen"})}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": json.dumps({"success": True,
+                                                                  "state": "on"})}]
+
+
+def test_tool_choice_none_answers_in_words_after_a_result(generator, grammar):
+    """Issue 33, item 12: with tool_choice none after a tool result, Qwen2.5-Coder-0.5B wrote
+    the call again as JSON text; the mask for none keeps an answer from opening an object or a
+    fence and from holding an offered tool's call head anywhere, so it answers in words."""
+    from edgellm.server.schemas import ChatRequest
+    from edgellm.server.steps import encode_chat
+
+    req = ChatRequest(model="m", messages=AFTER_A_RESULT, tools=LIGHTS, tool_choice="none")
+    ids, prefix, active, _ = encode_chat(generator, req)
+    assert prefix == "" and active == []
+    free = generator.generate(ids, SamplingConfig(), 60).text
+    assert free.startswith('{"name": "turn_on_light"')  # the case this exists for
+    held = generator.generate(ids, SamplingConfig(), 60, mask=grammar.no_calls(LIGHTS)).text
+    assert held.strip() and '"name"' not in held and not held.lstrip().startswith(("{", "`"))
+    assert "on" in held  # it says what the result said
+
+    def accepts(text):
+        mask = grammar.no_calls(LIGHTS)
+        return all(mask.matcher.consume_token(t) for t in
+                   generator.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    assert accepts("The kitchen light is on.")
+    assert accepts('As JSON that would be {"state": "on"}.')  # other objects stay text
+    assert not accepts('Done: {"name": "get_state", "arguments": {}}')
+    assert not accepts('{"state": "on"}') and not accepts("```json\n{}\n```")

@@ -105,6 +105,7 @@ def test_tool_call_round_trip(client, choice):
                                            tool_choice="none", temperature=0)
     assert final.choices[0].message.tool_calls is None
     assert "18" in final.choices[0].message.content
+    assert '"name"' not in final.choices[0].message.content  # none: no call written as text
 
 
 def test_named_tool_choice_streams_a_call(client):

@@ -99,6 +99,16 @@ class ToolCallGrammar:
         """`tool_choice` auto: free text, and any call the model opens made valid."""
         return self._mask(self._lazy(tools, parallel), "these tools")
 
+    def no_calls(self, tools: list[dict]) -> TokenMask:
+        """`tool_choice` none with tools offered: an answer in words. It may not start with an
+        object or a code fence, nor hold a call's head for one of the tools anywhere (after a
+        tool result a small model otherwise writes the call again, as text)."""
+        names = "|".join(_name(t) for t in tools)
+        return self._mask("start: TEXT\n"
+                          f'TEXT: /\\s*[^{{`\\s](.|\\n)*/ & '
+                          f'~/(.|\\n)*\\{{\\s*"name"\\s*:\\s*"({names})"(.|\\n)*/\n',
+                          "an answer without calls")
+
     def json_schema(self, schema: dict | None) -> TokenMask:
         """`response_format`: the whole answer one JSON value of `schema` (None: any object)."""
         schema = dict(schema or {"type": "object"})

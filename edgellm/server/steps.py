@@ -71,7 +71,8 @@ def encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list[
 def grammar_mask(served: Scheduler, req: ChatRequest, prefix: str, tools: list[dict],
              lazy: bool) -> TokenMask | None:
     """The token mask of one request: a forced call's rest, the lazy grammar of `auto`
-    calls, or response_format's schema; None when the answer is free."""
+    calls, response_format's schema, or with `tool_choice` none and tools offered an answer
+    that writes no call as text; None when the answer is free."""
     parallel = req.parallel_tool_calls
     fmt = req.response_format
     if fmt and fmt.type != "text":
@@ -81,6 +82,9 @@ def grammar_mask(served: Scheduler, req: ChatRequest, prefix: str, tools: list[d
         return served.mask(lambda g: g.mask_after(prefix, tools, parallel), "tools")
     if tools and lazy:
         return served.mask(lambda g: g.lazy_calls(tools, parallel), "tools")
+    if not tools and req.tools and lazy:  # tool_choice none
+        offered = [t.model_dump(exclude_none=True) for t in req.tools]
+        return served.mask(lambda g: g.no_calls(offered), "tools")
     return None
 
 
