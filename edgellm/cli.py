@@ -283,6 +283,9 @@ def _add_misc(sub):
                    help="with --prompt-cache: the most it holds on disk, least recently used "
                         "files removed first (e.g. 2GB, 512MB)")
     p.add_argument("--quiet", action="store_true", help="no line per request")
+    p.add_argument("--tool-system-prompt", metavar="TEXT|@FILE",
+                   help="the system message of a request that offers tools and sends none of "
+                        "its own (@FILE: read from a file); docs/AGENTS.md measures one")
     p.add_argument("--no-tool-grammar", action="store_true",
                    help="leave tool_choice auto unconstrained (the lazy grammar keeps every call "
                         "the model opens valid; this is for measuring what it is worth)")
@@ -608,6 +611,16 @@ def _planned(path: str):
     return None, open_source(path).config, BuildOptions().kv_cache_len
 
 
+def _text_or_file(value: str | None, option: str) -> str | None:
+    """An option's text, or with a leading @ the text of that file (as curl's -d @FILE)."""
+    if value is None or not value.startswith("@"):
+        return value or None
+    try:
+        return _read_text(value[1:])
+    except EdgeLLMError as e:
+        raise EdgeLLMError(f"{option}: {e}") from None
+
+
 def cmd_bench(a) -> int:
     from edgellm.bench import bench, markdown
 
@@ -640,6 +653,7 @@ def cmd_serve(a) -> int:
           quiet=a.quiet, verify=a.verify, tool_grammar=not a.no_tool_grammar,
           speculate=a.speculate, parallel=a.parallel, prefill_budget=a.prefill_budget,
           prompt_cache=a.prompt_cache, warm=a.warm or (), cache_reuse=_cache_reuse(a),
+          tool_system=_text_or_file(a.tool_system_prompt, "--tool-system-prompt"),
           prompt_cache_size=int(parse_size(a.prompt_cache_size, "--prompt-cache-size")),
           **_engine_opts(a))
     return 0

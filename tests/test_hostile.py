@@ -568,3 +568,28 @@ def test_a_server_open_to_the_network_says_where_and_warns_without_a_key(artifac
     assert "http://127.0.0.1:" in text
     warned = [line for line in out if line.startswith("edgellm: warning: --host 0.0.0.0")]
     assert len(warned) == (0 if key else 1) and (key or "--api-key" in warned[0])
+
+
+def test_a_tool_system_prompt_goes_where_tools_come_without_one(artifact):
+    """serve --tool-system-prompt (issue 32): the system message of a request that offers tools
+    and has none of its own; a request's own system message, or one without tools, is left
+    as sent."""
+    from edgellm.runtime.generator import Generator
+    from edgellm.server.schemas import ChatRequest
+    from edgellm.server.steps import encode_chat
+
+    gen = Generator.load(artifact, threads=1)
+    tools = [{"type": "function", "function": {"name": "lamp", "parameters": {
+        "type": "object", "properties": {}}}}]
+
+    def prompt(messages, with_tools=True):
+        req = ChatRequest(model=MODEL, messages=messages, tools=tools if with_tools else None)
+        return gen.tokenizer.decode(encode_chat(gen, req, "CALL ONLY WHEN NEEDED")[0])
+
+    assert "system\nCALL ONLY WHEN NEEDED\nuser\nhello world" in prompt(HELLO)
+    own = [{"role": "system", "content": "be brief"}, *HELLO]
+    assert "CALL ONLY" not in prompt(own) and "be brief" in prompt(own)
+    assert "CALL ONLY" not in prompt(HELLO, with_tools=False)
+    done = edgellm("serve", artifact, "--port", "0", "--tool-system-prompt", "@/no/such/file")
+    assert done.returncode == 1 and done.stderr.startswith("edgellm: error: --tool-system-prompt")
+    assert done.stderr.count("\n") == 1

@@ -204,7 +204,7 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
             return await upstream.forward("/chat/completions", _body(req), "model")
         _check_model(name, req.model)
         sampling, stop = _sampling(req), _stops(req)
-        ids, prefix, tools, inside = encode_chat(served.gen, req)
+        ids, prefix, tools, inside = encode_chat(served.gen, req, served.tool_system)
         if upstream and len(ids) >= served.gen.engine.kv_cache_len:
             return await upstream.forward("/chat/completions", _body(req), "context")
         served.check_context(ids)
@@ -366,15 +366,18 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                max_queue: int = 8, max_body: int = 1 << 20, cache_slots: int = 4,
                upstream: Upstream | None = None, tool_grammar: bool = True,
                speculate: str = "auto", prefill_budget: int | None = None,
-               prompt_store=None, cache_reuse: int = CACHE_REUSE) -> FastAPI:
+               prompt_store=None, cache_reuse: int = CACHE_REUSE,
+               tool_system: str | None = None) -> FastAPI:
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`).
     `tool_grammar` False leaves `tool_choice` auto unconstrained (to measure what the lazy
     grammar is worth). `prefill_budget`: runtime.batch's prefill policy (None: one chunk).
     `prompt_store`: a runtime.prompt_store.PromptStore, long prefixes kept on disk.
-    `cache_reuse`: the shortest run of a cached prompt moved past a change (0: off)."""
+    `cache_reuse`: the shortest run of a cached prompt moved past a change (0: off).
+    `tool_system`: the system message of requests that offer tools without one of their own."""
     served = Scheduler.batched(gen, max_queue, cache_slots, speculate=speculate,
                                prefill_budget=prefill_budget, store=prompt_store,
                                reuse=cache_reuse)
+    served.tool_system = tool_system
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -268,7 +268,7 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
         asked = _check_model(name, body.model)
         sampling, predict, stop = _sampling(body.options)
         req = _chat_request(gen, name, body, messages, tools)
-        ids, prefix, active, inside = steps.encode_chat(gen, req)
+        ids, prefix, active, inside = steps.encode_chat(gen, req, served.tool_system)
         served.check_context(ids)
         mask = await asyncio.get_running_loop().run_in_executor(
             None, steps.grammar_mask, served, req, prefix, active, tool_grammar)

@@ -42,6 +42,7 @@ class Scheduler:
     grammar: ToolCallGrammar | None = None  # built by the first request that needs a mask
     closing: threading.Event = field(default_factory=threading.Event)  # the server stops
     speculate: str = "auto"  # runtime.speculative mode for every request
+    tool_system: str | None = None  # serve --tool-system-prompt
     slots: list[Slot] = field(default_factory=list)
     batcher: Batcher | None = None
     free: threading.Condition = field(default_factory=threading.Condition)

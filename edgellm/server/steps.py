@@ -27,10 +27,12 @@ FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length"
 TEMPLATE_ARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 
 
-def encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list[dict],
-                                                             bool | None]:
+def encode_chat(gen: Generator, req: ChatRequest, tool_system: str | None = None
+                ) -> tuple[list[int], str, list[dict], bool | None]:
     """Prompt ids, the forced start of the answer (tool_choice), the active tools, and where
-    a thinking model's answer starts (None: the template has no reasoning; True: inside it)."""
+    a thinking model's answer starts (None: the template has no reasoning; True: inside it).
+    `tool_system` (serve --tool-system-prompt): the system message of a request that offers
+    tools and brings none of its own."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     choice = req.tool_choice or ("auto" if tools else "none")
     if not isinstance(choice, str):  # {"type": "function", "function": {"name": ...}}
@@ -50,8 +52,10 @@ def encode_chat(gen: Generator, req: ChatRequest) -> tuple[list[int], str, list[
         raise APIError(400, "this model has no chat template; use /v1/completions")
     # a template that cannot render tools gets them as Hermes-style instructions instead
     renders_tools = "tools" in gen.template.source
-    messages = messages_for_template([m.model_dump(exclude_none=True) for m in req.messages],
-                                     active, renders_tools)
+    given = [m.model_dump(exclude_none=True) for m in req.messages]
+    if tool_system and active and not any(m["role"] in ("system", "developer") for m in given):
+        given.insert(0, {"role": "system", "content": tool_system})
+    messages = messages_for_template(given, active, renders_tools)
     extra = req.chat_template_kwargs or {}
     if TEMPLATE_ARGS & set(extra):
         raise APIError(400, f"chat_template_kwargs may not set "
