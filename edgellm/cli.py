@@ -258,7 +258,7 @@ def _add_misc(sub):
     _add_engine(p)
     p.set_defaults(func=cmd_chat)
 
-    p = _command(sub, "serve", "OpenAI-compatible HTTP server and web chat page")
+    p = _command(sub, "serve", "OpenAI and Ollama APIs over HTTP, and a web chat page")
     p.add_argument("artifact")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free one)")
@@ -691,7 +691,10 @@ def cmd_demo(a) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from edgellm import __version__
+
     p = argparse.ArgumentParser(prog="edgellm", description=__doc__, formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"edgellm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
     _add_run(sub)

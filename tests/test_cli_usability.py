@@ -209,6 +209,15 @@ def test_plan_adds_a_row_for_a_layout_it_does_not_list(tiny_hf, tmp_path):
 def test_help_explains_commands_options_and_defaults():
     top = edgellm("--help").stdout
     assert "argument parsing" not in top and "edgellm demo" in top
+    from edgellm import __version__
+
+    version = edgellm("--version")  # issue 34: the version, and each command in one line
+    assert version.returncode == 0 and version.stdout.strip() == f"edgellm {__version__}"
+    listed = top.split("COMMAND\n", 2)[-1].split("options:")[0]
+    for command in ("build", "run", "inspect", "bench", "chat", "serve", "pull", "demo", "eval",
+                    "plan"):
+        assert any(line.split()[:1] == [command] and len(line.split()) > 2
+                   for line in listed.splitlines()), command
     pull = edgellm("pull", "--help").stdout
     assert "qwen2.5-coder-0.5b-instruct" in pull and "smollm2-135m-instruct" in pull
     build = " ".join(edgellm("build", "--help").stdout.split())
