@@ -329,22 +329,16 @@ def _exit_on_sigterm():
 
 
 def cmd_build(a) -> int:
-    from edgellm.compiler import BuildOptions, build
-
     from pathlib import Path
 
-    from edgellm.hub.pull import MODELS, cache_dir, pull
+    from edgellm.compiler import BuildOptions, build
+    from edgellm.hub.pull import MODELS, cache_dir
 
     source = a.input or a.input_path
     if not source:
         raise EdgeLLMError(f"build needs an input: a HF model directory, a .gguf file or a "
                            f"model `edgellm pull` knows ({', '.join(MODELS)})")
-    name = Path(source).name.removesuffix(".gguf")
-    if source in MODELS and not Path(source).exists():  # a name pull knows: pulled if needed
-        name, source = source, pull(source)
-    elif not Path(source).exists():
-        raise EdgeLLMError(f"{source} does not exist, and is not a model `edgellm pull` "
-                           f"knows ({', '.join(MODELS)})")
+    name, source = _source(source)
     output = a.output or cache_dir() / "artifacts" / f"{name}-{a.weight_type or a.target or 's8'}"
     opts = BuildOptions(kv_cache_len=a.kv_cache_len, prefill_len=a.prefill_len,
                         weight_type=a.weight_type, post_weight_type=a.post_weight_type,
@@ -547,13 +541,17 @@ def cmd_plan(a) -> int:
         raise EdgeLLMError("plan needs --board NAME, or --ram and --bandwidth; boards: "
                            + ", ".join(f"{k} ({v.note})" for k, v in BOARDS.items()))
     ram = parse_size(a.ram, "--ram") if a.ram else board.ram
-    bandwidth = parse_size(a.bandwidth, "--bandwidth", per_second=True) if a.bandwidth \
-        else board.bandwidth
-    basis = "as given (--bandwidth)"
-    if ram is None or bandwidth is None:
+    if ram is None or (not a.bandwidth and board.bandwidth is None):
         raise EdgeLLMError(f"--board {a.board} ({board.note}) has no known RAM and memory "
                            f"bandwidth to go by: give --ram and --bandwidth too (its cores, "
                            f"{board.cpu}, still decide the kernel column)")
+    if a.bandwidth:
+        bandwidth = parse_size(a.bandwidth, "--bandwidth", per_second=True)
+        basis = "as given (--bandwidth)"
+    else:
+        from edgellm.boards import sustained
+
+        bandwidth, basis = sustained(board)
     art, cfg, kv = _planned(a.artifact)
     kv = a.kv_cache_len or kv
     if a.kv_cache_len is not None:
@@ -564,10 +562,6 @@ def cmd_plan(a) -> int:
 
     from edgellm.runtime.cpu import Cpu, read_cpu
 
-    if not a.bandwidth:
-        from edgellm.boards import sustained
-
-        bandwidth, basis = sustained(board)
     cpu = Cpu.core(a.cpu) if a.cpu else Cpu.core(board.cpu) if board else read_cpu()
     if a.parallel < 1:
         raise EdgeLLMError("--parallel must be at least 1")
@@ -588,6 +582,21 @@ def cmd_plan(a) -> int:
     return 0
 
 
+def _source(path: str):
+    """(a name for it, its path) of a build's or plan's input: a path that exists, or a model
+    `edgellm pull` knows (pulled if needed); anything else is a one-line error."""
+    from pathlib import Path
+
+    from edgellm.hub.pull import MODELS, pull
+
+    if path in MODELS and not Path(path).exists():
+        return path, pull(path)
+    if not Path(path).exists():
+        raise EdgeLLMError(f"{path} does not exist, and is not a model `edgellm pull` knows "
+                           f"({', '.join(MODELS)})")
+    return Path(path).name.removesuffix(".gguf"), Path(path)
+
+
 def _planned(path: str):
     """(artifact or None, model config, its KV cache length) of what `plan` was given: an
     artifact, or before a build a GGUF file, a HF directory or a model `edgellm pull` knows
@@ -598,17 +607,11 @@ def _planned(path: str):
     from edgellm.artifact.reader import load_artifact
     from edgellm.compiler import BuildOptions
     from edgellm.compiler.sources import open_source
-    from edgellm.hub.pull import MODELS, pull
 
     if (Path(path) / MANIFEST_NAME).is_file():
         art = load_artifact(path)
         return art, art.config, art.manifest.kv_cache_len
-    if path in MODELS and not Path(path).exists():
-        path = pull(path)
-    elif not Path(path).exists():
-        raise EdgeLLMError(f"{path} does not exist (an artifact, a source file or directory), "
-                           f"and is not a model `edgellm pull` knows ({', '.join(MODELS)})")
-    return None, open_source(path).config, BuildOptions().kv_cache_len
+    return None, open_source(_source(path)[1]).config, BuildOptions().kv_cache_len
 
 
 def _text_or_file(value: str | None, option: str) -> str | None:
@@ -661,12 +664,11 @@ def cmd_serve(a) -> int:
 
 def _known_models(mark_pulled: bool = False) -> list[str]:
     """One line per known model; `mark_pulled`: which are in the cache already."""
-    from edgellm.hub.pull import DEFAULT_MODEL, MODELS, cache_dir
+    from edgellm.hub.pull import DEFAULT_MODEL, MODELS, pulled
 
     def tags(name, m) -> str:
-        path = cache_dir() / "models" / m.file_name
         found = ["default"] if name == DEFAULT_MODEL else []
-        if mark_pulled and path.is_file() and path.stat().st_size == m.size:
+        if mark_pulled and pulled(name):
             found.append("pulled")
         return f" ({', '.join(found)})" if found else ""
 

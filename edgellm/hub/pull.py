@@ -164,13 +164,21 @@ def _assemble(model: PyPIModel, target: Path, log) -> None:
     partial.rename(target)
 
 
+def pulled(name: str) -> Path | None:
+    """The known model's GGUF in the cache, whole, or None."""
+    model = MODELS[name]
+    target = cache_dir() / "models" / model.file_name
+    return target if target.is_file() and target.stat().st_size == model.size else None
+
+
 def pull(name: str, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     """Path of the model's GGUF in the cache, downloading and assembling it the first time."""
     if name in MODELS:
+        found = pulled(name)
+        if found is not None:
+            return found
         model = MODELS[name]
         target = cache_dir() / "models" / model.file_name
-        if target.is_file() and target.stat().st_size == model.size:
-            return target
         target.parent.mkdir(parents=True, exist_ok=True)
         _assemble(model, target, log)
         return target

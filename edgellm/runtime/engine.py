@@ -79,6 +79,10 @@ class NumpyEngine:
         return np.stack([self.forward([max(token, 0)], pos, slot=first + row)
                          for row, (token, pos) in enumerate(zip(tokens, positions))])
 
+    def kv_bytes(self) -> int:
+        """The KV cache of all slots, as allocated."""
+        return self.k_slots.nbytes + self.v_slots.nbytes
+
     def kv_snapshot(self, n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Copies of a slot's first n cache positions of every layer."""
         return self.k_slots[slot, :, :n].copy(), self.v_slots[slot, :, :n].copy()

@@ -312,6 +312,10 @@ class OrtEngine:
             h = out
         return h
 
+    def kv_bytes(self) -> int:
+        """The KV cache of all slots, as allocated."""
+        return self.k_np.nbytes + self.v_np.nbytes
+
     def kv_snapshot(self, n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Copies of a slot's first n cache positions of every layer."""
         return (self.k_np[:, slot:slot + 1, :, :n].copy(),

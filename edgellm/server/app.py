@@ -192,10 +192,7 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
             values.update(prompt_cache_disk_hits_total=sum(c.disk_hits for c in caches),
                           prompt_cache_files=len(store.index),
                           prompt_cache_writes_total=store.saves)
-        engine = served.gen.engine
-        values.update(served.state(), kv_cache_bytes=sum(
-            getattr(engine, name).nbytes for name in ("k_np", "v_np", "k_slots", "v_slots")
-            if hasattr(engine, name)))
+        values.update(served.state(), kv_cache_bytes=served.gen.engine.kv_bytes())
         return PlainTextResponse(render(values), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
@@ -376,8 +373,7 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
     `tool_system`: the system message of requests that offer tools without one of their own."""
     served = Scheduler.batched(gen, max_queue, cache_slots, speculate=speculate,
                                prefill_budget=prefill_budget, store=prompt_store,
-                               reuse=cache_reuse)
-    served.tool_system = tool_system
+                               reuse=cache_reuse, tool_system=tool_system)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edgellm.artifact.inspect import layout_label
 from edgellm.errors import EdgeLLMError
+from edgellm.machine import warn_if_busy
 from edgellm.runtime.cache_reuse import MIN_RUN as CACHE_REUSE
 from edgellm.runtime.generator import Generator
 from edgellm.runtime.prompt_store import open_store
@@ -178,8 +179,6 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"),
                       engine_opts.get("ctx_size"))
     sock = bind(host, port)  # before the model loads: a busy port fails at once
-    from edgellm.machine import warn_if_busy
-
     warn_if_busy(engine_opts.get("threads"), "serve decodes")
     gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
     name = model_name or Path(artifact).name
