@@ -65,8 +65,9 @@ _TRIM: list = []  # [the C library's malloc_trim, or None where there is none]
 def give_back_freed_memory() -> None:
     """Hand the pages the C heap holds freed back to the system (glibc's malloc_trim): ONNX
     Runtime's transients at load (weight packing) and a prompt's activations stay in the
-    process otherwise. Measured on Qwen2.5-Coder-1.5B s8 (Zen 4): 294 MB less resident after
-    load, 100-170 MB after a 4,000-token prompt; 10-16 ms a call. No-op without glibc."""
+    process otherwise (benchmarks/experiments/memory_trim.py; docs/PERFORMANCE.md, "A lighter
+    KV cache": up to 574 MB less resident after loading the 1.5B); 10-16 ms a call. No-op
+    without glibc."""
     if not _TRIM:
         import ctypes
 
