@@ -203,9 +203,30 @@ def _engine_opts(a) -> dict:
             "ctx_size": a.ctx_size}
 
 
+ARTIFACT_HELP = ("an artifact directory (made by edgellm build), or a model `edgellm pull` "
+                 "knows: its s8 build in the cache, pulled and built the first time")
+_TAKES_ARTIFACT = {"run", "chat", "serve", "bench", "eval", "inspect"}
+
+
+def _artifact(a):
+    """A model `edgellm pull` knows, given where an artifact goes (`chat qwen2.5-coder-0.5b-
+    instruct`), is its s8 build in the cache, pulled and built the first time as `demo` does;
+    `serve` then answers to the model's name. Anything else is left to the artifact reader."""
+    from pathlib import Path
+
+    from edgellm.hub.pull import MODELS
+
+    if a.artifact in MODELS and not Path(a.artifact).exists():
+        from edgellm.demo import cached_artifact
+
+        if a.command == "serve" and a.model_name is None:
+            a.model_name = a.artifact
+        a.artifact = str(cached_artifact(a.artifact))
+
+
 def _add_run(sub):
     p = _command(sub, "run", "answer one prompt with an artifact")
-    p.add_argument("artifact", help="an artifact directory (made by edgellm build)")
+    p.add_argument("artifact", help=ARTIFACT_HELP)
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("--system", help="system message")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt as is "
@@ -224,7 +245,7 @@ def _add_run(sub):
 
 def _add_misc(sub):
     p = _command(sub, "inspect", "show an artifact's manifest")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help=ARTIFACT_HELP)
     p.add_argument("--verify", action="store_true", help="check every file's sha256")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.add_argument("--files", action="store_true",
@@ -234,7 +255,7 @@ def _add_misc(sub):
     p.set_defaults(func=cmd_inspect)
 
     p = _command(sub, "bench", "measure prefill / decode speed, TTFT and memory")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help=ARTIFACT_HELP)
     p.add_argument("--prompt-tokens", type=int, default=128, metavar="N",
                    help="prompt length prefilled")
     p.add_argument("--gen-tokens", type=int, default=128, metavar="N",
@@ -249,7 +270,7 @@ def _add_misc(sub):
     p.set_defaults(func=cmd_bench)
 
     p = _command(sub, "chat", "talk to an artifact in the terminal (KV cache kept)")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help=ARTIFACT_HELP)
     p.add_argument("--system", help="system message")
     _add_thinking(p)
     p.add_argument("--verify", action="store_true", help="check every file's sha256 first")
@@ -259,7 +280,7 @@ def _add_misc(sub):
     p.set_defaults(func=cmd_chat)
 
     p = _command(sub, "serve", "OpenAI and Ollama APIs over HTTP, and a web chat page")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help=ARTIFACT_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -475,7 +496,7 @@ def _kernel_here(art) -> str:
 
 def _add_quality(sub):
     p = _command(sub, "eval", "perplexity on a text; agreement with the unquantized source")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help=ARTIFACT_HELP)
     p.add_argument("--perplexity", metavar="FILE", help="text file to score (default: a short "
                                                          "built-in passage)")
     p.add_argument("--reference", metavar="SRC", help="the unquantized source (HF dir or GGUF): "
@@ -728,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _exit_on_sigterm()
     try:
+        if args.command in _TAKES_ARTIFACT:
+            _artifact(args)
         return args.func(args)
     except BrokenPipeError:
         _silence_stdout()

@@ -118,11 +118,11 @@ def start_server(app, **config):
     return server, thread, f"http://127.0.0.1:{port}"
 
 
-def serve_process(*args) -> tuple[subprocess.Popen, list[str]]:
+def serve_process(*args, env=None) -> tuple[subprocess.Popen, list[str]]:
     """`edgellm serve ARGS` in a process of its own, once it has printed its start lines
     (returned); stop it with a signal, as a user would."""
     proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", *map(str, args)],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     for line in proc.stderr:
         lines.append(line)

@@ -443,6 +443,43 @@ def test_build_takes_a_model_name_and_writes_to_the_cache(smol_gguf, tmp_path):
             wrong.stderr
 
 
+def test_commands_take_a_model_name_where_an_artifact_goes(smol_gguf, tmp_path):
+    """`edgellm chat qwen2.5-coder-0.5b-instruct` said the artifact directory did not exist: a
+    name `pull` knows is its s8 build in the cache, built the first time (as demo does) and
+    reused after; a name it does not know stays the reader's one-line error."""
+    import os
+
+    cache = tmp_path / "cache"
+    (cache / "edgellm" / "models").mkdir(parents=True)
+    os.symlink(smol_gguf, cache / "edgellm" / "models" / smol_gguf.name)
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True,
+                              text=True, env=env)
+
+    first = cli("run", "smollm2-135m-instruct", "--prompt", "What is the capital of France?",
+                "--max-new-tokens", "12", "--json")
+    assert first.returncode == 0, first.stderr
+    built = cache / "edgellm" / "artifacts" / "smollm2-135m-instruct-s8"
+    assert "building" in first.stderr and (built / "manifest.json").is_file()
+    assert "Paris" in json.loads(first.stdout)["text"]
+    again = cli("inspect", "smollm2-135m-instruct", "--json")
+    assert again.returncode == 0 and "building" not in again.stderr, again.stderr
+    assert json.loads(again.stdout)["weight_scheme"]["name"] == "s8"
+    from helpers import serve_process
+
+    proc, lines = serve_process("smollm2-135m-instruct", "--port", "0", env=env)
+    try:  # serve answers to the model's name, not the cache folder's
+        assert any('model "smollm2-135m-instruct"' in line for line in lines), lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    wrong = cli("run", "smollm2-135m", "--prompt", "hi")
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1
+    assert "smollm2-135m does not exist" in wrong.stderr
+
+
 def test_bench_shows_progress_on_a_terminal(tiny_artifact):
     """Issue 33, item 7: bench ran 40 s with no output."""
     pexpect = pytest.importorskip("pexpect")
