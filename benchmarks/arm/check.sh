@@ -7,7 +7,7 @@
 # Emulated time is not board time: it prints whether each artifact runs, its teacher-forced top-1
 # agreement with the x86 numpy reference, the France answer, the guest instructions per decoded
 # token (one thread, counted by a QEMU plugin) and whether ONNX Runtime fell back to dequantizing
-# per call -- never tok/s. Results: docs/PERFORMANCE.md, "Arm boards, under emulation".
+# per call -- never tok/s. Results: docs/PERFORMANCE.md, "Every layout on the boards' cores".
 #
 # What it makes, under $ARM_WORK (default /var/tmp/edgellm-arm; delete it with `check.sh --clean`,
 # which unmounts first -- a recursive delete through a bind-mounted /dev deletes the host's):

@@ -1,5 +1,5 @@
 """GPTQ s4 g32 under the old max|w| / 7 scale rule instead of the current m / -8, scored like
-docs/QUALITY.md's whole-text table (all of CPython's LICENSE.txt, context 512, stride 256).
+docs/QUALITY.md's whole-text figures (all of CPython's LICENSE.txt, context 512, stride 256).
 
     python benchmarks/experiments/gptq_scale_rule.py     # ~20 min on the 2-core Xeon VM
 

@@ -1,4 +1,4 @@
-"""docs/QUALITY.md's "Whole text, and the s4 scale rule" table: s4 with the old max|w| / 7 scale
+"""docs/QUALITY.md's "Tried and rejected" (the max|w| / 7 row): s4 with the old max|w| / 7 scale
 and the current m / -8 (llama.cpp Q4_0's), and llama.cpp's own Q4_0 of the same GGUF, scored on
 all of CPython's LICENSE.txt against the unquantized source (one reference, one run).
 
