@@ -84,6 +84,13 @@ def edgellm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd)
 
 
+def said(stderr: str) -> list[str]:
+    """What a command printed on stderr, less `serve`'s and `bench`'s warning that other work
+    keeps the CPUs busy: that one depends on what else the host runs (a benchmark, a CI job)."""
+    return [line for line in stderr.splitlines()
+            if not line.startswith("edgellm: warning: other work keeps")]
+
+
 def assert_idle(scheduler, seconds: float = 10.0) -> None:
     """Wait up to `seconds` for the server's scheduler to have no request in line or running
     (a client that left must free its place), then assert it."""

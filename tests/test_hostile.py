@@ -17,7 +17,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from helpers import assert_idle, edgellm, make_tiny_model, serve_process, start_server
+from helpers import assert_idle, edgellm, make_tiny_model, said, serve_process, start_server
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -183,7 +183,7 @@ def test_serve_verify_refuses_a_damaged_artifact(artifact, tmp_path):
     copy = _damaged_copy(artifact, tmp_path, keep_samples=False)
     done = edgellm("serve", copy, "--port", "0", "--verify")
     assert done.returncode == 1
-    assert "does not match its sha256" in done.stderr and done.stderr.count("\n") == 1
+    assert "does not match its sha256" in done.stderr and len(said(done.stderr)) == 1
 
 
 def test_a_damaged_model_answers_an_error_not_garbage(artifact, tmp_path):
@@ -591,5 +591,5 @@ def test_a_tool_system_prompt_goes_where_tools_come_without_one(artifact):
     assert "CALL ONLY" not in prompt(own) and "be brief" in prompt(own)
     assert "CALL ONLY" not in prompt(HELLO, with_tools=False)
     done = edgellm("serve", artifact, "--port", "0", "--tool-system-prompt", "@/no/such/file")
-    assert done.returncode == 1 and done.stderr.startswith("edgellm: error: --tool-system-prompt")
-    assert done.stderr.count("\n") == 1
+    (line,) = said(done.stderr)
+    assert done.returncode == 1 and line.startswith("edgellm: error: --tool-system-prompt")

@@ -17,7 +17,7 @@ from edgellm.runtime.generator import Generator
 from edgellm.runtime.prefix_cache import PrefixCache
 from edgellm.runtime.sampler import SamplingConfig
 from edgellm.server.metrics import parse
-from helpers import edgellm, make_tiny_model, serve_process
+from helpers import edgellm, make_tiny_model, said, serve_process
 
 SYSTEM = list(range(3, 83))  # an 80-token "system prompt"
 
@@ -276,4 +276,5 @@ def test_serve_warm_prefills_at_start_and_reads_it_back_after_a_restart(art, tmp
     assert [read for _, read in counts[1]] == [n1, n2]  # after the restart: all from disk
     (tmp_path / "bad.json").write_text('{"messages": []}')
     done = edgellm("serve", art, "--port", "0", "--warm", tmp_path / "bad.json")
-    assert done.returncode == 1 and done.stderr.startswith("edgellm: error: --warm")
+    (line,) = said(done.stderr)  # before the model loads: nothing else said
+    assert done.returncode == 1 and line.startswith("edgellm: error: --warm")

@@ -138,15 +138,14 @@ def slots_for(artifact: str, parallel: int | None, engine: str = "auto",
     return parallel
 
 
-def warm_ids(gen, path: str) -> list[int]:
-    """The prompt ids of a --warm file, rendered as the server renders a request: a JSON request
-    body (its messages and tools) or plain text (the system message)."""
+def warm_request(path: str):
+    """A --warm file as the chat request it stands for: a JSON request body (its messages and
+    tools) or plain text (the system message). Read before the model loads, so a bad file
+    fails at once."""
     import json
 
     from pydantic import ValidationError
 
-    from edgellm.server.steps import encode_chat
-    from edgellm.server.errors import APIError
     from edgellm.server.schemas import ChatRequest
 
     try:
@@ -162,10 +161,21 @@ def warm_ids(gen, path: str) -> list[int]:
             raise EdgeLLMError(f"--warm {path}: the file is empty")
         body = {"messages": [{"role": "system", "content": text}]}
     try:
-        return encode_chat(gen, ChatRequest(**{**body, "model": body.get("model", "")}))[0]
-    except (ValidationError, APIError, TypeError) as e:
+        return ChatRequest(**{**body, "model": body.get("model", "")})
+    except (ValidationError, TypeError) as e:
         raise EdgeLLMError(f"--warm {path}: not a chat request ({str(e).splitlines()[0]})") \
             from None
+
+
+def warm_ids(gen, path: str, request=None) -> list[int]:
+    """The prompt ids of a --warm file, rendered as the server renders a request."""
+    from edgellm.server.errors import APIError
+    from edgellm.server.steps import encode_chat
+
+    try:
+        return encode_chat(gen, request or warm_request(path))[0]
+    except APIError as e:
+        raise EdgeLLMError(f"--warm {path}: not a chat request ({e})") from None
 
 
 def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: str | None,
@@ -179,6 +189,7 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"),
                       engine_opts.get("ctx_size"))
     sock = bind(host, port)  # before the model loads: a busy port fails at once
+    warm_requests = [warm_request(path) for path in warm]  # and a bad --warm file
     warn_if_busy(engine_opts.get("threads"), "serve decodes")
     gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
     name = model_name or Path(artifact).name
@@ -192,8 +203,8 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
         print(f"edgellm: warning: --host {host} without --api-key: anyone who can reach this "
               f"machine on port {sock.getsockname()[1]} can use the model (give --api-key KEY, "
               f"or --host 127.0.0.1 for this machine alone)", file=sys.stderr, flush=True)
-    for path in warm:  # after the model loaded, before the first request
-        ids = warm_ids(gen, path)
+    for path, request in zip(warm, warm_requests):  # after the load, before the first request
+        ids = warm_ids(gen, path, request)
         read = app.state.served.slots[0].prefix_cache.warm(ids)
         print(f"edgellm serve: warmed {path}: {len(ids)} tokens ({read} read from the cache, "
               f"{len(ids) - read} prefilled)", file=sys.stderr, flush=True)
