@@ -52,6 +52,24 @@ def missing_paths(text: str) -> list[str]:
     return sorted({p for p in REPO_PATH.findall(text) if not (ROOT / p.rstrip(".")).exists()})
 
 
+def ragged_tables(text: str) -> list[str]:
+    """Table rows whose cell count is not their header's (such a table is not drawn as one)."""
+    def cells(line: str) -> int:
+        return len(re.findall(r"(?<!\\)\|", INLINE.sub("code", line)))
+
+    bad, lines = [], _prose(text).splitlines()
+    for i, line in enumerate(lines[1:], 1):
+        if re.fullmatch(r"\|(\s*:?-+:?\s*\|)+\s*", line) and lines[i - 1].startswith("|"):
+            header = cells(lines[i - 1])
+            rows = [lines[i]]
+            for row in lines[i + 1:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(row)
+            bad += [row for row in rows if cells(row) != header]
+    return bad
+
+
 def command_lines(text: str) -> tuple[list[str], list[str]]:
     """`edgellm COMMAND ...` as the page shows it: whole command lines (code blocks, indented or
     fenced; cut at a pipe), and mentions in inline code that start with a command's name (`edgellm
@@ -111,6 +129,11 @@ def test_named_paths_exist(page):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_tables_are_whole(page):
+    assert ragged_tables(page.read_text()) == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_command_lines_parse(page):
     lines, mentions = command_lines(page.read_text())
     bad = {line: parse_error(line) for line in lines}
@@ -146,5 +169,7 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     assert "invalid choice: 'rpi9'" in errors["edgellm plan ART --board rpi9"]
     assert errors["edgellm run ART --prompt hi"] is None
     assert [unknown_options(m) for m in mentions] == [["--kernels"], []]
+    table = "| a | b |\n|---|---|\n| 1 | `x|y` |\n| 1 | 2 | 3 |\n"
+    assert ragged_tables(table) == ["| 1 | 2 | 3 |"]
     assert slug("The path of 8-bit weights (`--kernel`)") == "the-path-of-8-bit-weights---kernel"
     assert slug("A smart home's prompt") == "a-smart-homes-prompt"
