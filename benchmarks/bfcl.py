@@ -3,9 +3,8 @@ servers, with BFCL's own data, tool conversion and AST checker: per-category acc
 sample, and every failure with its reason. Servers are started here (edgellm serve, llama.cpp's
 llama-server) or given by URL; each is one column of the table.
 
-    pip install --no-deps bfcl-eval==2026.3.23
-    pip install tree_sitter==0.21.3 tree-sitter-java==0.21.0 tree-sitter-javascript==0.21.4 \\
-        tenacity filelock
+    pip install --no-deps -c constraints.txt bfcl-eval tree-sitter tree-sitter-java \\
+        tree-sitter-javascript tenacity filelock        # as .ci/run does
     python benchmarks/bfcl.py --edgellm ART [--edgellm ART2 ...] [--llama-server BIN --gguf GGUF]
                               [--url URL --model NAME] [--per-category 8] [--seed 0]
                               [--categories simple_python,...] [--failures FILE.jsonl]
