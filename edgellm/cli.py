@@ -178,8 +178,9 @@ def _add_engine(p):
                         "kernel on this CPU (it dequantizes every weight per token)")
     p.add_argument("--ctx-size", type=int, default=None, metavar="N",
                    help="positions of the KV cache (prompt + answer), up to the model's trained "
-                        "context; default: the artifact's --kv-cache-len. No rebuild: the "
-                        "graphs are changed at load")
+                        "context; default: the artifact's --kv-cache-len (serve: 4096, or the "
+                        "artifact's if longer, where memory holds it). No rebuild: the graphs "
+                        "are changed at load")
 
 
 def _add_prompt_cache(p):

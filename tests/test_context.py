@@ -105,3 +105,33 @@ def test_plan_counts_the_context(built):
     grow = [b["kv_cache_gb"] - a["kv_cache_gb"] for a, b in zip(out[0]["rows"], out[1]["rows"])]
     want = (200 - SHORT) * _kv_bytes(built[SHORT].config) / 1e9
     assert grow and all(g == pytest.approx(want) for g in grow)
+
+
+def test_serve_runs_a_hubs_context_by_default_where_memory_holds_it(built, monkeypatch, capsys):
+    """A home hub's prompt of devices and tools runs to 3,000 tokens: `serve` without --ctx-size
+    ran the artifact's 1,023 positions and answered the hub 400. It now runs SERVE_CONTEXT
+    positions (at most the trained context; llama-server's default too), or, where memory does
+    not hold that, the artifact's own, and says so."""
+    from edgellm import machine
+    from edgellm.server.serving import SERVE_CONTEXT, serve_context
+    from helpers import serve_process
+
+    art = built[SHORT]
+    wanted = min(SERVE_CONTEXT, art.config.max_position_embeddings)
+    assert wanted > SHORT and serve_context(art.path) == wanted
+    proc, banner = serve_process(art.path, "--port", "0", "--threads", "1")
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert any(f"{wanted}-position KV cache" in line for line in banner), banner
+    proc, banner = serve_process(art.path, "--port", "0", "--threads", "1", "--ctx-size", "50")
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert any("50-position KV cache" in line for line in banner), banner
+
+    weights = sum(f["size"] for f in art.manifest.files.values())
+    monkeypatch.setattr(machine, "machine_memory",
+                        lambda: (weights * 4, weights + 30 * _kv_bytes(art.config)))
+    assert serve_context(art.path) is None
+    said = capsys.readouterr().err
+    assert f"serving the artifact's {SHORT}-position context, not {wanted}" in said
+    assert "--ctx-size 30 or less" in said

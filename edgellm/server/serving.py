@@ -107,6 +107,31 @@ def _open_to_others(host: str) -> bool:
 MAX_PARALLEL = 4
 
 
+# serve's context when --ctx-size is not given: llama-server's default, and room for what a home
+# hub sends (its devices, states and tools: 3,000 tokens in benchmarks/prompt_cache.py's prompt)
+SERVE_CONTEXT = 4096
+
+
+def serve_context(artifact: str) -> int | None:
+    """The context `serve` runs without --ctx-size: SERVE_CONTEXT positions (the artifact's if
+    it was built longer; at most the trained context) where one such KV cache fits beside the
+    weights; None (the artifact's own) otherwise, said on stderr."""
+    from edgellm.artifact.reader import load_artifact
+    from edgellm.runtime.context import context_length
+
+    art = load_artifact(artifact)
+    built = art.manifest.kv_cache_len
+    wanted = min(SERVE_CONTEXT, art.config.max_position_embeddings)
+    if wanted <= built:
+        return None
+    try:
+        return context_length(art, wanted)
+    except EdgeLLMError as e:  # no memory for it, or a model that cannot run that long
+        print(f"edgellm serve: serving the artifact's {built:,}-position context, not "
+              f"{wanted:,} ({e})", file=sys.stderr, flush=True)
+        return None
+
+
 def slots_for(artifact: str, parallel: int | None, engine: str = "auto",
               context: int | None = None) -> int:
     """--parallel checked against the artifact and free memory; None: as many as fit, at most
@@ -186,6 +211,8 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
           tool_system: str | None = None, **engine_opts) -> None:
     import uvicorn
 
+    if engine_opts.get("ctx_size") is None:
+        engine_opts["ctx_size"] = serve_context(artifact)
     slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"),
                       engine_opts.get("ctx_size"))
     sock = bind(host, port)  # before the model loads: a busy port fails at once
