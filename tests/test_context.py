@@ -107,7 +107,14 @@ def test_plan_counts_the_context(built):
     assert grow and all(g == pytest.approx(want) for g in grow)
 
 
-def test_serve_runs_a_hubs_context_by_default_where_memory_holds_it(built, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def qwen_built(tmp_path_factory):
+    """The qwen2 case alone, for the checks that need no other architecture."""
+    return _build(tmp_path_factory.mktemp("ctx_qwen"), *CASES[0])
+
+
+def test_serve_runs_a_hubs_context_by_default_where_memory_holds_it(qwen_built, monkeypatch,
+                                                                     capsys):
     """A home hub's prompt of devices and tools runs to 3,000 tokens: `serve` without --ctx-size
     ran the artifact's 1,023 positions and answered the hub 400. It now runs SERVE_CONTEXT
     positions (at most the trained context; llama-server's default too), or, where memory does
@@ -116,7 +123,7 @@ def test_serve_runs_a_hubs_context_by_default_where_memory_holds_it(built, monke
     from edgellm.server.serving import SERVE_CONTEXT, serve_context
     from helpers import serve_process
 
-    art = built[SHORT]
+    art = qwen_built[SHORT]
     wanted = min(SERVE_CONTEXT, art.config.max_position_embeddings)
     assert wanted > SHORT and serve_context(art.path) == wanted
     proc, banner = serve_process(art.path, "--port", "0", "--threads", "1")
