@@ -516,7 +516,8 @@ def _add_quality(sub):
     p = _command(sub, "plan", "will it fit a device, and its decode ceiling, per weight type",
                  epilog=f"boards:\n{boards}")
     p.add_argument("artifact", help="an artifact, or before a build a .gguf file, a HF model "
-                                    "directory or a model `edgellm pull` knows")
+                                    "directory or a model `edgellm pull` knows (its s8 build in "
+                                    "the cache once made)")
     p.add_argument("--board", choices=sorted(_boards()), help="a preset: RAM and bandwidth")
     p.add_argument("--ram", help="device RAM, e.g. 2GB or 512MB; a bare number is GB "
                                  "(overrides the board's)")
@@ -621,15 +622,20 @@ def _source(path: str):
 
 def _planned(path: str):
     """(artifact or None, model config, its KV cache length) of what `plan` was given: an
-    artifact, or before a build a GGUF file, a HF directory or a model `edgellm pull` knows
-    (pulled if needed), at build's default context."""
+    artifact (a model `edgellm pull` knows whose s8 build is in the cache stands for that build,
+    as where the other commands take an artifact), or before a build a GGUF file, a HF directory
+    or a known model (pulled if needed), at build's default context."""
     from pathlib import Path
 
     from edgellm.artifact.format import MANIFEST_NAME
     from edgellm.artifact.reader import load_artifact
     from edgellm.compiler import BuildOptions
     from edgellm.compiler.sources import open_source
+    from edgellm.hub.pull import MODELS, cache_dir
 
+    if path in MODELS and not Path(path).exists():
+        cached = cache_dir() / "artifacts" / f"{path}-s8"
+        path = str(cached) if (cached / MANIFEST_NAME).is_file() else path
     if (Path(path) / MANIFEST_NAME).is_file():
         art = load_artifact(path)
         return art, art.config, art.manifest.kv_cache_len

@@ -467,6 +467,9 @@ def test_commands_take_a_model_name_where_an_artifact_goes(smol_gguf, tmp_path):
     again = cli("inspect", "smollm2-135m-instruct", "--json")
     assert again.returncode == 0 and "building" not in again.stderr, again.stderr
     assert json.loads(again.stdout)["weight_scheme"]["name"] == "s8"
+    plan = json.loads(cli("plan", "smollm2-135m-instruct", "--ram", "2GB", "--bandwidth", "4",
+                          "--json").stdout)  # plan too: that build, not the source
+    assert plan["built"] is True
     from helpers import serve_process
 
     proc, lines = serve_process("smollm2-135m-instruct", "--port", "0", env=env)
