@@ -209,15 +209,20 @@ ARTIFACT_HELP = ("an artifact directory (made by edgellm build), or a model `edg
 _TAKES_ARTIFACT = {"run", "chat", "serve", "bench", "eval", "inspect"}
 
 
-def _artifact(a):
-    """A model `edgellm pull` knows, given where an artifact goes (`chat qwen2.5-coder-0.5b-
-    instruct`), is its s8 build in the cache, pulled and built the first time as `demo` does;
-    `serve` then answers to the model's name. Anything else is left to the artifact reader."""
+def _known_model(name: str) -> bool:
+    """Whether a command's input names a model `edgellm pull` knows (and no path here)."""
     from pathlib import Path
 
     from edgellm.hub.pull import MODELS
 
-    if a.artifact in MODELS and not Path(a.artifact).exists():
+    return name in MODELS and not Path(name).exists()
+
+
+def _artifact(a):
+    """A model `edgellm pull` knows, given where an artifact goes (`chat qwen2.5-coder-0.5b-
+    instruct`), is its s8 build in the cache, pulled and built the first time as `demo` does;
+    `serve` then answers to the model's name. Anything else is left to the artifact reader."""
+    if _known_model(a.artifact):
         from edgellm.demo import cached_artifact
 
         if a.command == "serve" and a.model_name is None:
@@ -354,14 +359,15 @@ def cmd_build(a) -> int:
     from pathlib import Path
 
     from edgellm.compiler import BuildOptions, build
-    from edgellm.hub.pull import MODELS, cache_dir
+    from edgellm.demo import artifact_dir
+    from edgellm.hub.pull import MODELS
 
     source = a.input or a.input_path
     if not source:
         raise EdgeLLMError(f"build needs an input: a HF model directory, a .gguf file or a "
                            f"model `edgellm pull` knows ({', '.join(MODELS)})")
     name, source = _source(source)
-    output = a.output or cache_dir() / "artifacts" / f"{name}-{a.weight_type or a.target or 's8'}"
+    output = a.output or artifact_dir(name, a.weight_type or a.target or "s8")
     opts = BuildOptions(kv_cache_len=a.kv_cache_len, prefill_len=a.prefill_len,
                         weight_type=a.weight_type, post_weight_type=a.post_weight_type,
                         group_size=a.group_size, asymmetric=a.asymmetric,
@@ -612,7 +618,7 @@ def _source(path: str):
 
     from edgellm.hub.pull import MODELS, pull
 
-    if path in MODELS and not Path(path).exists():
+    if _known_model(path):
         return path, pull(path)
     if not Path(path).exists():
         raise EdgeLLMError(f"{path} does not exist, and is not a model `edgellm pull` knows "
@@ -631,11 +637,10 @@ def _planned(path: str):
     from edgellm.artifact.reader import load_artifact
     from edgellm.compiler import BuildOptions
     from edgellm.compiler.sources import open_source
-    from edgellm.hub.pull import MODELS, cache_dir
+    from edgellm.demo import artifact_dir
 
-    if path in MODELS and not Path(path).exists():
-        cached = cache_dir() / "artifacts" / f"{path}-s8"
-        path = str(cached) if (cached / MANIFEST_NAME).is_file() else path
+    if _known_model(path) and (artifact_dir(path) / MANIFEST_NAME).is_file():
+        path = str(artifact_dir(path))
     if (Path(path) / MANIFEST_NAME).is_file():
         art = load_artifact(path)
         return art, art.config, art.manifest.kv_cache_len

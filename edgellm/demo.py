@@ -10,12 +10,17 @@ from edgellm.artifact.format import FORMAT_VERSION, MANIFEST_NAME
 from edgellm.hub.pull import DEFAULT_MODEL, cache_dir, pull
 
 
+def artifact_dir(name: str, layout: str = "s8") -> Path:
+    """Where the cache keeps a model's build of `layout` (`build`'s default -o too)."""
+    return cache_dir() / "artifacts" / f"{name}-{layout}"
+
+
 def cached_artifact(name: str, weight_type: str = "s8") -> Path:
     """The artifact of a known model in the cache, (re)built when missing or outdated."""
     from edgellm.compiler import BuildOptions, build
 
     gguf = pull(name)
-    artifact = cache_dir() / "artifacts" / f"{name}-{weight_type}"
+    artifact = artifact_dir(name, weight_type)
     opts = BuildOptions(kv_cache_len=1023, weight_type=weight_type, force=True)
     if not _up_to_date(artifact / MANIFEST_NAME, opts):
         print(f"building {artifact} (once) ...", file=sys.stderr)

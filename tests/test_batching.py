@@ -255,15 +255,17 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_the_others_finish(artifa
 
 
 def test_parallel_is_checked_against_the_artifact_and_memory(artifact, tmp_path):
+    from edgellm.artifact.reader import load_artifact
     from edgellm.errors import EdgeLLMError
     from edgellm.server.serving import slots_for
 
-    assert slots_for(str(artifact), None) == 4  # a tiny model: four fit
-    assert slots_for(str(artifact), 2) == 2
+    art = load_artifact(artifact)
+    assert slots_for(art, None) == 4  # a tiny model: four fit
+    assert slots_for(art, 2) == 2
     with pytest.raises(EdgeLLMError, match="at least 1"):
-        slots_for(str(artifact), 0)
+        slots_for(art, 0)
     with pytest.raises(EdgeLLMError, match="KV caches"):
-        slots_for(str(artifact), 10**6)
+        slots_for(art, 10**6)
     old = tmp_path / "old"  # an artifact from before the graphs took a batch
     import shutil
 
@@ -271,9 +273,9 @@ def test_parallel_is_checked_against_the_artifact_and_memory(artifact, tmp_path)
     manifest = json.loads((old / "manifest.json").read_text())
     del manifest["graphs"]["batch"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    assert slots_for(str(old), None) == 1
+    assert slots_for(load_artifact(old), None) == 1
     with pytest.raises(EdgeLLMError, match="rebuild it for --parallel 2"):
-        slots_for(str(old), 2)
+        slots_for(load_artifact(old), 2)
 
 
 def test_plan_counts_a_kv_cache_per_parallel_request(artifact):

@@ -125,7 +125,7 @@ def test_serve_runs_a_hubs_context_by_default_where_memory_holds_it(qwen_built, 
 
     art = qwen_built[SHORT]
     wanted = min(SERVE_CONTEXT, art.config.max_position_embeddings)
-    assert wanted > SHORT and serve_context(art.path) == wanted
+    assert wanted > SHORT and serve_context(art) == wanted
     proc, banner = serve_process(art.path, "--port", "0", "--threads", "1")
     proc.terminate()
     proc.wait(timeout=60)
@@ -138,7 +138,7 @@ def test_serve_runs_a_hubs_context_by_default_where_memory_holds_it(qwen_built, 
     weights = sum(f["size"] for f in art.manifest.files.values())
     monkeypatch.setattr(machine, "machine_memory",
                         lambda: (weights * 4, weights + 30 * _kv_bytes(art.config)))
-    assert serve_context(art.path) is None
+    assert serve_context(art) is None
     said = capsys.readouterr().err
     assert f"serving the artifact's {SHORT}-position context, not {wanted}" in said
     assert "--ctx-size 30 or less" in said

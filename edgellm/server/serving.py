@@ -112,14 +112,12 @@ MAX_PARALLEL = 4
 SERVE_CONTEXT = 4096
 
 
-def serve_context(artifact: str) -> int | None:
-    """The context `serve` runs without --ctx-size: SERVE_CONTEXT positions (the artifact's if
-    it was built longer; at most the trained context) where one such KV cache fits beside the
-    weights; None (the artifact's own) otherwise, said on stderr."""
-    from edgellm.artifact.reader import load_artifact
+def serve_context(art) -> int | None:
+    """The context `serve` runs an Artifact with without --ctx-size: SERVE_CONTEXT positions
+    (the artifact's if it was built longer; at most the trained context) where one such KV cache
+    fits beside the weights; None (the artifact's own) otherwise, said on stderr."""
     from edgellm.runtime.context import context_length
 
-    art = load_artifact(artifact)
     built = art.manifest.kv_cache_len
     wanted = min(SERVE_CONTEXT, art.config.max_position_embeddings)
     if wanted <= built:
@@ -132,21 +130,19 @@ def serve_context(artifact: str) -> int | None:
         return None
 
 
-def slots_for(artifact: str, parallel: int | None, engine: str = "auto",
+def slots_for(art, parallel: int | None, engine: str = "auto",
               context: int | None = None) -> int:
-    """--parallel checked against the artifact and free memory; None: as many as fit, at most
+    """--parallel checked against an Artifact and free memory; None: as many as fit, at most
     MAX_PARALLEL (each slot is one more KV cache; the weights are shared)."""
-    from edgellm.artifact.reader import load_artifact
     from edgellm.compiler.memory import footprint, machine_memory
 
-    art = load_artifact(artifact)
     m, cfg = art.manifest, art.config
     batched = engine == "numpy" or not m.graphs or m.graphs.get("batch", False)
     if parallel is not None and parallel < 1:
         raise EdgeLLMError("--parallel must be at least 1")
     if not batched:
         if parallel and parallel > 1:
-            raise EdgeLLMError(f"{artifact} was built before graphs took a batch (2026-12-02): "
+            raise EdgeLLMError(f"{art.path} was built before graphs took a batch (2026-12-02): "
                                f"it serves one request at a time; rebuild it for --parallel "
                                f"{parallel}")
         return 1
@@ -211,9 +207,12 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
           tool_system: str | None = None, **engine_opts) -> None:
     import uvicorn
 
+    from edgellm.artifact.reader import load_artifact
+
+    art = load_artifact(artifact)  # its manifest, for the context and the slots
     if engine_opts.get("ctx_size") is None:
-        engine_opts["ctx_size"] = serve_context(artifact)
-    slots = slots_for(artifact, parallel, engine_opts.get("engine", "auto"),
+        engine_opts["ctx_size"] = serve_context(art)
+    slots = slots_for(art, parallel, engine_opts.get("engine", "auto"),
                       engine_opts.get("ctx_size"))
     sock = bind(host, port)  # before the model loads: a busy port fails at once
     warm_requests = [warm_request(path) for path in warm]  # and a bad --warm file
