@@ -168,8 +168,9 @@ def _add_engine(p):
                         "(default: CPUExecutionProvider)")
     p.add_argument("--kernel", default="auto",
                    choices=("auto", "mixed", "matmulnbits", "qgemm"),
-                   help="the path of 8-bit weights: matmulnbits (the graphs as built), qgemm "
-                        "(re-laid at load for ONNX Runtime's integer GEMM), auto (the faster "
+                   help="the path of integer weights: matmulnbits (the graphs as built), qgemm "
+                        "(re-laid at load for ONNX Runtime's integer GEMM; 4-bit ones as int8, "
+                        "twice their bytes), auto (the faster "
                         "here, measured at the first load on this CPU and cached), mixed (auto, "
                         "and prompt chunks on the other path where it measured faster: the "
                         "layers' weights loaded twice, perplexity about +0.3%%)")

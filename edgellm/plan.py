@@ -69,6 +69,9 @@ def _kernel(cpu, schemes: list[dict], ort_version: str) -> str:
     if slow:
         return f"no ({slow[0]})"
     relaid = any(matmul_path(cpu, s["bits"], 4, ort_version)[0] == "qgemm" for s in schemes)
+    if relaid and any(s["bits"] == 4 for s in schemes):  # runtime.ort_engine._with_memory
+        return "yes (on QGEMM, re-laid at load; the 4-bit weights as int8 where memory holds " \
+               "twice their bytes)"
     return "yes (8-bit on QGEMM, re-laid at load)" if relaid else "yes"
 
 

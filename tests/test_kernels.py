@@ -150,18 +150,24 @@ def test_a_forced_path_is_used_and_not_measured(arts, cache, counted):
     assert counted == [] and not list(cache.glob("*.json"))
 
 
-def test_a_forced_path_that_does_not_exist_here_is_a_one_line_error(arts, cache):
-    # only 4-bit weights: nothing to re-lay for the integer GEMM
-    done = edgellm("run", arts["s4"], "-p", "hi", "--max-new-tokens", "2", "--kernel", "qgemm")
-    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("edgellm: error: --kernel qgemm is not available")
-    assert "available: matmulnbits" in done.stderr
+def test_a_forced_path_that_does_not_exist_here_is_a_one_line_error(arts, cache, monkeypatch):
     done = edgellm("run", arts["s8"], "-p", "hi", "--max-new-tokens", "2", "--kernel", "gemm")
     assert done.returncode == 2 and "invalid choice: 'gemm'" in done.stderr
-    # 4-bit only: one path, nothing measured, and inspect says so
-    assert _load(arts["s4"]).kernel.path == "matmulnbits"
-    assert "kernel here     matmulnbits (4-bit or float weights" in edgellm(
-        "inspect", arts["s4"]).stdout
+    # a Cortex-A53 has no dotprod, so no 8-bit MatMulNBits kernel: only the integer GEMM
+    from edgellm.errors import EdgeLLMError
+    from edgellm.runtime import cpu
+
+    monkeypatch.setattr(cpu, "read_cpu", lambda *a, **k: cpu.Cpu.core("cortex-a53"))
+    with pytest.raises(EdgeLLMError) as e:
+        _load(arts["s8"], kernel="matmulnbits")
+    said = str(e.value)
+    assert said.startswith("--kernel matmulnbits is not available") and "\n" not in said
+    assert "the cortex-a53 has no dotprod" in said and "available: qgemm" in said
+    # 4-bit weights have a MatMulNBits kernel there (fp32 NEON) and are re-laid too: both paths
+    assert set(kernels.candidates(engine_manifest(arts["s4"]), cpu.Cpu.core("cortex-a53"),
+                                  "1.32.0")) == {"matmulnbits", "qgemm"}
+    assert not any(why.startswith("no:") for why in kernels.candidates(
+        engine_manifest(arts["s4"]), cpu.Cpu.core("cortex-a53"), "1.32.0").values())
 
 
 def test_inspect_bench_and_serve_name_the_path(arts, cache):
@@ -185,25 +191,31 @@ def test_inspect_bench_and_serve_name_the_path(arts, cache):
     assert "  kernel      qgemm (--kernel qgemm" in banner(["http://x"], "m", gen, None)
 
 
-@pytest.mark.parametrize("path", ["matmulnbits", "qgemm", "qgemm-u8", "mixed"])
-def test_every_path_agrees_with_the_reference(arts, cache, monkeypatch, path):
+@pytest.mark.parametrize("art,path", [("s8", "matmulnbits"), ("s8", "qgemm"), ("s8", "qgemm-u8"),
+                                      ("s8", "mixed"), ("s4", "matmulnbits"), ("s4", "qgemm"),
+                                      ("s4", "qgemm-u8"), ("s4", "mixed")])
+def test_every_path_agrees_with_the_reference(arts, cache, monkeypatch, art, path):
     """Each path on this CPU, the QGEMM one with int8 and with uint8 weights (where u8 x s8
     saturates), and the mixed one (prompt chunks on the other path's sessions), against the
-    numpy engine within the int8 tolerance of test_cpu's QGEMM test."""
+    numpy engine within the int8 tolerance of test_cpu's QGEMM test; for 8-bit weights and for
+    4-bit ones (re-laid as int8 per channel on QGEMM)."""
     from edgellm.runtime.generator import Generator
 
-    ref = Generator.load(arts["s8"], engine="numpy").engine.forward(TOKENS, 0, all_logits=True)
+    ref = Generator.load(arts[art], engine="numpy").engine.forward(TOKENS, 0, all_logits=True)
     if path == "qgemm-u8":
         monkeypatch.setattr(kernels, "u8s8_exact", lambda: False)
     if path == "mixed":  # as if measured: matmulnbits for decode, qgemm from 4 rows
         monkeypatch.setattr(kernels, "measure", lambda *a, **k: {
             "matmulnbits": {"1": 1.0, "4": 2.0, "16": 8.0, "32": 16.0},
             "qgemm": {"1": 1.5, "4": 1.5, "16": 4.0, "32": 8.0}})
-    engine = _load(arts["s8"], kernel=path.split("-")[0])
+    engine = _load(arts[art], kernel=path.split("-")[0])
     if path == "qgemm-u8":
         assert engine.kernel.weights == "u8" and "saturates" in engine.kernel.why
         inits = [t for s in engine.layers for t in s.edgellm_external.values()]
         assert inits and all(a.dtype == np.uint8 for a in inits)
+    if path.startswith("qgemm"):
+        assert engine.relaid == {*engine_manifest(arts[art]).graphs["layers"],
+                                 engine_manifest(arts[art]).graphs["post"]}
     if path == "mixed":
         assert (engine.kernel.path, engine.kernel.prefill_path, engine.kernel.prefill_rows) == (
             "matmulnbits", "qgemm", 4)
@@ -213,7 +225,7 @@ def test_every_path_agrees_with_the_reference(arts, cache, monkeypatch, path):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9, path
     # one token at a time (the decode path) continues the same cache consistently
     step = engine.forward([7], len(TOKENS))
-    ref_step = Generator.load(arts["s8"], engine="numpy").engine
+    ref_step = Generator.load(arts[art], engine="numpy").engine
     ref_step.forward(TOKENS, 0)
     want = ref_step.forward([7], len(TOKENS))
     assert np.abs(step - want).max() < 0.05 * np.abs(want).max(), path
@@ -241,6 +253,36 @@ def test_the_prefill_path_is_dropped_where_memory_would_not_hold_both(arts, cach
     assert engine.kernel.prefill_path is None and engine.prefill_layers is None
     assert "would need" in engine.kernel.why and "are available" in engine.kernel.why
     assert engine.sessions(32) is engine.layers
+
+
+def test_4_bit_weights_are_re_laid_only_where_memory_holds_them(arts, tmp_path, cache,
+                                                                monkeypatch):
+    """QGEMM measured faster for 4-bit weights, but their int8 re-layout (twice the bytes) would
+    not fit: MatMulNBits runs them instead (auto), or, where the artifact's 8-bit lm_head has
+    only the QGEMM path, the 8-bit graph alone is re-laid; --kernel qgemm is obeyed."""
+    from edgellm import machine
+
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: {
+        "matmulnbits": {"1": 2.0, "4": 4.0, "16": 8.0, "32": 16.0},
+        "qgemm": {"1": 1.0, "4": 2.0, "16": 4.0, "32": 8.0}})
+    assert _load(arts["s4"]).kernel.path == "qgemm"  # plenty of memory: as measured
+    monkeypatch.setattr(machine, "machine_memory", lambda: (1 << 30, 1000))
+    engine = _load(arts["s4"])
+    assert engine.kernel.path == "matmulnbits" and not engine.relaid
+    assert "re-laid as int8 would need" in engine.kernel.why
+    assert _load(arts["s4"], kernel="qgemm").relaid  # forced: as asked
+
+    make_tiny_model(tmp_path / "hf", "qwen2", tied=False)
+    done = edgellm("build", tmp_path / "hf", "-o", tmp_path / "mixed", "--weight-type", "s4",
+                   "--kv-cache-len", "64", "--prefill-len", "32")
+    assert done.returncode == 0, done.stderr
+    from edgellm.runtime import cpu
+
+    monkeypatch.setattr(cpu, "read_cpu", lambda *a, **k: cpu.Cpu.core("cortex-a53"))
+    engine = _load(tmp_path / "mixed")  # the s8 lm_head has no MatMulNBits kernel on an A53
+    manifest = engine_manifest(tmp_path / "mixed")
+    assert engine.kernel.path == "qgemm" and engine.relaid == {manifest.graphs["post"]}
+    assert "8-bit weights only" in engine.kernel.why
 
 
 @pytest.mark.parametrize("times,want", [
@@ -309,20 +351,26 @@ def test_auto_speculation_drafts_only_where_a_several_row_forward_is_cheap(arts,
     assert (stats["auto"] is not None and stats["auto"].proposed > 0) == drafts
 
 
-def test_where_only_the_lm_head_is_8_bit_it_is_what_is_timed(tmp_path, cache, counted):
-    """s4 layers with an s8 lm_head: the layers run the same 4-bit kernel on either path, so
-    the measurement times the post graph (1 and 4 rows), and no prefill path is offered."""
+def test_4_bit_layers_are_timed_and_re_laid_too(tmp_path, cache, counted):
+    """s4 layers with an s8 lm_head (the default s4 layout): the 4-bit layers are what differs
+    between the paths (QGEMM re-lays them as int8), so they are timed, for every row count,
+    and a forced QGEMM re-lays every graph."""
     make_tiny_model(tmp_path / "hf", "qwen2", tied=False)
     done = edgellm("build", tmp_path / "hf", "-o", tmp_path / "art", "--weight-type", "s4",
-                   "--post-weight-type", "s8", "--kv-cache-len", "64", "--prefill-len", "32")
+                   "--kv-cache-len", "64", "--prefill-len", "32")
     assert done.returncode == 0, done.stderr
     from edgellm.artifact.reader import load_artifact
 
-    assert kernels.timed_graphs(load_artifact(tmp_path / "art").manifest)[1] is False
+    manifest = load_artifact(tmp_path / "art").manifest
+    assert manifest.post_scheme["bits"] == 8 and manifest.weight_scheme["bits"] == 4
+    assert kernels.timed_graphs(manifest) == (manifest.graphs["layers"][:kernels.LAYERS_TIMED],
+                                              True)
     engine = _load(tmp_path / "art", kernel="mixed")
-    assert counted and engine.kernel.timed == "post" and engine.kernel.prefill_path is None
-    assert set(engine.kernel.measured["matmulnbits"]) == {"1", "4"}
-    assert engine.row_cost() is None and "the lm_head measured" in engine.kernel.why
+    assert counted and engine.kernel.timed == "layers"
+    assert set(engine.kernel.measured["matmulnbits"]) == {"1", "4", "16", "32"}
+    assert engine.row_cost() is not None
+    engine = _load(tmp_path / "art", kernel="qgemm")
+    assert engine.relaid == {*manifest.graphs["layers"], manifest.graphs["post"]}
 
 
 def test_a_measurement_that_fails_falls_back_to_matmulnbits_with_a_warning(arts, cache,

@@ -16,7 +16,7 @@
 # fp16 (A55, A76), x86-64 with AVX2/FMA/F16C and no AVX-512 (Zen 1); its llama-quantize (x86,
 # run on the host) makes Q8_0 and Q4_0 from the GGUF. Per token from the difference of two runs
 # (which cancels loading): decode (-n 24 minus -n 8) / 16, prefill (-p 128 minus -p 64) / 64.
-# edgellm: probe.py's marks around 8 decode steps and a 64-token prompt chunk, `--kernel auto`.
+# edgellm: probe.py's marks around 8 decode steps and a 64-token prompt chunk, on each path.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -103,9 +103,10 @@ for cpu in $CPUS; do
         p128=$(count "$cpu" "$RES/t" "${bench[@]}" -p 128 -n 0)
         echo "{\"decode\": $(((d24 - d8) / 16)), \"prefill\": $(((p128 - p64) / 64))}" > "$line"
     done
-    # s8 on each path (A53: QGEMM only, MatMulNBits would dequantize per call), s4 as chosen
-    runs="s8@qgemm s4@auto"
-    [[ $cpu == cortex-a53 ]] || runs="s8@matmulnbits $runs"
+    # s8 and s4 on each path (A53: QGEMM only: MatMulNBits has no 8-bit kernel there, and the
+    # s4 layout's lm_head is 8-bit)
+    runs="s8@qgemm s4@qgemm"
+    [[ $cpu == cortex-a53 ]] || runs="s8@matmulnbits s4@matmulnbits $runs"
     for run in $runs; do
         name=${run%@*} kernel=${run#*@}
         line=$RES/$cpu-edgellm-$name-$kernel.json
@@ -149,7 +150,8 @@ print("| CPU (emulated) | edgellm, path | M instr./decoded token | M instr./pref
       "| decode, prefill: llama.cpp / edgellm |")
 print("|---|---|---|---|---|---|---|---|")
 for cpu in cpus:
-    for ours, theirs in (("s8-matmulnbits", "Q8_0"), ("s8-qgemm", "Q8_0"), ("s4-auto", "Q4_0")):
+    for ours, theirs in (("s8-matmulnbits", "Q8_0"), ("s8-qgemm", "Q8_0"),
+                         ("s4-matmulnbits", "Q4_0"), ("s4-qgemm", "Q4_0")):
         a, b = load(cpu, f"edgellm-{ours}"), load(cpu, f"llama-{theirs}")
         if a.get("error") == "missing":
             continue

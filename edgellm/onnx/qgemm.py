@@ -1,5 +1,10 @@
-"""8-bit MatMulNBits re-laid at load for ONNX Runtime's integer GEMM: on Arm cores without
-dotprod, and wherever it measures faster (runtime.kernels; on x86 it can be for prompt chunks).
+"""8-bit (and 4-bit) MatMulNBits re-laid at load for ONNX Runtime's integer GEMM: on Arm cores
+without dotprod, and wherever it measures faster (runtime.kernels; on x86 it can be for prompt
+chunks). A 4-bit weight is re-laid the same way, as int8 per output channel (its bytes double,
+its rounding adds little: a per-channel int8 step is ~10x finer than a 4-bit group's), where
+ONNX Runtime's 4-bit kernels are the slower ones: their prefill on a Zen 4 ran at 0.7x the
+integer GEMM's, and on a Cortex-A53 (no dotprod) they are fp32 NEON kernels at 5x the
+instructions per token of the re-layout (docs/PERFORMANCE.md).
 
 ORT's 8-bit MatMulNBits kernels on aarch64 need dotprod; on a Cortex-A53 or A72 the op
 dequantizes the whole weight on every call. ORT's MatMulInteger (MLAS QGEMM) has NEON kernels
@@ -42,20 +47,34 @@ _CONSTS = {"qgemm_inv127": np.float32(1 / 127), "qgemm_eps": np.float32(1e-12),
            "qgemm_flat": np.array([-1], np.int64), "qgemm_zp": np.uint8(128)}
 
 
+def _nibbles(u: np.ndarray) -> np.ndarray:
+    """4-bit values packed two to a byte, low nibble first (MatMulNBits), one to a byte."""
+    return np.stack([u & 0x0F, u >> 4], axis=-1).reshape(*u.shape[:-1], -1)
+
+
 def per_channel_int8(qweight: np.ndarray, scales: np.ndarray, k: int,
                      zero_points: np.ndarray | None = None,
-                     rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """8-bit MatMulNBits weights ([N, blocks, group] uint8, zero point 128 or one per group;
-    scales [N * blocks]) -> int8 [K, N] and one float32 scale per column [N]; `rows` output
-    rows at a time, so the float32 copy stays small (an lm_head's would be 4x its bytes)."""
-    n, blocks, group = qweight.shape
+                     rows: int = 1024, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits weights of `bits` 8 or 4 ([N, blocks, group * bits / 8] uint8, zero point
+    2 ** (bits - 1) or one per group, packed as the weights are; scales [N * blocks]) -> int8
+    [K, N] and one float32 scale per column [N]; `rows` output rows at a time, so the float32
+    copy stays small (an lm_head's would be 4x its bytes)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    n, blocks, _ = qweight.shape
     scales = scales.reshape(n, blocks, 1)
     if zero_points is not None:
-        zero_points = zero_points.reshape(n, -1)[:, :blocks, None]
+        zero_points = zero_points.reshape(n, -1)
+        if bits == 4:
+            zero_points = _nibbles(zero_points)
+        zero_points = zero_points[:, :blocks, None]
     q, col = np.empty((k, n), np.int8), np.empty(n, np.float32)
     for r in range(0, n, rows):
-        zp = 128.0 if zero_points is None else zero_points[r:r + rows].astype(np.float32)
-        w = (qweight[r:r + rows].astype(np.float32) - zp) * scales[r:r + rows]
+        zp = float(2 ** (bits - 1)) if zero_points is None \
+            else zero_points[r:r + rows].astype(np.float32)
+        u = qweight[r:r + rows]
+        w = ((_nibbles(u) if bits == 4 else u).astype(np.float32) - zp) * scales[r:r + rows]
+        group = w.shape[-1]
         w = w.reshape(len(w), blocks * group)[:, :k]
         c = np.abs(w).max(axis=1) / 127
         c[c == 0] = 1
@@ -121,9 +140,10 @@ class _Rewriter:
     def matmul(self, node) -> None:
         ins = list(node.input) + [""] * (6 - len(node.input))
         x, qweight, scales, zero_points, _, bias = ins
-        k = next(a.i for a in node.attribute if a.name == "K")
-        q, col = per_channel_int8(self.array(qweight), self.array(scales), k,
-                                  self.array(zero_points) if zero_points else None)
+        attrs = {a.name: a.i for a in node.attribute}
+        q, col = per_channel_int8(self.array(qweight), self.array(scales), attrs["K"],
+                                  self.array(zero_points) if zero_points else None,
+                                  bits=attrs["bits"])
         if self.unsigned:  # the same values + 128, read with zero point 128
             q = (q.view(np.uint8) ^ np.uint8(0x80))
         for name in filter(None, (qweight, scales, zero_points)):
@@ -140,8 +160,9 @@ class _Rewriter:
             self.node("Add", [y, bias], node.output[0])
 
 
-def is_8bit_matmul(node) -> bool:
-    return node.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 8
+def is_int_matmul(node, bits: tuple[int, ...] = (4, 8)) -> bool:
+    """A MatMulNBits of one of `bits` (what the re-layout takes)."""
+    return node.op_type == "MatMulNBits" and any(a.name == "bits" and a.i in bits
                                                  for a in node.attribute)
 
 
@@ -154,23 +175,24 @@ def mapped(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
                    if t.data_location == onnx.TensorProto.EXTERNAL}
 
 
-def relayout(path: Path, scratch: Path | None = None, weights: str = "s8"
+def relayout(path: Path, scratch: Path | None = None, weights: str = "s8",
+             bits: tuple[int, ...] = (4, 8)
              ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]] | None:
-    """The graph at `path` with its 8-bit MatMulNBits on QGEMM, for ORT to load from memory,
+    """The graph at `path` with its MatMulNBits of `bits` on QGEMM, for ORT to load from memory,
     and the external initializers to give it (SessionOptions.add_external_initializers;
-    none without `scratch`: every weight inline); None when it has no 8-bit matmul. The old
+    none without `scratch`: every weight inline); None when it has no such matmul. The old
     weights are read from their files, never loaded whole into the graph. weights: "s8" (int8,
     zero point 0) or "u8" (uint8, zero point 128: for CPUs whose u8 x s8 kernel saturates)."""
     if weights not in ("s8", "u8"):
         raise ValueError(f"weights must be s8 or u8, not {weights!r}")
     model = onnx.load(str(path), load_external_data=False)
-    if not any(is_8bit_matmul(n) for n in model.graph.node):
+    if not any(is_int_matmul(n, bits) for n in model.graph.node):
         return None
     g = model.graph
     r = _Rewriter(g, path.parent, scratch, weights)
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in _CONSTS.items())
     for node in list(g.node):
-        if is_8bit_matmul(node):
+        if is_int_matmul(node, bits):
             r.matmul(node)
         else:
             r.nodes.append(node)

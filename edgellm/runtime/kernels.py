@@ -1,12 +1,13 @@
-"""Which ONNX Runtime path runs an artifact's 8-bit weights on this CPU: measured, not predicted.
+"""Which ONNX Runtime path runs an artifact's integer weights on this CPU: measured, not predicted.
 
-Two paths read the same 8-bit weights:
+Two paths read the same 8-bit (or 4-bit) weights:
 - "matmulnbits": the graphs as built (MatMulNBits, accuracy level 4: int8 activations per block
   inside the op). Where ONNX Runtime has no 8-bit kernel for the CPU (aarch64 without dotprod,
   runtime.cpu) it is not a candidate.
 - "qgemm": the weights re-laid at load for ONNX Runtime's integer GEMM, MatMulInteger / MLAS
   QGEMM (edgellm.onnx.qgemm), with int8 weights where this CPU's u8 x s8 kernel is exact and
-  uint8 ones where it saturates (x86 without VNNI: `u8s8_exact` probes it).
+  uint8 ones where it saturates (x86 without VNNI: `u8s8_exact` probes it). 4-bit weights are
+  re-laid as int8 too: twice their bytes, so only where memory holds them (ort_engine).
 
 Which is faster is a property of the core, not of its feature flags (issue 29: on an AVX2-only
 Zen 1, one 896 -> 4864 op at 128 rows took 38 ms on MatMulNBits and 16 ms on QGEMM; on a Zen 4
@@ -37,7 +38,7 @@ from edgellm.errors import EdgeLLMError
 
 PATHS = ("matmulnbits", "qgemm")
 CHOICES = ("auto", "mixed", *PATHS)  # --kernel
-CACHE_VERSION = 2  # 2: the post graph timed where no layer is 8-bit (Choice.timed)
+CACHE_VERSION = 3  # 2: the post graph timed where no layer is 8-bit; 3: 4-bit re-laid too
 NOISE = 0.03  # a path must be this much faster somewhere, and no slower anywhere, to be chosen
 LAYERS_TIMED = 4  # the artifact's first layers, each with weights of its own (not all in cache)
 
@@ -102,9 +103,10 @@ def qgemm_weights() -> str:
     return "s8" if u8s8_exact() else "u8"
 
 
-def has_8bit(manifest) -> bool:
+def int_schemes(manifest) -> list[dict]:
+    """The artifact's integer weight schemes (what the QGEMM re-layout takes: 4 or 8 bits)."""
     schemes = [manifest.weight_scheme, manifest.post_scheme, *manifest.layer_schemes.values()]
-    return any(is_8bit(s) for s in schemes)
+    return [s for s in schemes if is_int(s)]
 
 
 def candidates(manifest, cpu, ort_version: str) -> dict[str, str]:
@@ -112,12 +114,17 @@ def candidates(manifest, cpu, ort_version: str) -> dict[str, str]:
     a path whose why starts with "no:" is not available."""
     from edgellm.runtime.cpu import matmul_path
 
-    if not manifest.graphs or not has_8bit(manifest):
-        return {"matmulnbits": "4-bit or float weights: MatMulNBits is the only path",
-                "qgemm": "no: it re-lays 8-bit weights, and this artifact has none"}
-    path, why = matmul_path(cpu, 8, manifest.graphs.get("accuracy_level", 4), ort_version)
-    return {"matmulnbits": why if path == "kernel" else f"no: {why}",
-            "qgemm": "8-bit weights re-laid for the integer GEMM"}
+    schemes = int_schemes(manifest) if manifest.graphs else []
+    if not schemes:
+        return {"matmulnbits": "float weights: MatMulNBits is the only path",
+                "qgemm": "no: it re-lays integer weights, and this artifact has none"}
+    level = manifest.graphs.get("accuracy_level", 4)
+    paths = {bits: matmul_path(cpu, bits, level, ort_version)
+             for bits in sorted({s["bits"] for s in schemes}, reverse=True)}
+    lacking = [why for path, why in paths.values() if path != "kernel"]
+    return {"matmulnbits": f"no: {lacking[0]}" if lacking else "; ".join(
+                why for _, why in paths.values()),
+            "qgemm": "integer weights re-laid for the integer GEMM"}
 
 
 def layout_key(manifest) -> str:
@@ -213,16 +220,17 @@ def row_counts(prefill_len: int) -> list[int]:
     return sorted({1, min(4, prefill_len), min(16, prefill_len), prefill_len})
 
 
-def is_8bit(scheme: dict) -> bool:
-    return scheme.get("kind") == "int" and scheme.get("bits") == 8
+def is_int(scheme: dict) -> bool:
+    """Integer weights the QGEMM re-layout takes (8 or 4 bits)."""
+    return scheme.get("kind") == "int" and scheme.get("bits") in (4, 8)
 
 
 def timed_graphs(manifest) -> tuple[list[str], bool]:
-    """(graph files, whether they are layers): the first LAYERS_TIMED layers with 8-bit
-    weights, or, where no layer has any (s4 layers with an s8 lm_head), the post graph, the
+    """(graph files, whether they are layers): the first LAYERS_TIMED layers with integer
+    weights, or, where no layer has any (float layers with an s8 lm_head), the post graph, the
     only one whose path differs."""
     layers = [g for g, layer in zip(manifest.graphs["layers"], manifest.layers)
-              if is_8bit(manifest.layer_schemes.get(layer) or manifest.weight_scheme)]
+              if is_int(manifest.layer_schemes.get(layer) or manifest.weight_scheme)]
     if layers:
         return layers[:LAYERS_TIMED], True
     return [manifest.graphs["post"]], False
@@ -230,7 +238,7 @@ def timed_graphs(manifest) -> tuple[list[str], bool]:
 
 def measure(artifact, paths: list[str], weights: str, make_session,
             turns: int = 5) -> dict[str, dict]:
-    """{path: {rows: ms}}: the artifact's first 8-bit layers (or its post graph) on each path,
+    """{path: {rows: ms}}: the artifact's first integer layers (or its post graph) on each path,
     for each row count, in turns (a slow moment of a shared host falls on every path alike);
     the median per path. The post graph is timed for 1 and 4 rows: the engine runs it on a
     prompt's last row only, and on a verify's few."""

@@ -12,6 +12,7 @@ in one call per session.
 from __future__ import annotations
 
 import mmap
+from dataclasses import replace
 
 import numpy as np
 
@@ -73,25 +74,55 @@ def _choose_kernel(artifact: Artifact, ort_version: str, threads: int, kernel: s
         raise
 
 
-def _with_memory_for_prefill(choice, artifact: Artifact):
-    """The choice as it is, or without its prefill path where this machine's available memory
-    would not hold the layers' weights twice with half of it to spare."""
-    from edgellm.machine import machine_memory
+def _int_bits(artifact: Artifact) -> dict[str, int]:
+    """The layer and post files with integer weights (what QGEMM re-lays): name -> bits."""
+    from edgellm.runtime.kernels import is_int
 
-    if not choice.prefill_path:
-        return choice
-    extra = sum(artifact.manifest.files.get(name, {}).get("size", 0)
-                for name in artifact.manifest.layers)
+    m = artifact.manifest
+    parts = [(layer, m.layer_schemes.get(layer) or m.weight_scheme) for layer in m.layers]
+    parts.append((m.post, m.post_scheme))
+    return {name: scheme["bits"] for name, scheme in parts if is_int(scheme)}
+
+
+def _relaid_bytes(artifact: Artifact, names) -> int:
+    """About what the re-laid int8 weights of these files take: each 8-bit file's size, twice
+    each 4-bit one's (an upper bound: a g32 4-bit file is 0.64 bytes a weight, int8 1)."""
+    bits, files = _int_bits(artifact), artifact.manifest.files
+    return sum(files.get(n, {}).get("size", 0) * (8 // bits[n]) for n in names if n in bits)
+
+
+def _with_memory(choice, artifact: Artifact, forced: bool) -> tuple[object, tuple[int, ...]]:
+    """(the choice, the bit widths its QGEMM sessions re-lay) as measured, or less where this
+    machine's available memory would not hold it with half to spare: no prefill path where the
+    layers' weights twice would not fit; 4-bit weights left on MatMulNBits where their int8
+    re-layout (twice their bytes) would not (matmulnbits instead, where it has kernels for the
+    rest, unless --kernel qgemm asked for it)."""
+    from edgellm.machine import machine_memory
+    from edgellm.runtime import kernels
+
     available = machine_memory()[1]
-    if 2 * extra > available:
-        return choice.without_prefill_path(
-            f"the layers on {choice.prefill_path} for prompts would need {extra / 1e6:,.0f} MB "
-            f"more, and {available / 1e6:,.0f} MB are available")
-    return choice
+    if choice.prefill_path:
+        extra = _relaid_bytes(artifact, artifact.manifest.layers)
+        if 2 * extra > available:
+            choice = choice.without_prefill_path(
+                f"the layers on {choice.prefill_path} for prompts would need {extra / 1e6:,.0f}"
+                f" MB more, and {available / 1e6:,.0f} MB are available")
+    four = [n for n, b in _int_bits(artifact).items() if b == 4]
+    if choice.path != "qgemm" or not four or forced:
+        return choice, (4, 8)
+    grows = _relaid_bytes(artifact, four) // 2  # int8 in place of the 4-bit bytes
+    if 2 * grows <= available:
+        return choice, (4, 8)
+    why = (f"the 4-bit weights re-laid as int8 would need {grows / 1e6:,.0f} MB more, and "
+           f"{available / 1e6:,.0f} MB are available")
+    if set(_int_bits(artifact).values()) == {4}:
+        return kernels.Choice("matmulnbits", why, choice.weights, choice.measured,
+                              timed=choice.timed), (4, 8)
+    return replace(choice, why=f"{choice.why}; 8-bit weights only: {why}"), (8,)
 
 
 def _session(ort, path, so, providers, relaid: bool = False, threads: int | None = None,
-             weights: str = "s8", context=None):
+             weights: str = "s8", context=None, bits: tuple[int, ...] = (4, 8)):
     """A session of the graph at `path`: as built, re-laid for QGEMM (`relaid`), and/or changed
     for a KV cache of another length (`context`: (config, layer, positions))."""
     from edgellm.fileutil import cache_dir
@@ -100,7 +131,7 @@ def _session(ort, path, so, providers, relaid: bool = False, threads: int | None
 
     try:
         # (graph, external weights), or None: nothing 8-bit in it
-        model = relayout(path, cache_dir() / "tmp", weights) if relaid else None
+        model = relayout(path, cache_dir() / "tmp", weights, bits) if relaid else None
         if model is None and context is None:
             return ort.InferenceSession(str(path), so, providers=providers)
         graph, external = model or mapped(path)
@@ -131,13 +162,15 @@ class OrtEngine:
     def __init__(self, artifact: Artifact, threads: int | None = None,
                  providers: list[str] | None = None, allow_slow_kernels: bool = False,
                  kernel: str = "auto", slots: int = 1, context: int | None = None):
-        """kernel: the path of the 8-bit weights (runtime.kernels): "matmulnbits" (the graphs
+        """kernel: the path of the integer weights (runtime.kernels): "matmulnbits" (the graphs
         as built), "qgemm" (re-laid at load for ORT's integer GEMM, edgellm.onnx.qgemm),
         "auto" (the faster, measured at the first load on this CPU, then cached) or "mixed"
         (auto, and prompt chunks on the other path where that was measured faster).
         slots: sequences with a KV cache each. context: its positions (default: the artifact's
         kv_cache_len; another length changes the layer graphs at load, runtime.context)."""
         import onnxruntime as ort
+
+        from edgellm.runtime import kernels
 
         m = artifact.manifest
         if not m.graphs:
@@ -154,7 +187,7 @@ class OrtEngine:
             ort, artifact.path / name, so, providers, qgemm, threads, weights)
         self.kernel = _choose_kernel(artifact, ort.__version__, self.threads, kernel,
                                      allow_slow_kernels, measured)
-        self.kernel = _with_memory_for_prefill(self.kernel, artifact)
+        self.kernel, bits = _with_memory(self.kernel, artifact, kernel in kernels.PATHS)
         self.ort = ort
         self.config = cfg = artifact.config
         self.kv_cache_len, self.prefill_len = context or m.kv_cache_len, m.prefill_len
@@ -168,7 +201,7 @@ class OrtEngine:
             layer = layer_of.get(name)
             return _session(ort, artifact.path / name, so, providers, qgemm, threads, weights,
                             (cfg, layer, self.kv_cache_len) if resized and layer is not None
-                            else None)
+                            else None, bits)
 
         on_qgemm = self.kernel.path == "qgemm"
         # the post session first: ORT prepacks the lm_head (136 MB for Qwen2-0.5B) through a
@@ -177,16 +210,15 @@ class OrtEngine:
         self.layers = [load(name, on_qgemm) for name in m.graphs["layers"]]
         # forwards of prefill_rows rows or more (prompt chunks) on the other path's sessions,
         # where it was measured faster there (runtime.kernels) and memory holds both
-        # (a layer without 8-bit weights is the same graph on either path: its session serves)
-        from edgellm.runtime.kernels import is_8bit
-
-        eight = [is_8bit(m.layer_schemes.get(layer) or m.weight_scheme)
-                 for layer in m.layers]
-        self.prefill_layers = [load(name, not on_qgemm) if is8 else same for name, is8, same
-                               in zip(m.graphs["layers"], eight, self.layers)] \
+        # (a layer without integer weights is the same graph on either path: its session serves)
+        relaid = [kernels.is_int(m.layer_schemes.get(layer) or m.weight_scheme)
+                  and (m.layer_schemes.get(layer) or m.weight_scheme)["bits"] in bits
+                  for layer in m.layers]
+        self.prefill_layers = [load(name, not on_qgemm) if other else same for name, other, same
+                               in zip(m.graphs["layers"], relaid, self.layers)] \
             if self.kernel.prefill_path else None
         self.prefill_rows = self.kernel.prefill_rows if self.prefill_layers else 1 << 30
-        # the graphs whose 8-bit weights were re-laid (those without any kept their graph)
+        # the graphs whose integer weights were re-laid (those without any kept their graph)
         sessions = [(m.graphs["post"], self.post), *zip(m.graphs["layers"], self.layers),
                     *zip(m.graphs["layers"], self.prefill_layers or [])]
         self.relaid = {name for name, s in sessions if hasattr(s, "edgellm_external")}
