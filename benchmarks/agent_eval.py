@@ -216,7 +216,8 @@ def run_case(client, model: str, case: dict, choice: str, system: str | None = N
     return row
 
 
-def evaluate(model: str, cases=CASES, configs=CONFIGS, system: str | None = None) -> dict:
+def evaluate(model: str, cases=CASES, configs=CONFIGS, system: str | None = None,
+             check_calls: float | None = None) -> dict:
     from starlette.testclient import TestClient
 
     from edgellm.demo import cached_artifact
@@ -226,7 +227,8 @@ def evaluate(model: str, cases=CASES, configs=CONFIGS, system: str | None = None
     gen = Generator.load(cached_artifact(model), threads=2)
     results = {}
     for choice, grammar in configs:
-        with TestClient(create_app(gen, model, tool_grammar=grammar)) as client:
+        with TestClient(create_app(gen, model, tool_grammar=grammar,
+                                   check_calls=check_calls)) as client:
             start = time.monotonic()
             rows = [(case, run_case(client, model, case, choice, system)) for case in cases
                     if not (choice == "required" and case["kind"] == "none")]
@@ -273,6 +275,8 @@ def main() -> int:
     p.add_argument("--configs", default="auto-on,auto-off,required",
                    help="which of auto-on, auto-off, required to run")
     p.add_argument("--system", help="a system message sent before every request")
+    p.add_argument("--check-calls", type=float, metavar="P",
+                   help="as `serve --check-calls P`: each auto call asked about")
     a = p.parse_args()
     kinds = {k: sum(1 for c in CASES if c["kind"] == k) for k in ("one", "two", "none", "trip")}
     print(f"{len(CASES)} cases: {kinds}; {len(TOOLS)} tools", file=sys.stderr)
@@ -280,7 +284,8 @@ def main() -> int:
     for model in a.models.split(","):
         configs = [c for c, name in zip(CONFIGS, ("auto-on", "auto-off", "required"))
                    if name in a.configs.split(",")]
-        all_results[model] = evaluate(model, configs=configs, system=a.system)
+        all_results[model] = evaluate(model, configs=configs, system=a.system,
+                                      check_calls=a.check_calls)
         if a.details:
             for config, r in all_results[model].items():
                 for case, row in r["rows"]:

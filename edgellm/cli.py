@@ -60,6 +60,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _probability(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        p = float("nan")
+    if not 0 < p < 1:  # (nan fails this too)
+        raise argparse.ArgumentTypeError(f"{text} is not a probability between 0 and 1")
+    return p
+
+
 def _command(sub, name: str, summary: str, description: str | None = None, **kw):
     return sub.add_parser(name, help=summary, description=description or summary,
                           formatter_class=_Help, **kw)
@@ -314,6 +324,12 @@ def _add_misc(sub):
     p.add_argument("--tool-system-prompt", metavar="TEXT|@FILE",
                    help="the system message of a request that offers tools and sends none of "
                         "its own (@FILE: read from a file); docs/AGENTS.md measures one")
+    p.add_argument("--check-calls", type=_probability, metavar="P", default=None,
+                   help="ask the model, after each call it makes under tool_choice auto, whether "
+                        "that function is the right way to answer (one more short prompt), and "
+                        "answer in words where its p(yes) is below P: fewer calls where no tool "
+                        "fits, on models that can tell (docs/AGENTS.md: Qwen2.5-Coder-1.5B at "
+                        "0.6; the 0.5B cannot)")
     p.add_argument("--no-tool-grammar", action="store_true",
                    help="leave tool_choice auto unconstrained (the lazy grammar keeps every call "
                         "the model opens valid; this is for measuring what it is worth)")
@@ -691,6 +707,7 @@ def cmd_serve(a) -> int:
           speculate=a.speculate, parallel=a.parallel, prefill_budget=a.prefill_budget,
           prompt_cache=a.prompt_cache, warm=a.warm or (), cache_reuse=_cache_reuse(a),
           tool_system=_text_or_file(a.tool_system_prompt, "--tool-system-prompt"),
+          check_calls=a.check_calls,
           prompt_cache_size=int(parse_size(a.prompt_cache_size, "--prompt-cache-size")),
           **_engine_opts(a))
     return 0

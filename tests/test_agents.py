@@ -200,3 +200,64 @@ def test_parallel_calls_and_parallel_false(canned):
     assert names == ["add", "get_weather"]
     one = _ask(client, "?", tools=TOOLS, parallel_tool_calls=False).choices[0].message
     assert [c.function.name for c in one.tool_calls] == ["add"]
+
+
+@pytest.fixture(scope="module")
+def checking(generator):
+    """Two servers asking the model about each call it makes: one that keeps any call the model
+    gives a p(yes) of at least 0.001, one that wants 0.999 (which no call of this model gets)."""
+    servers = [_client(create_app(generator, MODEL, check_calls=p)) for p in (0.001, 0.999)]
+    yield [(client, url) for _, _, client, url in servers]
+    for srv, thread, _, _ in servers:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_check_calls_asks_the_model_and_answers_in_words_where_it_says_no(live, checking):
+    """serve --check-calls P: a call the model does not hold to fit (p(yes) < P) becomes the
+    answer in words, on both APIs, streamed or not; a call it does hold stands, as without the
+    check; a required call is never asked about."""
+    import httpx
+
+    (lenient, _), (strict, strict_url) = checking
+    question = "What is 7 plus -4?"
+    want = _ask(live[0], question, tools=TOOLS).choices[0].message.tool_calls
+    kept = _ask(lenient, question, tools=TOOLS).choices[0]
+    assert kept.finish_reason == "tool_calls" and [
+        (c.function.name, c.function.arguments) for c in kept.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in want]
+    said = _ask(strict, question, tools=TOOLS).choices[0]
+    assert said.finish_reason == "stop" and not said.message.tool_calls, said
+    # the grammar of tool_choice none: no call of an offered tool, not even as text
+    assert said.message.content and '"name": "add"' not in said.message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       _ask(strict, question, tools=TOOLS, stream=True) if c.choices)
+    assert streamed == said.message.content
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question}],
+            "tools": TOOLS, "options": {"temperature": 0, "num_predict": 120}}
+    for stream in (False, True):
+        r = httpx.post(strict_url + "/api/chat", json={**body, "stream": stream}, timeout=120)
+        lines = [json.loads(line) for line in r.text.splitlines()] if stream else [r.json()]
+        assert r.status_code == 200 and not any(m.get("message", {}).get("tool_calls")
+                                                for m in lines), lines
+        words = "".join(m["message"]["content"] for m in lines)
+        assert words and '"name": "add"' not in words, lines
+    forced = _ask(strict, question, tools=TOOLS, tool_choice="required").choices[0]
+    assert forced.finish_reason == "tool_calls" and forced.message.tool_calls
+
+
+def test_the_yes_or_no_mask_follows_the_threshold(generator):
+    import numpy as np
+
+    from edgellm.server.steps import YesOrNo
+
+    logits = np.zeros(generator.tokenizer.get_vocab_size(), np.float32)
+    verdict = YesOrNo(generator, 0.6)
+    logits[verdict.yes] = np.log(0.55 / len(verdict.yes))  # p(yes) 0.55 against p(no) 0.45
+    logits[verdict.no] = np.log(0.45 / len(verdict.no))
+    masked = verdict.apply(logits)
+    assert verdict.p_yes == pytest.approx(0.55, abs=1e-6)
+    assert np.isfinite(masked).sum() == 1 and np.isfinite(masked[verdict.no[0]])
+    assert np.isfinite(YesOrNo(generator, 0.5).apply(logits)[verdict.yes[0]])
+    assert generator.tokenizer.decode([verdict.yes[0]]).strip().lower() == "yes"
+    assert generator.tokenizer.decode([verdict.no[0]]).strip().lower() == "no"

@@ -27,8 +27,8 @@ from edgellm.server.errors import APIError, error_body
 from edgellm.server.metrics import render
 from edgellm.server.scheduler import Scheduler
 from edgellm.server.schemas import ChatRequest, CompletionRequest
-from edgellm.server.steps import (FINISH, chat_message, encode_chat, grammar_mask, split_pieces,
-                                  watched)
+from edgellm.server.steps import (FINISH, chat_message, checked_calls, encode_chat, grammar_mask,
+                                  split_pieces, watched)
 from edgellm.server.upstream import SERVED_BY, Upstream
 from edgellm.text.reasoning import ReasoningStream
 
@@ -98,8 +98,11 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
                        sampling, stop, mask: TokenMask | None, inside: bool | None = None):
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     # tool calls stream as they are decoded when a grammar keeps them valid; unconstrained
-    # ones are parsed whole (and checked) before anything of them is sent
-    calls = ToolCallStream(tools, req.parallel_tool_calls) if tools and mask else None
+    # ones are parsed whole (and checked) before anything of them is sent, and so is an answer
+    # whose calls serve --check-calls asks the model about (tool_choice auto)
+    checking = served.check_calls is not None and tools and not prefix
+    calls = ToolCallStream(tools, req.parallel_tool_calls) if tools and mask and not checking \
+        else None
     live = not tools or calls is not None
     running = served.stream(ids, sampling, req.max_completion_tokens or req.max_tokens, stop,
                             mask, pieces=live)
@@ -129,6 +132,9 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
             for delta in deltas(None) if live else ():
                 yield _chunk(cid, name, delta)
             result = running.result()
+            if checking:
+                result = await checked_calls(served, req, ids, prefix, tools, result, sampling,
+                                             req.max_completion_tokens or req.max_tokens, stop)
             if calls is not None:
                 for delta in _deltas(calls.finish()):
                     yield _chunk(cid, name, delta)
@@ -212,9 +218,14 @@ def _add_routes(app: FastAPI, served: Scheduler, name: str, upstream: Upstream |
             return await _stream_chat(served, name, req, ids, prefix, tools, sampling, stop,
                                       mask, inside)
         cancel = threading.Event()
-        result = await watched(request, served.run(
-            ids, sampling, req.max_completion_tokens or req.max_tokens, stop, cancel=cancel,
-            mask=mask), cancel)
+        limit = req.max_completion_tokens or req.max_tokens
+
+        async def answer():
+            result = await served.run(ids, sampling, limit, stop, cancel=cancel, mask=mask)
+            return await checked_calls(served, req, ids, prefix, tools, result, sampling, limit,
+                                       stop, cancel)
+
+        result = await watched(request, answer(), cancel)
         message, finish = chat_message(result, prefix, tools, req.parallel_tool_calls, inside)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": name,
@@ -364,16 +375,19 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                upstream: Upstream | None = None, tool_grammar: bool = True,
                speculate: str = "auto", prefill_budget: int | None = None,
                prompt_store=None, cache_reuse: int = CACHE_REUSE,
-               tool_system: str | None = None) -> FastAPI:
+               tool_system: str | None = None, check_calls: float | None = None) -> FastAPI:
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`).
     `tool_grammar` False leaves `tool_choice` auto unconstrained (to measure what the lazy
     grammar is worth). `prefill_budget`: runtime.batch's prefill policy (None: one chunk).
     `prompt_store`: a runtime.prompt_store.PromptStore, long prefixes kept on disk.
     `cache_reuse`: the shortest run of a cached prompt moved past a change (0: off).
-    `tool_system`: the system message of requests that offer tools without one of their own."""
+    `tool_system`: the system message of requests that offer tools without one of their own.
+    `check_calls`: the p(yes) a call of tool_choice auto must get when the model is asked
+    whether it fits (steps.checked_calls; None: not asked)."""
     served = Scheduler.batched(gen, max_queue, cache_slots, speculate=speculate,
                                prefill_budget=prefill_budget, store=prompt_store,
-                               reuse=cache_reuse, tool_system=tool_system)
+                               reuse=cache_reuse, tool_system=tool_system,
+                               check_calls=check_calls)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

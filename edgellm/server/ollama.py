@@ -292,10 +292,17 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
                     "done": True, "done_reason": DONE[result.stop_reason],
                     **_timings(result, started)}
 
+        async def checked(result):  # serve --check-calls
+            return await steps.checked_calls(served, req, ids, prefix, active, result, sampling,
+                                             predict, stop, cancel)
+
+        cancel = threading.Event()
         if not body.stream:
-            cancel = threading.Event()
-            result = await steps.watched(request, served.run(
-                ids, sampling, predict, stop, cancel=cancel, mask=mask), cancel)
+            async def run():
+                return await checked(await served.run(ids, sampling, predict, stop,
+                                                       cancel=cancel, mask=mask))
+
+            result = await steps.watched(request, run(), cancel)
             return {**final(result), **answer(result)}
         live = not active  # tool calls are parsed whole, then sent as one message
         running = served.stream(ids, sampling, predict, stop, mask, pieces=live)
@@ -320,7 +327,7 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
                         yield _line({**head, "created_at": _now(), **part, "done": False})
                 for part in pieces(None) if live else ():
                     yield _line({**head, "created_at": _now(), **part, "done": False})
-                result = running.result()
+                result = await checked(running.result())
                 if not live:
                     yield _line({**head, "created_at": _now(), **answer(result), "done": False})
                 yield _line(final(result))

@@ -43,6 +43,7 @@ class Scheduler:
     closing: threading.Event = field(default_factory=threading.Event)  # the server stops
     speculate: str = "auto"  # runtime.speculative mode for every request
     tool_system: str | None = None  # serve --tool-system-prompt
+    check_calls: float | None = None  # serve --check-calls: the p(yes) a call must have
     slots: list[Slot] = field(default_factory=list)
     batcher: Batcher | None = None
     free: threading.Condition = field(default_factory=threading.Condition)
@@ -197,6 +198,13 @@ class Scheduler:
             return GenerationResult("", [], len(ids), 0.0, 0.0, 0.0, "cancelled")
         self.record(result)
         return result
+
+    async def follow_up(self, ids, sampling, max_tokens, stop, cancel=None, mask=None
+                        ) -> GenerationResult:
+        """A further generation for a request already admitted (serve --check-calls: its
+        question, its answer again): run as any, in the line again."""
+        self.pending += 1
+        return await self.run(ids, sampling, max_tokens, stop, cancel=cancel, mask=mask)
 
     def stream(self, ids, sampling, max_tokens, stop, mask: TokenMask | None = None,
                pieces: bool = True) -> "TextPieces":

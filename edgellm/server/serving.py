@@ -204,7 +204,8 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
           tool_grammar: bool = True, speculate: str = "auto", parallel: int | None = None,
           prefill_budget: int | None = None, prompt_cache: str | None = None,
           prompt_cache_size: int = 2 << 30, warm: list[str] = (), cache_reuse: int = CACHE_REUSE,
-          tool_system: str | None = None, **engine_opts) -> None:
+          tool_system: str | None = None, check_calls: float | None = None,
+          **engine_opts) -> None:
     import uvicorn
 
     from edgellm.artifact.reader import load_artifact
@@ -221,7 +222,7 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     name = model_name or Path(artifact).name
     store = open_store(gen, prompt_cache, prompt_cache_size) if prompt_cache else None
     app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar,
-                     tool_system=tool_system,
+                     tool_system=tool_system, check_calls=check_calls,
                      speculate=speculate, prefill_budget=prefill_budget, prompt_store=store,
                      cache_reuse=cache_reuse)
     text = banner(_urls(host, sock), name, gen, api_key)

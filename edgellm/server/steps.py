@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 from fastapi import Request
 
 from edgellm.chat.constrained import TokenMask
 from edgellm.chat.tools import forced_prefix, messages_for_template, parse_tool_calls
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.generator import GenerationResult, Generator
+from edgellm.runtime.sampler import SamplingConfig
 from edgellm.server.errors import APIError
 from edgellm.server.scheduler import Scheduler
-from edgellm.server.schemas import ChatRequest
+from edgellm.server.schemas import ChatRequest, Message
 from edgellm.text.reasoning import ReasoningStream, opens_inside, split_reasoning, thinks
 
 FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length",
@@ -107,6 +109,64 @@ def chat_message(r: GenerationResult, prefix: str, tools: list[dict],
     if parsed.error:
         message["tool_call_error"] = parsed.error  # reported, not passed on as a call
     return message, FINISH[r.stop_reason]
+
+
+# serve --check-calls: asked as a further user turn of the request's own conversation, so the
+# prefix cache holds all of it but the question (docs/AGENTS.md measured this and a fresh one)
+CHECK_QUESTION = ("Is calling the function `{name}` the right way to answer my request? "
+                  "Answer yes or no.")
+
+
+class YesOrNo:
+    """The mask of a one-token answer to a yes/no question: the model's "yes" where its
+    p(yes) / (p(yes) + p(no)) over the tokens that start either word is at least
+    `threshold`, else its "no"; `p_yes` keeps the figure."""
+
+    def __init__(self, gen: Generator, threshold: float):
+        def first(words):
+            return sorted({gen.tokenizer.encode(w, add_special_tokens=False).ids[0]
+                           for w in words})
+
+        self.yes, self.no = first(["yes", "Yes", " yes", " Yes"]), first(["no", "No", " no",
+                                                                          " No"])
+        self.threshold, self.p_yes = threshold, None
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        logits = np.asarray(logits, dtype=np.float64)
+        top = max(logits[self.yes].max(), logits[self.no].max())
+        yes, no = np.exp(logits[self.yes] - top).sum(), np.exp(logits[self.no] - top).sum()
+        self.p_yes = float(yes / (yes + no))
+        out = np.full(len(logits), -np.inf, np.float32)
+        out[self.yes[0] if self.p_yes >= self.threshold else self.no[0]] = 0.0
+        return out
+
+    def advance(self, token: int):
+        pass
+
+
+async def checked_calls(served: Scheduler, req: ChatRequest, ids: list[int], prefix: str,
+                        tools: list[dict], result: GenerationResult, sampling, max_tokens,
+                        stop, cancel: threading.Event | None = None) -> GenerationResult:
+    """serve --check-calls P: the answer as it is, or, where it calls a function the model,
+    asked whether that is the right way to answer, does not hold to fit (p(yes) below P), the
+    answer again in words (the grammar of tool_choice none). tool_choice auto only: a required
+    or named call was asked for."""
+    if served.check_calls is None or prefix or not tools or result.stop_reason == "cancelled":
+        return result
+    calls = parse_tool_calls(result.text, tools, req.parallel_tool_calls).calls
+    for name in dict.fromkeys(c["function"]["name"] for c in calls):
+        question = req.model_copy(update={"messages": [
+            *req.messages, Message(role="user", content=CHECK_QUESTION.format(name=name))]})
+        asked = encode_chat(served.gen, question, served.tool_system)[0]
+        if len(asked) >= served.gen.engine.kv_cache_len:
+            continue  # no room to ask: the call stands
+        verdict = YesOrNo(served.gen, served.check_calls)
+        await served.follow_up(asked, SamplingConfig(), 1, (), cancel, verdict)
+        if verdict.p_yes is not None and verdict.p_yes < served.check_calls:
+            words = await asyncio.get_running_loop().run_in_executor(
+                None, served.mask, lambda g: g.no_calls(tools), "tools")
+            return await served.follow_up(ids, sampling, max_tokens, stop, cancel, words)
+    return result
 
 
 def split_pieces(thinking: ReasoningStream | None, piece: str | None) -> list[tuple[str, str]]:
