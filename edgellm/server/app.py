@@ -109,6 +109,7 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
 
     thinking = ReasoningStream(inside) if inside is not None else None
     answer = prefix
+    gone = threading.Event()  # the client went away: a --check-calls follow-up stops
 
     def deltas(piece: str | None) -> list[dict]:
         nonlocal answer
@@ -134,7 +135,8 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
             result = running.result()
             if checking:
                 result = await checked_calls(served, req, ids, prefix, tools, result, sampling,
-                                             req.max_completion_tokens or req.max_tokens, stop)
+                                             req.max_completion_tokens or req.max_tokens, stop,
+                                             gone)
             if calls is not None:
                 for delta in _deltas(calls.finish()):
                     yield _chunk(cid, name, delta)
@@ -162,6 +164,7 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
             yield f"data: {json.dumps(_server_error(e))}\n\n"
         finally:
             running.cancel()  # a client that went away stops its generation
+            gone.set()  # and its check's
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})

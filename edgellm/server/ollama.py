@@ -339,6 +339,7 @@ def add_routes(app: FastAPI, served, name: str, tool_grammar: bool, artifact) ->
                                       f"log has the details"})
             finally:
                 running.cancel()  # a client that went away stops its generation
+                cancel.set()  # and a --check-calls follow-up
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
