@@ -18,19 +18,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bfcl  # noqa: E402
+from call_gate import IRRELEVANT, RELEVANT, bfcl  # this directory's: the same BFCL sample
 
-from edgellm.runtime.generator import Generator  # noqa: E402
-from edgellm.server import steps  # noqa: E402
-from edgellm.server.schemas import ChatRequest  # noqa: E402
-
-RELEVANT = ["simple_python", "multiple", "live_simple", "live_multiple"]
-IRRELEVANT = ["irrelevance", "live_irrelevance"]
+from edgellm.runtime.generator import Generator
+from edgellm.server import steps
+from edgellm.server.schemas import ChatRequest
 
 
 def main():
@@ -60,8 +55,7 @@ def main():
                     "request asks? Answer yes or no.")
             req = ChatRequest(model="m", messages=[{"role": "user", "content": text}])
         else:
-            text = (f"Is calling the function `{fn['name']}` the right way to answer my "
-                    "request? Answer yes or no.")
+            text = steps.CHECK_QUESTION.format(name=fn["name"])  # what serve asks
             req = ChatRequest(model="m", tools=tools_of(entry["function"]),
                               messages=entry["question"][0] + [{"role": "user", "content": text}])
         ids = steps.encode_chat(gen, req)[0]

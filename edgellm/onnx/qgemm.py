@@ -74,8 +74,7 @@ def per_channel_int8(qweight: np.ndarray, scales: np.ndarray, k: int,
             else zero_points[r:r + rows].astype(np.float32)
         u = qweight[r:r + rows]
         w = ((_nibbles(u) if bits == 4 else u).astype(np.float32) - zp) * scales[r:r + rows]
-        group = w.shape[-1]
-        w = w.reshape(len(w), blocks * group)[:, :k]
+        w = w.reshape(len(w), -1)[:, :k]
         c = np.abs(w).max(axis=1) / 127
         c[c == 0] = 1
         q[:, r:r + rows] = np.clip(np.rint(w / c[:, None]), -127, 127).T

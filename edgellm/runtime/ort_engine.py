@@ -84,14 +84,16 @@ def _int_bits(artifact: Artifact) -> dict[str, int]:
     return {name: scheme["bits"] for name, scheme in parts if is_int(scheme)}
 
 
-def _relaid_bytes(artifact: Artifact, names) -> int:
+def _relaid_bytes(artifact: Artifact, int_bits: dict[str, int], names) -> int:
     """About what the re-laid int8 weights of these files take: each 8-bit file's size, twice
     each 4-bit one's (an upper bound: a g32 4-bit file is 0.64 bytes a weight, int8 1)."""
-    bits, files = _int_bits(artifact), artifact.manifest.files
-    return sum(files.get(n, {}).get("size", 0) * (8 // bits[n]) for n in names if n in bits)
+    files = artifact.manifest.files
+    return sum(files.get(n, {}).get("size", 0) * (8 // int_bits[n]) for n in names
+               if n in int_bits)
 
 
-def _with_memory(choice, artifact: Artifact, forced: bool) -> tuple[object, tuple[int, ...]]:
+def _with_memory(choice, artifact: Artifact, int_bits: dict[str, int],
+                 forced: bool) -> tuple[object, tuple[int, ...]]:
     """(the choice, the bit widths its QGEMM sessions re-lay) as measured, or less where this
     machine's available memory would not hold it with half to spare: no prefill path where the
     layers' weights twice would not fit; 4-bit weights left on MatMulNBits where their int8
@@ -102,20 +104,20 @@ def _with_memory(choice, artifact: Artifact, forced: bool) -> tuple[object, tupl
 
     available = machine_memory()[1]
     if choice.prefill_path:
-        extra = _relaid_bytes(artifact, artifact.manifest.layers)
+        extra = _relaid_bytes(artifact, int_bits, artifact.manifest.layers)
         if 2 * extra > available:
             choice = choice.without_prefill_path(
                 f"the layers on {choice.prefill_path} for prompts would need {extra / 1e6:,.0f}"
                 f" MB more, and {available / 1e6:,.0f} MB are available")
-    four = [n for n, b in _int_bits(artifact).items() if b == 4]
+    four = [n for n, b in int_bits.items() if b == 4]
     if choice.path != "qgemm" or not four or forced:
         return choice, (4, 8)
-    grows = _relaid_bytes(artifact, four) // 2  # int8 in place of the 4-bit bytes
+    grows = _relaid_bytes(artifact, int_bits, four) // 2  # int8 in place of the 4-bit bytes
     if 2 * grows <= available:
         return choice, (4, 8)
     why = (f"the 4-bit weights re-laid as int8 would need {grows / 1e6:,.0f} MB more, and "
            f"{available / 1e6:,.0f} MB are available")
-    if set(_int_bits(artifact).values()) == {4}:
+    if set(int_bits.values()) == {4}:
         return kernels.Choice("matmulnbits", why, choice.weights, choice.measured,
                               timed=choice.timed), (4, 8)
     return replace(choice, why=f"{choice.why}; 8-bit weights only: {why}"), (8,)
@@ -187,7 +189,8 @@ class OrtEngine:
             ort, artifact.path / name, so, providers, qgemm, threads, weights)
         self.kernel = _choose_kernel(artifact, ort.__version__, self.threads, kernel,
                                      allow_slow_kernels, measured)
-        self.kernel, bits = _with_memory(self.kernel, artifact, kernel in kernels.PATHS)
+        int_bits = _int_bits(artifact)  # layer/post file -> bits of its integer weights
+        self.kernel, bits = _with_memory(self.kernel, artifact, int_bits, kernel in kernels.PATHS)
         self.ort = ort
         self.config = cfg = artifact.config
         self.kv_cache_len, self.prefill_len = context or m.kv_cache_len, m.prefill_len
@@ -211,9 +214,7 @@ class OrtEngine:
         # forwards of prefill_rows rows or more (prompt chunks) on the other path's sessions,
         # where it was measured faster there (runtime.kernels) and memory holds both
         # (a layer without integer weights is the same graph on either path: its session serves)
-        relaid = [kernels.is_int(m.layer_schemes.get(layer) or m.weight_scheme)
-                  and (m.layer_schemes.get(layer) or m.weight_scheme)["bits"] in bits
-                  for layer in m.layers]
+        relaid = [int_bits.get(layer) in bits for layer in m.layers]
         self.prefill_layers = [load(name, not on_qgemm) if other else same for name, other, same
                                in zip(m.graphs["layers"], relaid, self.layers)] \
             if self.kernel.prefill_path else None

@@ -27,8 +27,8 @@ from edgellm.server.errors import APIError, error_body
 from edgellm.server.metrics import render
 from edgellm.server.scheduler import Scheduler
 from edgellm.server.schemas import ChatRequest, CompletionRequest
-from edgellm.server.steps import (FINISH, chat_message, checked_calls, encode_chat, grammar_mask,
-                                  split_pieces, watched)
+from edgellm.server.steps import (FINISH, chat_message, checked_calls, checks_calls, encode_chat,
+                                  grammar_mask, split_pieces, watched)
 from edgellm.server.upstream import SERVED_BY, Upstream
 from edgellm.text.reasoning import ReasoningStream
 
@@ -100,7 +100,7 @@ async def _stream_chat(served: Scheduler, name: str, req: ChatRequest, ids, pref
     # tool calls stream as they are decoded when a grammar keeps them valid; unconstrained
     # ones are parsed whole (and checked) before anything of them is sent, and so is an answer
     # whose calls serve --check-calls asks the model about (tool_choice auto)
-    checking = served.check_calls is not None and tools and not prefix
+    checking = checks_calls(served, prefix, tools)
     calls = ToolCallStream(tools, req.parallel_tool_calls) if tools and mask and not checking \
         else None
     live = not tools or calls is not None

@@ -144,14 +144,19 @@ class YesOrNo:
         pass
 
 
+def checks_calls(served: Scheduler, prefix: str, tools: list[dict]) -> bool:
+    """Whether serve --check-calls asks about this request's calls: tool_choice auto only (a
+    required or named call, `prefix`, was asked for)."""
+    return served.check_calls is not None and bool(tools) and not prefix
+
+
 async def checked_calls(served: Scheduler, req: ChatRequest, ids: list[int], prefix: str,
                         tools: list[dict], result: GenerationResult, sampling, max_tokens,
                         stop, cancel: threading.Event | None = None) -> GenerationResult:
     """serve --check-calls P: the answer as it is, or, where it calls a function the model,
     asked whether that is the right way to answer, does not hold to fit (p(yes) below P), the
-    answer again in words (the grammar of tool_choice none). tool_choice auto only: a required
-    or named call was asked for."""
-    if served.check_calls is None or prefix or not tools or result.stop_reason == "cancelled":
+    answer again in words (the grammar of tool_choice none); see checks_calls."""
+    if not checks_calls(served, prefix, tools) or result.stop_reason == "cancelled":
         return result
     calls = parse_tool_calls(result.text, tools, req.parallel_tool_calls).calls
     for name in dict.fromkeys(c["function"]["name"] for c in calls):
