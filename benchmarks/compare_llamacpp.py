@@ -3,6 +3,7 @@
     CMAKE_ARGS="$(python benchmarks/compare_llamacpp.py --cmake-args)" \
         pip install llama-cpp-python==0.3.36   # builds llama.cpp from source (10-20 min)
     python benchmarks/compare_llamacpp.py --threads 2 [--weight-type s4] [--kernels auto,matmulnbits]
+                                          [--artifact ART ...]
 
 --cmake-args prints the llama.cpp build flags for this CPU: AVX2/FMA/F16C, AVX-512 (VNNI, BF16)
 only where /proc/cpuinfo lists them (AVX-512 code dies with SIGILL on an AVX2-only Zen 1) and
@@ -11,8 +12,9 @@ never AMX (listed in some VMs that cannot run it) or a native build.
 choice beside MatMulNBits alone, in the same run.
 
 Both sides start from the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF that `edgellm pull` fetches:
-llama.cpp re-quantizes it to Q8_0 (Q4_0) with its own quantize API, edgellm builds an s8 (s4,
-group 128) artifact.
+llama.cpp re-quantizes it to Q8_0 (Q4_0) with its own quantize API, edgellm builds its default
+s8 (s4) artifact; --artifact runs other builds of the same GGUF instead (another --group-size,
+say), each with every --kernels path, against the same llama.cpp run.
 Also prints the read-bandwidth roofline measured here: the decode speed no engine can beat when
 it reads every weight byte once per token.
 """
@@ -116,6 +118,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--weight-type", choices=("s8", "s4"), default="s8")
     p.add_argument("--kernels", default="auto", help="edgellm's paths to run, comma-separated")
+    p.add_argument("--artifact", action="append", default=[], metavar="ART",
+                   help="edgellm artifacts to run (default: the cached default build)")
     p.add_argument("--cmake-args", action="store_true", help="print llama.cpp's build flags "
                                                              "for this CPU and exit")
     a = p.parse_args()
@@ -124,24 +128,26 @@ def main() -> None:
         return
 
     kind = {"s8": "Q8_0", "s4": "Q4_0"}[a.weight_type]
-    artifact = cached_artifact(DEFAULT_MODEL, a.weight_type)
+    artifacts = [Path(x) for x in a.artifact] or [cached_artifact(DEFAULT_MODEL, a.weight_type)]
     theirs_gguf = llama_cpp_quantized(pull(DEFAULT_MODEL), kind)
 
     bw = read_bandwidth(a.threads)
-    per_token = weight_bytes_per_token(artifact)
-    ours = {k: bench(str(artifact), a.prompt_tokens, a.gen_tokens, a.repeats, threads=a.threads,
-                     kernel=k) for k in a.kernels.split(",")}
+    ours = {(art, k): bench(str(art), a.prompt_tokens, a.gen_tokens, a.repeats,
+                            threads=a.threads, kernel=k)
+            for art in artifacts for k in a.kernels.split(",")}
     theirs = bench_llama_cpp(theirs_gguf, a.threads, a.prompt_tokens, a.gen_tokens, a.repeats)
 
     print(f"model {DEFAULT_MODEL}, {a.threads} threads, prompt {a.prompt_tokens}, "
           f"generate {a.gen_tokens}, median of {a.repeats}")
-    print(f"read bandwidth {bw:.1f} GB/s; {a.weight_type} weights read per token "
-          f"{per_token / 1e9:.3f} GB; "
-          f"roofline {bw * 1e9 / per_token:.1f} tok/s")
+    for art in artifacts:
+        per_token = weight_bytes_per_token(art)
+        print(f"read bandwidth {bw:.1f} GB/s; {art.name}: weights read per token "
+              f"{per_token / 1e9:.3f} GB; roofline {bw * 1e9 / per_token:.1f} tok/s")
     print("| engine | prefill tok/s | decode tok/s | vs llama.cpp (prefill, decode) |")
     print("|---|---|---|---|")
-    for kernel, r in ours.items():
-        print(f"| edgellm {a.weight_type}, --kernel {kernel}: {r['engine']} "
+    for (art, kernel), r in ours.items():
+        name = f" {art.name}" if a.artifact else ""
+        print(f"| edgellm {a.weight_type}{name}, --kernel {kernel}: {r['engine']} "
               f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
               f"| {r['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x, "
               f"{r['decode_tok_s'] / theirs['decode_tok_s']:.2f}x |")

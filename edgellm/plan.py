@@ -15,7 +15,7 @@ from edgellm.artifact.inspect import layout_label
 from edgellm.boards import BOARDS, Board  # noqa: F401  (plan.BOARDS: the CLI's presets)
 from edgellm.compiler.memory import RUNTIME_OVERHEAD, footprint
 from edgellm.errors import EdgeLLMError
-from edgellm.quant.schemes import get_scheme
+from edgellm.quant.schemes import layout_schemes
 
 
 # (weight type, post weight type, group size, symmetric): the layouts compared; the artifact's
@@ -86,8 +86,7 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
                sum(m.files[f]["size"] for f in [*m.layers, m.post]))
     rows = []
     for weights, post, group, symmetric in VARIANTS:
-        scheme, post_scheme = get_scheme(weights, group, symmetric), get_scheme(post, group,
-                                                                                 symmetric)
+        scheme, post_scheme = layout_schemes(weights, (post,), group, symmetric)
         need = footprint(cfg, scheme, post_scheme, kv_cache_len)
         need = replace(need, kv_cache=need.kv_cache * parallel)  # one cache per request
         label = layout_label(scheme.to_dict(), post_scheme.to_dict())

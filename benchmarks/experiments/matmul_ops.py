@@ -2,7 +2,11 @@
 op costs for 1..M rows, and what one op over q/k/v (or gate/up) costs against separate ones.
 The figures in docs/PERFORMANCE.md ("Where a decode step goes", "Several clients at once").
 
-    python benchmarks/experiments/matmul_ops.py [--threads 2] [--copies 24]
+    python benchmarks/experiments/matmul_ops.py [--threads 2] [--copies 24] [--groups]
+
+--groups: instead, one gate projection (896 -> 4864) in 4 and 8 bits, groups of 32, 64 and 128,
+with and without a zero point per group: one row (GB/s of its weight bytes) and 128 rows
+(GOP/s); docs/PERFORMANCE.md, "The s4 layout's speed".
 
 Each configuration is built `copies` times (distinct weights, so that most of them are not in
 cache: as in a decode step, which reads every layer's weights once) and each session run once a
@@ -19,22 +23,29 @@ import numpy as np
 K, BLOCK = 896, 128
 
 
-def session(ns: list[int], fused: bool):
+def session(ns: list[int], fused: bool, bits: int = 8, block: int = BLOCK,
+            zero_points: bool = False, seed: int = 0):
     """One graph: x [M, K] -> one MatMulNBits per output size in ns, or one over all of them."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     groups = [[sum(ns)]] if fused else [[n] for n in ns]
     nodes, inits, outs = [], [], []
+    blocks = K // block
     for i, (n,) in enumerate(groups):
-        inits += [numpy_helper.from_array(rng.integers(0, 255, (n, K // BLOCK, BLOCK), np.uint8),
-                                          f"q{i}"),
-                  numpy_helper.from_array((rng.random(n * K // BLOCK) * 0.01).astype(np.float32),
+        inits += [numpy_helper.from_array(rng.integers(0, 255, (n, blocks, block * bits // 8),
+                                                       np.uint8), f"q{i}"),
+                  numpy_helper.from_array((rng.random(n * blocks) * 0.01).astype(np.float32),
                                           f"s{i}")]
-        nodes.append(helper.make_node("MatMulNBits", ["x", f"q{i}", f"s{i}"], [f"y{i}"],
-                                      domain="com.microsoft", K=K, N=n, bits=8,
-                                      block_size=BLOCK, accuracy_level=4))
+        inputs = ["x", f"q{i}", f"s{i}"]
+        if zero_points:
+            inits.append(numpy_helper.from_array(
+                rng.integers(0, 255, n * -(-blocks * bits // 8), np.uint8), f"z{i}"))
+            inputs.append(f"z{i}")
+        nodes.append(helper.make_node("MatMulNBits", inputs, [f"y{i}"],
+                                      domain="com.microsoft", K=K, N=n, bits=bits,
+                                      block_size=block, accuracy_level=4))
         outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [None, n]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, [None, K])], outs, inits)
@@ -57,14 +68,35 @@ def per_op_us(sessions, rows: int, rounds: int = 10) -> float:
     return float(np.median(times[1:]))
 
 
+def groups_table(copies: int):
+    n = 4864
+    print("| bits | group | zero points | 1 row | weights read | 128 rows | int8 work |")
+    print("|---|---|---|---|---|---|---|")
+    for bits in (4, 8):
+        for block in (32, 64, 128):
+            for zero_points in (True, False):
+                sessions = [session([n], False, bits, block, zero_points, seed)
+                            for seed in range(copies)]
+                size = n * K * bits / 8 + n * K / block * (4 + (bits / 8 if zero_points else 0))
+                one, full = per_op_us(sessions, 1), per_op_us(sessions, 128, rounds=4)
+                print(f"| {bits} | {block} | {'yes' if zero_points else 'no'} | {one:.0f} µs "
+                      f"| {size / one / 1e3:.1f} GB/s | {full / 1e3:.2f} ms "
+                      f"| {2 * n * K * 128 / full / 1e3:.0f} GOP/s |", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--copies", type=int, default=24)
+    p.add_argument("--groups", action="store_true",
+                   help="4- and 8-bit weights in groups of 32, 64, 128 (see above)")
     a = p.parse_args()
     from onnxruntime.capi import _pybind_state
 
     _pybind_state.set_global_thread_pool_sizes(a.threads, 1)  # as the engine does
+    if a.groups:
+        groups_table(a.copies)
+        return 0
     print("| op | " + " | ".join(f"{m} rows" for m in (1, 2, 4, 8)) + " |")
     print("|---|" + "---|" * 4)
     cases = [("gate 896→4864", [4864], False),

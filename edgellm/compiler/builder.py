@@ -29,7 +29,7 @@ from edgellm.compiler.vendor_config import apply_vendor_config, read_vendor_conf
 from edgellm.errors import EdgeLLMError
 from edgellm.fileutil import sample_sha256, sha256_file
 from edgellm.quant.gptq import gptq_quantize
-from edgellm.quant.schemes import (SCHEMES, GroupwiseIntScheme, get_scheme, layout_defaults,
+from edgellm.quant.schemes import (SCHEMES, GroupwiseIntScheme, layout_defaults, layout_schemes,
                                    quantize_rows, worst_relative_error)
 
 
@@ -301,8 +301,8 @@ def _compile(input_path: str | Path, output: str | Path, opts: BuildOptions,
         source.config = apply_vendor_config(vendor, source.config)
     if opts.target:
         opts = for_target(opts, source.config)
-    scheme = get_scheme(opts.weight_type, opts.group_size, not opts.asymmetric)
-    post_scheme = get_scheme(opts.post_weight_type, opts.group_size, not opts.asymmetric)
+    scheme, post_scheme = layout_schemes(opts.weight_type, (opts.post_weight_type,),
+                                         opts.group_size, not opts.asymmetric)
     _check_sliding_window(source.config, opts)
     if opts.memory_check:
         check_fits(source.config, scheme, post_scheme, opts.kv_cache_len,
@@ -351,8 +351,7 @@ def for_target(opts: BuildOptions, cfg) -> BuildOptions:
                 not opts.asymmetric)] if given else TARGET_LAYOUTS
     tried = []
     for weights, post, group, symmetric in layouts:
-        scheme, post_scheme = get_scheme(weights, group, symmetric), get_scheme(post, group,
-                                                                                 symmetric)
+        scheme, post_scheme = layout_schemes(weights, (post,), group, symmetric)
         slow = without_kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()],
                               opts.accuracy_level, onnxruntime.__version__)
         need = footprint(cfg, scheme, post_scheme, opts.kv_cache_len).runtime
@@ -419,7 +418,8 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
 
     layers, layer_schemes = [], {}
     kept = kept_layers(opts.keep_s8, cfg.num_layers)
-    keep_scheme = get_scheme("s8", opts.group_size, not opts.asymmetric)
+    keep_scheme = layout_schemes(opts.weight_type, ("s8",), opts.group_size,
+                                 not opts.asymmetric)[1]
     worst = 0.0
     for i in range(cfg.num_layers):
         progress.step(f"layer {i + 1}/{cfg.num_layers}", 1)

@@ -181,7 +181,8 @@ SCHEMES = {
 # What `--weight-type s4` means when nothing else is said: the best measured size/quality
 # trade-off (docs/QUALITY.md, Qwen2.5-Coder-0.5B, whole text: group 32, a zero point per group
 # and an s8 lm_head give +9.3% perplexity and KL 0.070, where group 128 all-s4 gives +18.4%
-# and KL 0.206). Other types: group 128, symmetric, the lm_head like the layers.
+# and KL 0.206; the s8 lm_head takes s8's own layout, layout_schemes). Other types: group 128,
+# symmetric, the lm_head like the layers.
 LAYOUT_DEFAULTS = {"s4": {"group_size": 32, "asymmetric": True, "post_weight_type": "s8"}}
 
 
@@ -189,6 +190,21 @@ def layout_defaults(weight_type: str) -> dict:
     """group_size, asymmetric and post_weight_type for a build that names only its type."""
     return LAYOUT_DEFAULTS.get(weight_type, {"group_size": 128, "asymmetric": False,
                                              "post_weight_type": weight_type})
+
+
+def layout_schemes(weight_type: str, other_types: tuple[str, ...], group_size: int | None,
+                   symmetric: bool) -> list:
+    """The layers' scheme, then one per name in other_types (the lm_head's, kept layers'):
+    group_size and symmetric describe the layers' type; a part of another type takes that
+    type's own defaults (an s4 build's s8 lm_head: group 128, symmetric, the s8 layout,
+    which is as exact as the source and reads faster than groups of 32: docs/PERFORMANCE.md)."""
+    def scheme(name: str):
+        if name == weight_type:
+            return get_scheme(name, group_size, symmetric)
+        own = layout_defaults(name)
+        return get_scheme(name, own["group_size"], not own["asymmetric"])
+
+    return [scheme(weight_type), *(scheme(t) for t in other_types)]
 
 
 def get_scheme(name: str, group_size: int | None = None, symmetric: bool = True):
