@@ -21,8 +21,8 @@ from edgellm.quant.schemes import layout_schemes
 # (weight type, post weight type, group size, symmetric): the layouts compared; the artifact's
 # own is marked, or added when it is none of these
 VARIANTS = [("bf16", "bf16", 128, True), ("s8", "s8", 128, True), ("s4", "s8", 32, False),
-            ("s4", "s4", 32, False), ("s4", "s4", 32, True), ("s4", "s8", 128, True),
-            ("s4", "s4", 128, True)]
+            ("s4", "s8", 64, False), ("s4", "s4", 32, False), ("s4", "s4", 32, True),
+            ("s4", "s8", 128, True), ("s4", "s4", 128, True)]
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _LIMITS = {False: (64e6, 16e12, "B"), True: (0.1e9, 10e12, "B/s")}  # plausible devices
 

@@ -208,13 +208,13 @@ def test_plan_refuses_nonsense_sizes(tiny_artifact, ram, bandwidth, words):
 
 
 def test_plan_adds_a_row_for_a_layout_it_does_not_list(tiny_hf, tmp_path):
-    art = tmp_path / "s4g64"
-    assert edgellm("build", tiny_hf, "-o", art, "--weight-type", "s4", "--group-size", "64",
+    art = tmp_path / "s4g128"
+    assert edgellm("build", tiny_hf, "-o", art, "--weight-type", "s4", "--group-size", "128",
                    "--kv-cache-len", "32").returncode == 0
     out = json.loads(edgellm("plan", art, "--ram", "2GB", "--bandwidth", "10GB/s",
                              "--json").stdout)
     first = out["rows"][0]
-    assert first["this_artifact"] and first["weights"] == "s4 g64 asym, s8 lm_head"
+    assert first["this_artifact"] and first["weights"] == "s4 g128 asym, s8 lm_head"
     manifest = json.loads((art / "manifest.json").read_text())
     written = sum(manifest["files"][f]["size"] for f in [*manifest["layers"], manifest["post"]])
     assert first["weights_gb"] == pytest.approx(written / 1e9)
