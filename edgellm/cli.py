@@ -99,8 +99,9 @@ def _add_build(sub):
                    help="weight type of the lm_head (default: s8 for s4 layers, else "
                         "--weight-type)")
     p.add_argument("--group-size", "--group_size", type=int, default=None, metavar="N",
-                   help="input channels per scale: 32, 64, 128, ... (default: 32 for s4, "
-                        "128 otherwise)")
+                   help="input channels per scale of the --weight-type's weights: 32, 64, "
+                        "128, ... (default: 32 for s4, 128 otherwise; an s4 build's s8 "
+                        "lm_head and --keep-s8 layers are laid out as s8's: 128, symmetric)")
     p.add_argument("--keep-s8", metavar="LAYERS",
                    help='layers kept at s8 in an s4 build, e.g. "0,1,-2--1" (first and last two)')
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
