@@ -31,13 +31,10 @@ def cached_artifact(name: str, weight_type: str = "s8") -> Path:
 
 def _up_to_date(manifest: Path, opts) -> bool:
     """Built by this format, with the layout `opts` asks for today (s4's default changed)."""
-    from edgellm.quant.schemes import layout_schemes
-
     if not manifest.is_file():
         return False
     m = json.loads(manifest.read_text())
-    scheme, post = layout_schemes(opts.weight_type, (opts.post_weight_type,), opts.group_size,
-                                  not opts.asymmetric)
+    scheme, post = opts.schemes()
     return (m.get("format_version") == FORMAT_VERSION
             and m.get("weight_scheme") == scheme.to_dict()
             and m.get("post_scheme") == post.to_dict())

@@ -101,6 +101,12 @@ class BuildOptions:
             if not Path(self.calibration).is_file():
                 raise EdgeLLMError(f"the calibration text {self.calibration} is not a file")
 
+    def schemes(self, *others: str) -> list:
+        """The layers' scheme, the lm_head's, then one per weight type in `others` (kept
+        layers'), as quant.schemes.layout_schemes lays them out for these options."""
+        return layout_schemes(self.weight_type, (self.post_weight_type, *others),
+                              self.group_size, not self.asymmetric)
+
 
 CALIBRATION_SEQ_LEN = 512  # tokens per calibration sequence (each from an empty KV cache)
 
@@ -301,8 +307,7 @@ def _compile(input_path: str | Path, output: str | Path, opts: BuildOptions,
         source.config = apply_vendor_config(vendor, source.config)
     if opts.target:
         opts = for_target(opts, source.config)
-    scheme, post_scheme = layout_schemes(opts.weight_type, (opts.post_weight_type,),
-                                         opts.group_size, not opts.asymmetric)
+    scheme, post_scheme = opts.schemes()
     _check_sliding_window(source.config, opts)
     if opts.memory_check:
         check_fits(source.config, scheme, post_scheme, opts.kv_cache_len,
@@ -418,8 +423,7 @@ def _build_into(source: Source, tmp: Path, opts: BuildOptions, scheme, post_sche
 
     layers, layer_schemes = [], {}
     kept = kept_layers(opts.keep_s8, cfg.num_layers)
-    keep_scheme = layout_schemes(opts.weight_type, ("s8",), opts.group_size,
-                                 not opts.asymmetric)[1]
+    keep_scheme = opts.schemes("s8")[2]
     worst = 0.0
     for i in range(cfg.num_layers):
         progress.step(f"layer {i + 1}/{cfg.num_layers}", 1)
