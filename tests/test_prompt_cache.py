@@ -248,6 +248,43 @@ def test_serve_reuses_the_prompt_cache_after_a_restart(art, tmp_path, parallel):
     assert answers[1] == answers[2]  # from disk, as without the cache
 
 
+def test_a_real_serve_process_restarted_takes_the_prefix_from_disk(art, tmp_path):
+    """Issue 42: what a hub does, a real `serve` process stopped (SIGINT) right after a request
+    and started again over the same --prompt-cache directory: the new process's first
+    request prefills only what follows the stored prefix (/metrics: prompt tokens less those
+    reused), and answers as the first process did."""
+    import re
+    import signal
+
+    import httpx
+
+    system = "You control a home. " + " ".join(f"lamp{i} is off." for i in range(12))
+    seen = []
+    for run in range(3):
+        proc, out = serve_process(art, "--port", "0", "--threads", "1", "--parallel", "2",
+                                  "--prompt-cache", tmp_path / "pc")
+        try:
+            url = re.search(r"OpenAI API  (http://\S+)/v1", "".join(out)).group(1)
+            body = {"model": "art", "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "system", "content": system},
+                                 {"role": "user", "content": "turn on lamp3"}]}
+            answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+            assert "usage" in answer, answer
+            metrics = parse(httpx.get(url + "/metrics", timeout=10).text)
+        finally:
+            proc.send_signal(signal.SIGINT)  # at once: the write must still reach the disk
+            assert proc.wait(60) == 0
+        prompt = answer["usage"]["prompt_tokens"]
+        prefilled = prompt - metrics["edgellm_prefix_cache_reused_tokens_total"]
+        seen.append((answer["choices"][0]["message"], prefilled,
+                     metrics["edgellm_prompt_cache_disk_hits_total"]))
+    (first, cold, hits), *restarts = seen
+    assert hits == 0 and cold == prompt > 100
+    for message, prefilled, hits in restarts:
+        assert hits == 1 and prefilled == 1  # the last prompt token always runs
+        assert message == first
+
+
 def test_serve_warm_prefills_at_start_and_reads_it_back_after_a_restart(art, tmp_path):
     import re
     import signal
@@ -266,7 +303,7 @@ def test_serve_warm_prefills_at_start_and_reads_it_back_after_a_restart(art, tmp
         lines.append([w for w in out if "warmed" in w])
     counts = [[tuple(map(int, re.search(r": (\d+) tokens \((\d+) read", w).groups()))
                for w in run] for run in lines]
-    from edgellm.runtime.prefix_cache import common_prefix
+    from edgellm.runtime.cache_reuse import common_prefix
     from edgellm.server.serving import warm_ids
 
     gen = Generator.load(art, engine="numpy")

@@ -150,7 +150,8 @@ def test_stop_strings_cut_text_and_stream(smol_s8):
 
 @pytest.mark.parametrize("engine", ["numpy", "ort"])
 def test_prefix_cache_slots_serve_alternating_conversations(tiny_artifact, engine):
-    from edgellm.runtime.prefix_cache import PrefixCache, common_prefix
+    from edgellm.runtime.cache_reuse import common_prefix
+    from edgellm.runtime.prefix_cache import PrefixCache
 
     gen = Generator.load(tiny_artifact, engine=engine)
     cache = PrefixCache(gen, slots=2, min_gain=4)

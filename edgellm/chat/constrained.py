@@ -73,9 +73,15 @@ class ToolCallGrammar:
     @classmethod
     def for_generator(cls, gen) -> "ToolCallGrammar":
         """The grammar tokenizer of a runtime.generator.Generator's model."""
-        added = {t.content for t in gen.tokenizer.get_added_tokens_decoder().values()}
-        return cls(gen.tokenizer.to_str(), gen.artifact.manifest.config["vocab_size"],
-                   gen.eos_ids, tag_is_token={OPEN_TAG, CLOSE_TAG} <= added)
+        return cls.for_text(gen.text, gen.artifact.manifest.config["vocab_size"])
+
+    @classmethod
+    def for_text(cls, text, n_vocab: int) -> "ToolCallGrammar":
+        """The grammar tokenizer of a model's text interface (edgellm.text.ModelText), which
+        can be made before its engine loads."""
+        added = {t.content for t in text.tokenizer.get_added_tokens_decoder().values()}
+        return cls(text.tokenizer.to_str(), n_vocab, text.eos_ids,
+                   tag_is_token={OPEN_TAG, CLOSE_TAG} <= added)
 
     def _mask(self, lark: str, what: str) -> TokenMask:
         try:

@@ -24,6 +24,16 @@ CANDIDATES = 16  # places of one anchor tried (repeated text: a device list repe
 _TYPES = {np.dtype(t): kind for kind, t in dtypes.STORAGE_DTYPE.items()}  # K/V dtype -> kind
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def runs(old: list[int], new: list[int], start: int, min_run: int
          ) -> list[tuple[int, int, int]]:
     """(new position, old position, length): runs of new[start:] equal to old[start:], in the

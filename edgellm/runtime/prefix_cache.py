@@ -10,16 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgellm.runtime.cache_reuse import common_prefix
 from edgellm.runtime.generator import Generator
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+from edgellm.runtime.prompt_store import positions
 
 
 @dataclass
@@ -75,7 +68,7 @@ class PrefixCache:
         if len(self.gen.cached_ids) - common_prefix(self.gen.cached_ids, target) >= \
                 self.min_gain:
             self._save_live()
-        self.gen.engine.kv_restore(tuple(np.take(a, range(n), axis=axis) for a in kv))
+        self.gen.engine.kv_restore(tuple(positions(a, 0, n, axis) for a in kv))
         self.gen.cached_ids = list(target[:n])
         self.disk_hits += 1
         return stored, lambda: kv
@@ -144,8 +137,8 @@ class PrefixCache:
             self._save_live()
             k, v = slot.kv
             axis = self._axis(k)
-            self.gen.engine.kv_restore((np.take(k, range(best), axis=axis),
-                                        np.take(v, range(best), axis=axis)))
+            self.gen.engine.kv_restore((positions(k, 0, best, axis),
+                                        positions(v, 0, best, axis)))
             self.gen.cached_ids = list(slot.ids[:best])
             self._saved[best_key] = slot  # still useful later; most recently used now
             self.swaps += 1
@@ -169,7 +162,7 @@ class PrefixCache:
         engine, (k, v) = self.gen.engine, kv
         axis = self._axis(k)
         for new_pos, old_pos, n in found:
-            keys, values = (np.take(a, range(old_pos, old_pos + n), axis=axis) for a in (k, v))
+            keys, values = (positions(a, old_pos, old_pos + n, axis) for a in (k, v))
             engine.kv_restore((moved_keys(keys, engine.config, engine.kv_cache_len,
                                           new_pos - old_pos), values), at=new_pos)
         end = start

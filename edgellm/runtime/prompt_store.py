@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.errors import EdgeLLMError
+from edgellm.runtime.cache_reuse import common_prefix
 
 MAGIC = b"EDGELLM-KV\n"
 VERSION = 1
@@ -52,6 +53,11 @@ def identity(gen) -> str:
     for p in parts:
         h.update(len(p).to_bytes(8, "little") + p)
     return h.hexdigest()[:32]
+
+
+def positions(a: np.ndarray, start: int, stop: int, axis: int) -> np.ndarray:
+    """Positions start..stop-1 of a K or V array along `axis`: a view, not a copy."""
+    return a[(slice(None),) * axis + (slice(start, stop),)]
 
 
 def _warn(text: str) -> None:
@@ -115,8 +121,6 @@ class PromptStore:
     def best(self, ids: list[int]) -> tuple[int, str | None]:
         """(n, file name): the stored prefix sharing the most leading tokens with ids; of
         several, the longest (what follows a change may still be in it: runtime.cache_reuse)."""
-        from edgellm.runtime.prefix_cache import common_prefix
-
         best, name, length = 0, None, 0
         with self.lock:
             entries = list(self.index.items())
@@ -128,18 +132,24 @@ class PromptStore:
 
     def load(self, file: str, n: int, axis: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The first n positions of a stored K/V (positions along `axis`), checked against its
-        checksum; None (and the file removed) when it is damaged."""
+        checksum; None (and the file removed) when it is damaged. Views of the file mapped
+        read-only, not copies (a 3,000-token prefix of the 0.5B is 74 MB: copying it twice
+        cost 0.25 s of a restart's first request on the AVX2-only host); a file replaced or
+        removed later leaves the mapping as it was read."""
+        import mmap
+
         path = self.dir / file
         header = self._header(path)
         if header is None:
             return None
         try:
             with open(path, "rb") as f:
-                f.seek(header["offset"])
-                payload = f.read(header["payload_bytes"])
-        except OSError as e:
-            return self._drop(path, f"cannot be read ({e.strerror})")
-        if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            return self._drop(path, f"cannot be read ({getattr(e, 'strerror', None) or e})")
+        payload = memoryview(mapped)[header["offset"]:header["offset"] + header["payload_bytes"]]
+        if len(payload) != header["payload_bytes"] or \
+                hashlib.sha256(payload).hexdigest() != header["sha256"]:
             return self._drop(path, "is damaged (checksum)")
         dtype = np.dtype(header["dtype"])
         k_shape, v_shape = tuple(header["k_shape"]), tuple(header["v_shape"])
@@ -149,7 +159,7 @@ class PromptStore:
                           count=int(np.prod(v_shape))).reshape(v_shape)
         os.utime(path)  # most recently used
         self.loads += 1
-        return (np.take(k, range(n), axis=axis), np.take(v, range(n), axis=axis))
+        return positions(k, 0, n, axis), positions(v, 0, n, axis)
 
     def has(self, ids: list[int]) -> bool:
         return self.name(ids) in self.index

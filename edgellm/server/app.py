@@ -378,7 +378,8 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
                upstream: Upstream | None = None, tool_grammar: bool = True,
                speculate: str = "auto", prefill_budget: int | None = None,
                prompt_store=None, cache_reuse: int = CACHE_REUSE,
-               tool_system: str | None = None, check_calls: float | None = None) -> FastAPI:
+               tool_system: str | None = None, check_calls: float | None = None,
+               grammar_build=None) -> FastAPI:
     """The ASGI app serving `gen` as `model_name` (other models / long prompts to `upstream`).
     `tool_grammar` False leaves `tool_choice` auto unconstrained (to measure what the lazy
     grammar is worth). `prefill_budget`: runtime.batch's prefill policy (None: one chunk).
@@ -386,17 +387,20 @@ def create_app(gen: Generator, model_name: str, api_key: str | None = None,
     `cache_reuse`: the shortest run of a cached prompt moved past a change (0: off).
     `tool_system`: the system message of requests that offer tools without one of their own.
     `check_calls`: the p(yes) a call of tool_choice auto must get when the model is asked
-    whether it fits (steps.checked_calls; None: not asked)."""
+    whether it fits (steps.checked_calls; None: not asked). `grammar_build`: a Future of the
+    model's chat.constrained.ToolCallGrammar under way (else the first request that needs a
+    mask makes it)."""
     served = Scheduler.batched(gen, max_queue, cache_slots, speculate=speculate,
                                prefill_budget=prefill_budget, store=prompt_store,
                                reuse=cache_reuse, tool_system=tool_system,
-                               check_calls=check_calls)
+                               check_calls=check_calls, grammar_build=grammar_build)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         served.open()
         yield
         served.close()  # shutting down: running and queued generations stop at their next step
+        await asyncio.get_running_loop().run_in_executor(None, served.finish_writes)
 
     app = FastAPI(title="edgellm", version="0.1.0", lifespan=lifespan)
     app.state.served = served

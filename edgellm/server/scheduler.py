@@ -15,7 +15,8 @@ from edgellm.chat.constrained import TokenMask, ToolCallGrammar
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.batch import Batcher, SlotEngine
 from edgellm.runtime.generator import GenerationResult, Generator
-from edgellm.runtime.prefix_cache import PrefixCache, common_prefix
+from edgellm.runtime.cache_reuse import common_prefix
+from edgellm.runtime.prefix_cache import PrefixCache
 from edgellm.server.errors import APIError
 from edgellm.server.metrics import REJECTED
 from edgellm.server.request_log import note_tokens
@@ -40,6 +41,8 @@ class Scheduler:
     prefix_cache: PrefixCache  # slot 0's
     pending: int = 0  # admitted requests (running + waiting)
     grammar: ToolCallGrammar | None = None  # built by the first request that needs a mask
+    # or, given, by this (a concurrent.futures.Future: serve starts it as the model loads)
+    grammar_build: object | None = None
     closing: threading.Event = field(default_factory=threading.Event)  # the server stops
     speculate: str = "auto"  # runtime.speculative mode for every request
     tool_system: str | None = None  # serve --tool-system-prompt
@@ -136,6 +139,12 @@ class Scheduler:
     def mask(self, build, param: str) -> TokenMask:
         """`build(grammar)`'s token mask for one request (the model's grammar tokenizer is made
         on first use, about a second); a grammar llguidance refuses is the request's fault."""
+        if self.grammar is None and self.grammar_build is not None:
+            try:
+                self.grammar = self.grammar_build.result()
+            except Exception:  # noqa: BLE001 (made again below, where its error is the answer)
+                pass
+            self.grammar_build = None
         if self.grammar is None:
             self.grammar = ToolCallGrammar.for_generator(self.gen)
         try:
@@ -150,6 +159,12 @@ class Scheduler:
     def close(self):
         """Stop every running and queued generation at its next step (server shutdown)."""
         self.closing.set()
+
+    def finish_writes(self):
+        """Wait for the prompt store's writes under way (at shutdown: a prefix remembered just
+        before a stop is on disk for the next start, not lost with the process)."""
+        for slot in self.slots:
+            slot.prefix_cache.flush()
 
     async def run(self, ids, sampling, max_tokens, stop, on_text=None,
                   cancel: threading.Event | None = None, mask: TokenMask | None = None
