@@ -10,6 +10,7 @@ import numpy as np
 
 from edgellm.artifact.inspect import layout_label
 from edgellm.errors import EdgeLLMError
+from edgellm.runtime import roofline
 from edgellm.runtime.context import more_context
 
 _TEXT = ("The edge device reads every weight once per generated token, so decoding speed is set "
@@ -128,16 +129,23 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
         _progress(f"bench: run {i + 1} of {repeats} (prefill {prompt_tokens}, decode "
                   f"{gen_tokens}) ...")
         runs.append(_one_pass(gen, prompt, gen_tokens))
+    _progress("bench: the machine's limits (read bandwidth, integer GEMM) ...")
+    prefill = round(prompt_tokens / statistics.median(r[0] for r in runs), 2)
+    decode = round(statistics.median(r[2] for r in runs), 2)
+    limits = roofline.limits(gen.engine, threads, decode, prefill,
+                             depth=prompt_tokens + gen_tokens // 2,
+                             prefill_rows=min(prompt_tokens, gen.engine.prefill_len))
     _progress("")
     return {
         **about,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "repeats": repeats,
-        "prefill_tok_s": round(prompt_tokens / statistics.median(r[0] for r in runs), 2),
+        "prefill_tok_s": prefill,
         "ttft_ms": round(statistics.median(r[1] for r in runs) * 1000, 2),
-        "decode_tok_s": round(statistics.median(r[2] for r in runs), 2),
+        "decode_tok_s": decode,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **limits,
     }
 
 
@@ -152,7 +160,24 @@ def markdown(r: dict) -> str:
         f"| {r['threads'] or 'BLAS default'} | {r['prefill_tok_s']:.1f} ({r['prompt_tokens']} tokens) "
         f"| {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB |",
     ] + ([f"\nkernel: {r['kernel']}"] if r.get("kernel") else [])
-      + ([f"context: {r['context']} positions"] if r.get("context") else []))
+      + ([f"context: {r['context']} positions"] if r.get("context") else [])
+      + _limit_lines(r))
+
+
+def _limit_lines(r: dict) -> list[str]:
+    """Each speed beside its physical limit on this machine (runtime.roofline)."""
+    if "roofline_tok_s" not in r:
+        return []
+    threads = r["threads"] or "all"
+    lines = [f"decode: {r['decode_of_roofline']:.0%} of its roofline, {r['roofline_tok_s']:.1f} "
+             f"tok/s = {r['read_bandwidth_gb_s']:.1f} GB/s read (measured here, {threads} "
+             f"thread{'' if threads == 1 else 's'}) / {r['bytes_per_token'] / 1e6:.0f} MB a token"]
+    if "int8_gemm_gops" in r:
+        m, k, n = r["int8_gemm_shape"]
+        lines.append(f"prefill: {r['prefill_gops']:.0f} GOPS in the layers' matmuls, "
+                     f"{r['prefill_of_gemm']:.0%} of ONNX Runtime's integer GEMM here "
+                     f"({r['int8_gemm_gops']:.0f} GOPS on {m}x{k} by {k}x{n})")
+    return lines
 
 
 def _answer_markdown(r: dict) -> str:

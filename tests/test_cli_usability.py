@@ -133,6 +133,42 @@ def test_bench_names_the_artifact_and_the_threads_used(tiny_artifact):
     assert out["threads"] == physical_cores() >= 1
 
 
+@pytest.mark.parametrize("kernel", ["matmulnbits", "qgemm"])
+def test_bench_puts_each_speed_beside_its_physical_limit(tiny_artifact, kernel):
+    """Issue 42: the bytes a decoded token reads, the read bandwidth measured with the same
+    threads, the roofline and decode's share of it; prefill beside the integer GEMM's rate."""
+    from edgellm.artifact.reader import load_artifact
+
+    done = edgellm("bench", tiny_artifact, "--prompt-tokens", "8", "--gen-tokens", "4",
+                   "--repeats", "1", "--kernel", kernel, "--threads", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    art = load_artifact(tiny_artifact)
+    m, cfg = art.manifest, art.config
+    files = sum(m.files[f]["size"] for f in [*m.layers, m.post])
+    d, i, q = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim
+    kv = cfg.num_kv_heads * cfg.head_dim
+    linears = cfg.num_layers * (d * (q + 2 * kv) + q * d + 3 * d * i) + cfg.vocab_size * d
+    # the files as built; on QGEMM the re-laid int8 matrices, one byte a weight
+    assert out["weight_bytes_per_token"] == (files if kernel == "matmulnbits" else linears)
+    depth = 8 + 4 // 2  # the decode's mean position
+    assert out["bytes_per_token"] == out["weight_bytes_per_token"] + \
+        depth * 2 * cfg.num_layers * kv * 4  # fp32 K and V
+    assert out["read_bandwidth_gb_s"] > 0 and out["bandwidth_probe_mb"] >= 64
+    assert out["roofline_tok_s"] == pytest.approx(
+        out["read_bandwidth_gb_s"] * 1e9 / out["bytes_per_token"], rel=1e-3)
+    assert out["decode_of_roofline"] == pytest.approx(
+        out["decode_tok_s"] / out["roofline_tok_s"], abs=2e-3)
+    assert out["int8_gemm_shape"] == [8, d, i] and out["int8_gemm_gops"] > 0
+    assert out["prefill_of_gemm"] == pytest.approx(
+        out["prefill_gops"] / out["int8_gemm_gops"], abs=0.01)
+    text = edgellm("bench", tiny_artifact, "--prompt-tokens", "8", "--gen-tokens", "4",
+                   "--repeats", "1", "--kernel", kernel, "--threads", "1").stdout
+    assert re.search(r"decode: \d+% of its roofline, [\d.]+ tok/s = [\d.]+ GB/s read "
+                     r"\(measured here, 1 thread\)", text), text
+    assert "of ONNX Runtime's integer GEMM here" in text
+
+
 # --- plan ------------------------------------------------------------------------------------
 
 def test_plan_reads_bare_numbers_as_gigabytes_and_marks_the_artifact(tiny_artifact):

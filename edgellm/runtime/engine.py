@@ -83,6 +83,11 @@ class NumpyEngine:
         """The KV cache of all slots, as allocated."""
         return self.k_slots.nbytes + self.v_slots.nbytes
 
+    def decode_weight_bytes(self) -> int:
+        """The weights one decoded token reads: the float32 copies of every layer's and the
+        lm_head's matrices."""
+        return sum(a.nbytes for w in [*self.layers, self.post_weights] for a in w.values())
+
     def kv_snapshot(self, n: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Copies of a slot's first n cache positions of every layer."""
         return self.k_slots[slot, :, :n].copy(), self.v_slots[slot, :, :n].copy()
