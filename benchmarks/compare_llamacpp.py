@@ -15,49 +15,46 @@ Both sides start from the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF that `edgellm 
 llama.cpp re-quantizes it to Q8_0 (Q4_0) with its own quantize API, edgellm builds its default
 s8 (s4) artifact; --artifact runs other builds of the same GGUF instead (another --group-size,
 say), each with every --kernels path, against the same llama.cpp run.
-Also prints the read-bandwidth roofline measured here: the decode speed no engine can beat when
-it reads every weight byte once per token.
+Every row stands beside its physical limit (edgellm.runtime.roofline): the bytes one decoded
+token reads (edgellm: the weights as its engine holds them; llama.cpp: the GGUF's tensors but
+the embedding, and its f16 K/V), the read bandwidth measured here with the same threads over a
+buffer that size, the roofline (the decode speed no engine reading those bytes can beat) and
+the share of it reached; --llama-cpp source,Q8_0,Q4_0 runs llama.cpp on the pulled Q4_K_M file
+as it is (what Ollama users run) beside its own re-quantizations.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from edgellm.bench import bench
 from edgellm.demo import cached_artifact
 from edgellm.hub.pull import DEFAULT_MODEL, cache_dir, pull
 from edgellm.runtime.cpu import read_cpu
+from edgellm.runtime.roofline import read_bandwidth
 
 
-def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """GB/s for summing a buffer much larger than the caches, split over `threads`."""
-    data = np.ones(int(gib * 2**30) // 8, np.float64)
-    parts = np.array_split(data, threads)
-    best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = max(best, data.nbytes / (time.perf_counter() - t) / 1e9)
-    return best
+def gguf_bytes_per_token(gguf: Path, depth: int) -> int:
+    """What llama.cpp reads for one decoded token of a GGUF at `depth` positions: every tensor
+    but the token embedding (of which it reads one row), or with it where the file has no
+    output matrix (tied: the embedding is the lm_head); and its f16 K and V up to the depth."""
+    from gguf import GGUFReader
 
-
-def weight_bytes_per_token(artifact: Path) -> int:
-    """Bytes of the layers' linear weights and the lm_head: what one decode step reads."""
-    files = json.loads((artifact / "manifest.json").read_text())["files"]
-    total = 0
-    for name, f in files.items():
-        if name.endswith(".bin") and name != "model.embed_tokens.weight.bfloat16.bin":
-            total += f["size"]
-    return total
+    reader = GGUFReader(str(gguf))
+    tensors = {t.name: int(t.n_bytes) for t in reader.tensors}
+    total = sum(n for name, n in tensors.items() if name != "token_embd.weight")
+    if "output.weight" not in tensors:
+        total += tensors["token_embd.weight"]
+    field = lambda key: int(reader.fields[key].parts[-1][0])  # noqa: E731
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    layers, heads = field(f"{arch}.block_count"), field(f"{arch}.attention.head_count")
+    kv_heads = field(f"{arch}.attention.head_count_kv")
+    head_dim = field(f"{arch}.embedding_length") // heads
+    return total + depth * 2 * layers * kv_heads * head_dim * 2
 
 
 def cmake_args(flags: set[str] | None = None) -> str:
@@ -120,6 +117,9 @@ def main() -> None:
     p.add_argument("--kernels", default="auto", help="edgellm's paths to run, comma-separated")
     p.add_argument("--artifact", action="append", default=[], metavar="ART",
                    help="edgellm artifacts to run (default: the cached default build)")
+    p.add_argument("--llama-cpp", metavar="FILES", help="llama.cpp's files, comma-separated, "
+                   "the first the ratios' base: source (the pulled GGUF as it is), Q8_0, Q4_0, "
+                   "Q4_K_M, ... (default: Q8_0 for s8, Q4_0 for s4)")
     p.add_argument("--cmake-args", action="store_true", help="print llama.cpp's build flags "
                                                              "for this CPU and exit")
     a = p.parse_args()
@@ -129,30 +129,46 @@ def main() -> None:
 
     kind = {"s8": "Q8_0", "s4": "Q4_0"}[a.weight_type]
     artifacts = [Path(x) for x in a.artifact] or [cached_artifact(DEFAULT_MODEL, a.weight_type)]
-    theirs_gguf = llama_cpp_quantized(pull(DEFAULT_MODEL), kind)
+    source = pull(DEFAULT_MODEL)
+    files = {name: source if name == "source" else llama_cpp_quantized(source, name)
+             for name in (a.llama_cpp.split(",") if a.llama_cpp else [kind])}
 
-    bw = read_bandwidth(a.threads)
     ours = {(art, k): bench(str(art), a.prompt_tokens, a.gen_tokens, a.repeats,
                             threads=a.threads, kernel=k)
             for art in artifacts for k in a.kernels.split(",")}
-    theirs = bench_llama_cpp(theirs_gguf, a.threads, a.prompt_tokens, a.gen_tokens, a.repeats)
+    depth = a.prompt_tokens + a.gen_tokens // 2
+    theirs = {}
+    for name, gguf in files.items():
+        r = bench_llama_cpp(gguf, a.threads, a.prompt_tokens, a.gen_tokens, a.repeats)
+        r["bytes_per_token"] = gguf_bytes_per_token(gguf, depth)
+        r["read_bandwidth_gb_s"] = read_bandwidth(r["bytes_per_token"], a.threads)["gb_s"]
+        r["roofline_tok_s"] = r["read_bandwidth_gb_s"] * 1e9 / r["bytes_per_token"]
+        r["decode_of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
+        theirs[name] = r
+    base = theirs[next(iter(theirs))]
 
     print(f"model {DEFAULT_MODEL}, {a.threads} threads, prompt {a.prompt_tokens}, "
-          f"generate {a.gen_tokens}, median of {a.repeats}")
-    for art in artifacts:
-        per_token = weight_bytes_per_token(art)
-        print(f"read bandwidth {bw:.1f} GB/s; {art.name}: weights read per token "
-              f"{per_token / 1e9:.3f} GB; roofline {bw * 1e9 / per_token:.1f} tok/s")
-    print("| engine | prefill tok/s | decode tok/s | vs llama.cpp (prefill, decode) |")
-    print("|---|---|---|---|")
+          f"generate {a.gen_tokens}, median of {a.repeats}; bytes per token at position {depth}; "
+          f"each roofline from the read bandwidth measured here over a buffer of that size; "
+          f"ratios against llama.cpp {next(iter(theirs))}")
+    print("| engine | prefill tok/s | decode tok/s | MB read per token | read GB/s | roofline "
+          "tok/s | decode of roofline | vs llama.cpp (prefill, decode) |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [(f"edgellm {a.weight_type}{f' {art.name}' if a.artifact else ''}, --kernel "
+             f"{kernel}: {r['engine']}", r) for (art, kernel), r in ours.items()]
+    rows += [(f"llama.cpp {'the source file (' + source.name + ')' if n == 'source' else n}", r)
+             for n, r in theirs.items()]
+    for label, r in rows:
+        print(f"| {label} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
+              f"| {r['bytes_per_token'] / 1e6:.0f} | {r['read_bandwidth_gb_s']:.1f} "
+              f"| {r['roofline_tok_s']:.1f} | {r['decode_of_roofline']:.0%} "
+              f"| {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x, "
+              f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x |")
     for (art, kernel), r in ours.items():
-        name = f" {art.name}" if a.artifact else ""
-        print(f"| edgellm {a.weight_type}{name}, --kernel {kernel}: {r['engine']} "
-              f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} "
-              f"| {r['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x, "
-              f"{r['decode_tok_s'] / theirs['decode_tok_s']:.2f}x |")
-    print(f"| llama.cpp {kind} | {theirs['prefill_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} "
-          f"| |")
+        if "int8_gemm_gops" in r:
+            print(f"\nedgellm {art.name} --kernel {kernel}: prefill {r['prefill_gops']:.0f} GOPS in "
+                  f"the layers' matmuls, {r['prefill_of_gemm']:.0%} of ONNX Runtime's integer "
+                  f"GEMM here ({r['int8_gemm_gops']:.0f} GOPS, {r['int8_gemm_shape']})")
     print(f"\nhost: {read_cpu().name}; {llama_flags_note()}")
 
 

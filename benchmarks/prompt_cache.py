@@ -4,12 +4,17 @@ first token cold, warm (in memory), with one device's state changed in the middl
 after a restart (from disk), changed after a restart, and decode speed at that depth. The figures
 in docs/PERFORMANCE.md, "A smart home's prompt".
 
+"After a restart" is timed twice: in this process (a new engine over the same --prompt-cache
+directory: in_process_after_restart) and, as a hub meets it, through a real `edgellm serve`
+process stopped and started again, the request streamed with its tools over HTTP ("edgellm
+serve": cold, after_restart, changed_after_restart; --no-serve leaves it out).
+
     python benchmarks/prompt_cache.py ART [--sizes 1000,3000,8000] [--kernel auto]
                                           [--threads 2] [--llama-cpp GGUF]
     python benchmarks/prompt_cache.py ART --quality    # what moving K/V past a change costs
 
 Each size runs ART at --ctx-size (prompt + 128, no rebuild); "a restart" is a new engine over the
-same --prompt-cache directory (a fresh temporary one per size). --llama-cpp GGUF: the same
+same --prompt-cache directory (a fresh temporary one per size), in this process. --llama-cpp GGUF: the same
 phases with llama.cpp (llama-cpp-python, built as compare_llamacpp.py says) on the same token
 ids: warm and changed on one Llama (it reuses the longest common prefix), after a restart its
 state saved with save_state() and read back by a fresh Llama; e.g. the Q8_0 that
@@ -98,12 +103,13 @@ def edgellm_phases(art: str, ids: dict, ctx: int, kernel: str, threads: int,
         gen, cache = load()
         for phase in ("cold", "warm", "changed", "after_restart", "changed_after_restart"):
             if phase in ("after_restart", "changed_after_restart"):
-                gen, cache = load()  # a restart
+                gen, cache = load()  # a new engine in this process (serve_phases: a real one)
             moved = cache.moved
             t = time.perf_counter()
             cache.prepare(ids[phase])
             r = gen.generate(ids[phase], SamplingConfig(), ANSWER, reuse_cache=True)
-            rows[f"{phase}_ttft_s"] = round(time.perf_counter() - t - _after_first(r), 3)
+            key = f"in_process_{phase}" if "restart" in phase else phase
+            rows[f"{key}_ttft_s"] = round(time.perf_counter() - t - _after_first(r), 3)
             if cache.moved > moved:  # K/V moved past the change (the change itself computed)
                 rows[f"{phase}_moved"] = cache.moved - moved
             answers[phase] = r.token_ids
@@ -115,6 +121,76 @@ def edgellm_phases(art: str, ids: dict, ctx: int, kernel: str, threads: int,
         cold = Generator.load(art, threads=threads, kernel=kernel, ctx_size=ctx)
         want = cold.generate(ids["changed"], SamplingConfig(), ANSWER).token_ids
         rows["changed_same_answer"] = answers["changed"] == want
+    return rows
+
+
+def serve_phases(art: str, devices: int, ctx: int, kernel: str, threads: int) -> dict:
+    """What a hub sees: a real `edgellm serve` process (its defaults: --parallel as memory
+    allows, tool grammars) over an empty --prompt-cache directory, the hub's streamed request
+    with its tools (cold), stopped with SIGINT and started again (a real restart), then the
+    first request of the new process (after_restart) and one with a device's state changed
+    (changed_after_restart). First-token seconds as the client sees them (the first delta of
+    text or of a call), and each start's seconds until the server listens."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    system, tools = hub_prompt(devices)
+    changed = hub_prompt(devices, changed=devices // 2)[0]
+    name = os.path.basename(os.path.normpath(art))
+    rows = {}
+
+    def start(directory):
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", art, "--port",
+                                 "0", "--prompt-cache", directory, "--ctx-size", str(ctx),
+                                 "--threads", str(threads), "--kernel", kernel, "--quiet"],
+                                stderr=subprocess.PIPE, text=True)
+        url = None
+        for line in proc.stderr:
+            if "OpenAI API" in line:
+                url = line.split()[2][:-len("/v1")]
+            if "Ctrl-C stops" in line:
+                break
+        if url is None:
+            raise SystemExit(f"serve did not start: {proc.wait()}")
+        return proc, url, time.perf_counter() - t
+
+    def first_token(url, system_text, question):
+        body = {"model": name, "messages": _messages(system_text, question), "tools": tools,
+                "stream": True, "max_tokens": ANSWER, "temperature": 0}
+        req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        t, first = time.perf_counter(), None
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if first is None and line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+                    if delta.get("content") or delta.get("tool_calls"):
+                        first = time.perf_counter() - t
+        return first
+
+    def stop(proc):
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+    with tempfile.TemporaryDirectory() as d:
+        proc, url, rows["start_s"] = start(d)
+        try:
+            rows["cold_ttft_s"] = first_token(url, system, QUESTIONS[0])
+        finally:
+            stop(proc)
+        proc, url, rows["restart_start_s"] = start(d)
+        try:
+            rows["after_restart_ttft_s"] = first_token(url, system, QUESTIONS[2])
+            rows["changed_after_restart_ttft_s"] = first_token(url, changed, QUESTIONS[1])
+        finally:
+            stop(proc)
+    rows = {k: round(v, 3) for k, v in rows.items()}
+    rows["after_restart_of_cold"] = round(rows["after_restart_ttft_s"] / rows["cold_ttft_s"], 3)
     return rows
 
 
@@ -228,6 +304,8 @@ def main() -> int:
     p.add_argument("--check-up-to", type=int, default=3500, metavar="N",
                    help="check the changed prompt's answer against a cold run up to N tokens")
     p.add_argument("--llama-cpp", metavar="GGUF", help="the same phases with llama.cpp")
+    p.add_argument("--no-serve", action="store_true",
+                   help="leave out the real serve process restarted (serve_phases)")
     p.add_argument("--quality", action="store_true",
                    help="instead: what moving K/V past a change costs, per kind of change, on a "
                         "3,000-token prompt (teacher-forced logits against a cold run)")
@@ -242,6 +320,8 @@ def main() -> int:
         row = {"size": size, "devices": devices, "prompt_tokens": len(ids["cold"]),
                "edgellm": edgellm_phases(a.artifact, ids, ctx, a.kernel, a.threads,
                                          len(ids["cold"]) <= a.check_up_to)}
+        if not a.no_serve:
+            row["edgellm serve"] = serve_phases(a.artifact, devices, ctx, a.kernel, a.threads)
         if a.llama_cpp:
             row["llama.cpp"] = llama_cpp_phases(a.llama_cpp, ids, ctx, a.threads)
         print(json.dumps(row), flush=True)

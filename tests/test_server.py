@@ -338,3 +338,34 @@ def test_upstream_answers_other_models_and_long_prompts(generator, cloud):
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+def test_the_grammar_made_while_the_model_loads_serves_the_first_mask(generator):
+    """Issue 42: serve makes the tool-call grammar tokenizer while the engine loads (it cost a
+    restarted server's first request with tools 1.3-1.5 s); the first mask takes it, and one
+    that failed to build is made again on first use."""
+    from concurrent.futures import Future
+
+    from edgellm.chat.constrained import ToolCallGrammar
+    from edgellm.runtime.prefix_cache import PrefixCache
+    from edgellm.server.scheduler import Scheduler
+    from edgellm.server.serving import _grammar_while_loading
+
+    made = _grammar_while_loading(generator.artifact).result(timeout=120)
+    direct = ToolCallGrammar.for_generator(generator)
+    assert made.tag_is_token == direct.tag_is_token
+    def after(grammar, text):  # the mask after the model wrote `text`
+        mask = grammar.json_schema({"type": "object", "properties": {"city": {"type": "string"}}})
+        for token in generator.tokenizer.encode(text, add_special_tokens=False).ids:
+            mask.advance(token)
+        return mask.matcher.compute_bitmask()
+
+    assert after(made, '{"city": "Pa') == after(direct, '{"city": "Pa')
+    scheduler = Scheduler(generator, 4, PrefixCache(generator, 0), grammar_build=Future())
+    scheduler.grammar_build.set_result(made)
+    assert scheduler.mask(lambda g: g, "tools") is made
+    failed = Future()
+    failed.set_exception(RuntimeError("no grammar"))
+    scheduler = Scheduler(generator, 4, PrefixCache(generator, 0), grammar_build=failed)
+    again = scheduler.mask(lambda g: g, "tools")
+    assert isinstance(again, ToolCallGrammar) and again is not made

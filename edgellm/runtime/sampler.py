@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.random import default_rng  # at import: numpy loads it lazily, which cost a server's
+# first request 0.1 s
 
 from edgellm.errors import EdgeLLMError
 
@@ -32,7 +34,7 @@ class SamplingConfig:
 class Sampler:
     def __init__(self, config: SamplingConfig):
         self.config = config
-        self.rng = np.random.default_rng(config.seed)
+        self.rng = default_rng(config.seed)
 
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         c = self.config

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import jsonschema  # here, not on first use: its import took a restarted server's first
+# request with tools 0.19 s on the AVX2-only host
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
@@ -75,8 +77,6 @@ class FunctionSpec(BaseModel):
     @classmethod
     def _json_schema(cls, schema):
         if schema is not None:
-            import jsonschema
-
             try:
                 jsonschema.validators.validator_for(schema).check_schema(schema)
             except jsonschema.SchemaError as e:
