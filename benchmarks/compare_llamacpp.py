@@ -154,7 +154,7 @@ def main() -> None:
     print("| engine | prefill tok/s | decode tok/s | MB read per token | read GB/s | roofline "
           "tok/s | decode of roofline | vs llama.cpp (prefill, decode) |")
     print("|---|---|---|---|---|---|---|---|")
-    rows = [(f"edgellm {a.weight_type}{f' {art.name}' if a.artifact else ''}, --kernel "
+    rows = [(f"edgellm {r['weight_type']}{f' ({art.name})' if a.artifact else ''}, --kernel "
              f"{kernel}: {r['engine']}", r) for (art, kernel), r in ours.items()]
     rows += [(f"llama.cpp {'the source file (' + source.name + ')' if n == 'source' else n}", r)
              for n, r in theirs.items()]

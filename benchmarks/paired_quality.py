@@ -2,8 +2,9 @@
 
     python benchmarks/paired_quality.py ART_A ART_B [ART_C ...] [--text FILE] [--context 512]
 
-(ART@qgemm: that artifact with its 8-bit weights re-laid for ONNX Runtime's integer GEMM, as
-the engine does on Arm cores without dotprod; edgellm.onnx.qgemm.)
+(ART@KERNEL: that artifact on one path of its integer weights, e.g. ART@qgemm: re-laid for ONNX
+Runtime's integer GEMM, as the engine does on Arm cores without dotprod and where `--kernel auto`
+times it faster, edgellm.onnx.qgemm; ART@matmulnbits: the graphs as built. ART alone: auto.)
 
 For each artifact: perplexity vs the unquantized source (and the excess in mean negative
 log-likelihood, with its standard error) and mean KL divergence, as `edgellm eval --reference`
@@ -59,7 +60,7 @@ def main():
     ap.add_argument("--reference", default=MODEL)
     ap.add_argument("--context", type=int, default=512)
     args = ap.parse_args()
-    gens = [Generator.load(a.removesuffix("@qgemm"), kernel="qgemm") if a.endswith("@qgemm")
+    gens = [Generator.load(a.rsplit("@", 1)[0], kernel=a.rsplit("@", 1)[1]) if "@" in a
             else Generator.load(a) for a in args.artifacts]
     ids = gens[0].tokenizer.encode(Path(args.text).read_text("utf-8"),
                                    add_special_tokens=False).ids

@@ -62,7 +62,7 @@ def read_bandwidth(nbytes: int, threads: int | None, passes: int = 4) -> dict:
 def gemm_ops(engine, rows: int, repeats: int = 5) -> dict | None:
     """{"gops": int8 multiply-adds x 2 per second, "shape": [rows, K, N]}: ONNX Runtime's
     MatMulInteger on the model's widest layer matrix (hidden -> intermediate), uint8 rows times
-    the weights the QGEMM path uses on this CPU, on the engine's thread pool; None for an engine
+    the weights of the QGEMM path on this CPU (runtime.kernels), on the engine's thread pool; None for an engine
     without ONNX Runtime."""
     if not hasattr(engine, "ort"):
         return None
@@ -70,9 +70,14 @@ def gemm_ops(engine, rows: int, repeats: int = 5) -> dict | None:
 
     from edgellm.runtime.ort_engine import _session_options
 
+    from edgellm.runtime.kernels import qgemm_weights
+
     ort, cfg = engine.ort, engine.config
     k, n = cfg.hidden_size, cfg.intermediate_size
-    unsigned = getattr(engine.kernel, "weights", "s8") == "u8"
+    # the weights of this CPU's exact kernel, whichever path the engine runs (u8 x s8 is faster
+    # where it saturates, and not usable there)
+    unsigned = engine.kernel.weights == "u8" if engine.kernel.path == "qgemm" \
+        else qgemm_weights() == "u8"
     rng = np.random.default_rng(0)
     w = rng.integers(0, 256, (k, n), dtype=np.uint8) if unsigned else \
         rng.integers(-127, 128, (k, n), dtype=np.int8)
