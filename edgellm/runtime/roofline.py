@@ -47,7 +47,7 @@ def read_bandwidth(nbytes: int, threads: int | None, passes: int = 4) -> dict:
     buf = np.ones(size, np.uint8)  # written once: every page is resident before timing
     parts = np.array_split(buf, threads)
     best = float("inf")
-    for _ in range(passes + 1):  # the first pass warms the pages and the caches as a step would
+    for _ in range(passes + 1):  # one more: a first pass may meet cold TLBs and caches
         workers = [threading.Thread(target=np.maximum.reduce, args=(p,)) for p in parts]
         t = time.perf_counter()
         for w in workers:
@@ -62,15 +62,14 @@ def read_bandwidth(nbytes: int, threads: int | None, passes: int = 4) -> dict:
 def gemm_ops(engine, rows: int, repeats: int = 5) -> dict | None:
     """{"gops": int8 multiply-adds x 2 per second, "shape": [rows, K, N]}: ONNX Runtime's
     MatMulInteger on the model's widest layer matrix (hidden -> intermediate), uint8 rows times
-    the weights of the QGEMM path on this CPU (runtime.kernels), on the engine's thread pool; None for an engine
-    without ONNX Runtime."""
+    the weights of the QGEMM path on this CPU (runtime.kernels), on the engine's thread pool;
+    None for an engine without ONNX Runtime."""
     if not hasattr(engine, "ort"):
         return None
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgellm.runtime.ort_engine import _session_options
-
     from edgellm.runtime.kernels import qgemm_weights
+    from edgellm.runtime.ort_engine import _session_options
 
     ort, cfg = engine.ort, engine.config
     k, n = cfg.hidden_size, cfg.intermediate_size
