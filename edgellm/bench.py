@@ -129,6 +129,8 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
         _progress(f"bench: run {i + 1} of {repeats} (prefill {prompt_tokens}, decode "
                   f"{gen_tokens}) ...")
         runs.append(_one_pass(gen, prompt, gen_tokens))
+    # before the probes: the bandwidth probe's buffer is as large as the weights
+    peak_rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     _progress("bench: the machine's limits (read bandwidth, integer GEMM) ...")
     prefill = round(prompt_tokens / statistics.median(r[0] for r in runs), 2)
     decode = round(statistics.median(r[2] for r in runs), 2)
@@ -144,7 +146,7 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
         "prefill_tok_s": prefill,
         "ttft_ms": round(statistics.median(r[1] for r in runs) * 1000, 2),
         "decode_tok_s": decode,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss,
         **limits,
     }
 

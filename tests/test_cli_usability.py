@@ -169,6 +169,31 @@ def test_bench_puts_each_speed_beside_its_physical_limit(tiny_artifact, kernel):
     assert "of ONNX Runtime's integer GEMM here" in text
 
 
+def test_bench_peak_memory_leaves_out_its_probes(tiny_artifact):
+    """The bandwidth probe's buffer is as large as the weights a token reads: bench's peak RSS is
+    the model's, read before the probes run (it reported the 0.5B at 1,127 MB instead of 714)."""
+    script = f"""
+import json, resource, numpy as np
+from edgellm import bench
+from edgellm.runtime import roofline
+seen = []
+def limits(*args, **kwargs):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    seen.append(peak / (1 << 20))
+    now = next(int(line.split()[1]) << 10 for line in open("/proc/self/status")
+               if line.startswith("VmRSS:"))
+    np.ones(peak - now + (128 << 20), np.uint8)  # a probe's buffer: the peak rises 128 MB
+    return {{}}
+roofline.limits = limits
+r = bench.bench({str(tiny_artifact)!r}, 8, 4, 1)
+print(json.dumps([r["peak_rss_mb"], seen[0]]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reported, at_probes = json.loads(done.stdout.splitlines()[-1])
+    assert reported <= at_probes + 1, (reported, at_probes)  # MB, rounded
+
+
 # --- plan ------------------------------------------------------------------------------------
 
 def test_plan_reads_bare_numbers_as_gigabytes_and_marks_the_artifact(tiny_artifact):
