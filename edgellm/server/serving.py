@@ -242,7 +242,15 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     warm_requests = [warm_request(path) for path in warm]  # and a bad --warm file
     warn_if_busy(engine_opts.get("threads"), "serve decodes")
     grammar = _grammar_while_loading(art) if tool_grammar else None
-    gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
+    try:
+        gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
+    except BaseException:
+        # the grammar's thread is in native code: the interpreter must not exit under it
+        # (a damaged artifact's error, then exit, died with SIGSEGV that way)
+        from concurrent.futures import wait
+
+        wait([grammar] if grammar else [])
+        raise
     name = model_name or Path(artifact).name
     store = open_store(gen, prompt_cache, prompt_cache_size) if prompt_cache else None
     app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar,
@@ -279,4 +287,9 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     # on SIGTERM/Ctrl-C: connections still open after 5 s are closed
     config = uvicorn.Config(app if quiet else RequestLog(app), log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
-    Server(config).run(sockets=[sock])
+    try:
+        Server(config).run(sockets=[sock])
+    finally:  # a stop right after the start: the grammar's thread ends before the interpreter
+        from concurrent.futures import wait
+
+        wait([grammar] if grammar else [])
