@@ -204,7 +204,8 @@ def _grammar_while_loading(art):
     """A Future of the model's tool-call grammar tokenizer, made in a thread of its own while
     the engine loads: it took the first request with tools after a restart 1.3-1.5 s on the
     AVX2-only host (llguidance's token trie), a hub's first request after every restart."""
-    from concurrent.futures import Future
+    import atexit
+    from concurrent.futures import Future, wait
 
     from edgellm.chat.constrained import ToolCallGrammar
     from edgellm.text import ModelText
@@ -219,6 +220,9 @@ def _grammar_while_loading(art):
             done.set_exception(e)
 
     threading.Thread(target=build, daemon=True, name="edgellm-grammar").start()
+    # the thread is in native code: the interpreter must not exit under it, whichever way serve
+    # ends (a damaged artifact's one-line error, then exit, died with SIGSEGV)
+    atexit.register(wait, [done])
     return done
 
 
@@ -242,15 +246,7 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     warm_requests = [warm_request(path) for path in warm]  # and a bad --warm file
     warn_if_busy(engine_opts.get("threads"), "serve decodes")
     grammar = _grammar_while_loading(art) if tool_grammar else None
-    try:
-        gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
-    except BaseException:
-        # the grammar's thread is in native code: the interpreter must not exit under it
-        # (a damaged artifact's error, then exit, died with SIGSEGV that way)
-        from concurrent.futures import wait
-
-        wait([grammar] if grammar else [])
-        raise
+    gen = Generator.load(artifact, verify=verify, slots=slots, **engine_opts)
     name = model_name or Path(artifact).name
     store = open_store(gen, prompt_cache, prompt_cache_size) if prompt_cache else None
     app = create_app(gen, name, api_key, max_queue, upstream=upstream, tool_grammar=tool_grammar,
@@ -287,9 +283,4 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     # on SIGTERM/Ctrl-C: connections still open after 5 s are closed
     config = uvicorn.Config(app if quiet else RequestLog(app), log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
-    try:
-        Server(config).run(sockets=[sock])
-    finally:  # a stop right after the start: the grammar's thread ends before the interpreter
-        from concurrent.futures import wait
-
-        wait([grammar] if grammar else [])
+    Server(config).run(sockets=[sock])
