@@ -136,47 +136,67 @@ def test_after_a_restart_the_runs_come_from_disk(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_a_hub_prompt_with_one_state_changed_answers_as_a_cold_run(qwen_s8):
-    """Qwen2.5-Coder-0.5B s8, a hub prompt of ~1,500 tokens with one device's state changed in
-    the middle and one device added: the same greedy answer as a cold run, and teacher-forced,
-    the same top-1 wherever a cold run's lead is over 1% of its largest logit."""
+    """Qwen2.5-Coder-0.5B s8, a hub prompt of ~1,900 tokens with one device's state changed in
+    the middle and one device added, on each kernel path: the same greedy answer as a cold run
+    on that path, and teacher-forced, the same top-1 wherever a cold run's lead is over 1% of
+    its largest logit, and logits as close as the path's rounding allows.
+
+    Each path is named, not left to `--kernel auto`: on an AVX2-only host auto's timing of the
+    two paths is near a tie at one row and picked either, and the QGEMM path's rounding (one
+    activation scale per row) moves the logits by itself, on both sides of the comparison. Its
+    cold run was 5.5% of the largest logit from MatMulNBits' cold run and its reuse 5.2% from its
+    cold run (Zen 3, 2026-12-08), which failed the bound meant for the reuse's own error."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     from prompt_cache import hub_prompt
 
-    gen = Generator.load(qwen_s8, threads=2, ctx_size=2048)
+    def rel(a, b):
+        return float(np.abs(a - b).max() / np.abs(b).max())
 
-    def ids(system, tools):
-        return gen.encode_chat([{"role": "system", "content": system},
-                                {"role": "user", "content": "Turn on the kitchen light 0."}],
-                               tools=tools)
+    cold_logits = {}
+    for kernel in ("matmulnbits", "qgemm"):
+        gen = Generator.load(qwen_s8, threads=2, ctx_size=2048, kernel=kernel)
 
-    system, tools = hub_prompt(40)
-    old = ids(system, tools)
-    changed = hub_prompt(40, changed=21)[0].replace(
-        "- names: Hall light 12", "- names: Porch light 99\n  domain: light\n  state: 'on'\n"
-        "  areas: Porch\n- names: Hall light 12")
-    new = ids(changed, tools)
-    assert len(new) != len(old)
-    cold = Generator.load(qwen_s8, threads=2, ctx_size=2048)
-    expected = cold.generate(new, SamplingConfig(), 16)
-    gen.generate(old, SamplingConfig(), 1)
-    cache = PrefixCache(gen, slots=0, reuse=64)
-    cache.prepare(new)
-    assert cache.moved > len(new) // 3
-    got = gen.generate(new, SamplingConfig(), 16, reuse_cache=True)
-    assert got.token_ids == expected.token_ids
-    assert got.reused_tokens > len(new) * 0.9
-    # teacher-forced over the answer: both caches, the same tokens
-    answer = [new[-1]] + expected.token_ids[:-1]
-    ref = cold.engine.forward(answer, len(new) - 1, all_logits=True)
-    ours = gen.engine.forward(answer, len(new) - 1, all_logits=True)
-    top2 = np.sort(ref, axis=-1)[:, -2:]
-    decisive = top2[:, 1] - top2[:, 0] > 0.01 * np.abs(ref).max(-1)
-    assert (ours.argmax(-1) == ref.argmax(-1))[decisive].all()
-    # measured 2.6-3.9% of the largest logit at 3,000 tokens (benchmarks/prompt_cache.py --quality)
-    assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.05
+        def ids(system, tools):
+            return gen.encode_chat([{"role": "system", "content": system},
+                                    {"role": "user", "content": "Turn on the kitchen light 0."}],
+                                   tools=tools)
+
+        system, tools = hub_prompt(40)
+        old = ids(system, tools)
+        changed = hub_prompt(40, changed=21)[0].replace(
+            "- names: Hall light 12", "- names: Porch light 99\n  domain: light\n  state: 'on'\n"
+            "  areas: Porch\n- names: Hall light 12")
+        new = ids(changed, tools)
+        assert len(new) != len(old)
+        cold = Generator.load(qwen_s8, threads=2, ctx_size=2048, kernel=kernel)
+        expected = cold.generate(new, SamplingConfig(), 16)
+        gen.generate(old, SamplingConfig(), 1)
+        cache = PrefixCache(gen, slots=0, reuse=64)
+        cache.prepare(new)
+        assert cache.moved > len(new) // 3
+        got = gen.generate(new, SamplingConfig(), 16, reuse_cache=True)
+        assert got.token_ids == expected.token_ids, kernel
+        assert got.reused_tokens > len(new) * 0.9
+        # teacher-forced over the answer: both caches, the same tokens
+        answer = [new[-1]] + expected.token_ids[:-1]
+        ref = cold.engine.forward(answer, len(new) - 1, all_logits=True)
+        ours = gen.engine.forward(answer, len(new) - 1, all_logits=True)
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        decisive = top2[:, 1] - top2[:, 0] > 0.01 * np.abs(ref).max(-1)
+        assert (ours.argmax(-1) == ref.argmax(-1))[decisive].all(), kernel
+        cold_logits[kernel] = ref
+        if kernel == "matmulnbits":
+            # the reuse's own error: measured 2.1% of the largest logit (Zen 3), 2.6-3.9% at
+            # 3,000 tokens (benchmarks/prompt_cache.py --quality)
+            assert rel(ours, ref) < 0.05
+        else:
+            # no further from its cold run than that run is from MatMulNBits' (5.2% and 5.5%)
+            own_rounding = rel(ref, cold_logits["matmulnbits"])
+            assert rel(ours, ref) < max(0.05, own_rounding * 1.25), (rel(ours, ref), own_rounding)
+        del gen, cold
 
 
 @pytest.mark.parametrize("parallel", [1, 2])
