@@ -90,7 +90,7 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
           engine: str = "auto", threads: int | None = None,
           providers: list[str] | None = None, allow_slow_kernels: bool = False,
           prompt: str | None = None, speculate: str = "off", kernel: str = "auto",
-          ctx_size: int | None = None) -> dict:
+          ctx_size: int | None = None, cache_type: str = "fp32") -> dict:
     """The fixed-prompt measurement, or with `prompt` (a user message) its greedy answer, plain
     and with `speculate`."""
     from edgellm.machine import warn_if_busy
@@ -98,7 +98,8 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
 
     warn_if_busy(threads, "bench measures")
     gen = Generator.load(artifact, engine=engine, threads=threads, providers=providers,
-                         allow_slow_kernels=allow_slow_kernels, kernel=kernel, ctx_size=ctx_size)
+                         allow_slow_kernels=allow_slow_kernels, kernel=kernel, ctx_size=ctx_size,
+                         cache_type=cache_type)
     if prompt_tokens + gen_tokens > gen.engine.kv_cache_len:
         raise EdgeLLMError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} "
                            f"exceeds the KV cache of {gen.engine.kv_cache_len}: "
@@ -115,6 +116,7 @@ def bench(artifact: str, prompt_tokens: int = 128, gen_tokens: int = 128, repeat
         "engine": type(gen.engine).__name__ + (f" ({gen.engine.kernel.label()})"
                                                if hasattr(gen.engine, "kernel") else ""),
         "kernel": gen.engine.kernel.line() if hasattr(gen.engine, "kernel") else None,
+        "cache_type": getattr(gen.engine, "cache_type", "fp32"),
         "threads": gen.engine.threads,  # as used: ORT's pool size; numpy: None (BLAS default)
         "context": gen.engine.kv_cache_len,
     }
@@ -162,7 +164,9 @@ def markdown(r: dict) -> str:
         f"| {r['threads'] or 'BLAS default'} | {r['prefill_tok_s']:.1f} ({r['prompt_tokens']} tokens) "
         f"| {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB |",
     ] + ([f"\nkernel: {r['kernel']}"] if r.get("kernel") else [])
-      + ([f"context: {r['context']} positions"] if r.get("context") else [])
+      + ([f"context: {r['context']} positions"
+          + (f", {r['cache_type']} KV cache" if r.get("cache_type", "fp32") != "fp32" else "")]
+         if r.get("context") else [])
       + _limit_lines(r))
 
 

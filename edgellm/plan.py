@@ -15,6 +15,7 @@ from edgellm.artifact.inspect import layout_label
 from edgellm.boards import BOARDS, Board  # noqa: F401  (plan.BOARDS: the CLI's presets)
 from edgellm.compiler.memory import RUNTIME_OVERHEAD, footprint
 from edgellm.errors import EdgeLLMError
+from edgellm.onnx.graphs import supports
 from edgellm.quant.schemes import layout_schemes
 
 
@@ -76,7 +77,7 @@ def _kernel(cpu, schemes: list[dict], ort_version: str) -> str:
 
 
 def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cpu=None,
-         ort_version: str = "1.32", parallel: int = 1) -> list[dict]:
+         ort_version: str = "1.32", parallel: int = 1, cache_type: str = "fp32") -> list[dict]:
     """One row per layout in VARIANTS; the artifact's own layout (from its manifest, its bytes
     as written) is marked, or added first when it is not among them."""
     own = None
@@ -87,14 +88,17 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
     rows = []
     for weights, post, group, symmetric in VARIANTS:
         scheme, post_scheme = layout_schemes(weights, (post,), group, symmetric)
-        need = footprint(cfg, scheme, post_scheme, kv_cache_len)
+        # (a layout the numpy engine runs keeps an fp32 cache: int8 is the ONNX graphs')
+        held = cache_type if supports(scheme.to_dict()) else "fp32"
+        need = footprint(cfg, scheme, post_scheme, kv_cache_len, cache_type=held)
         need = replace(need, kv_cache=need.kv_cache * parallel)  # one cache per request
         label = layout_label(scheme.to_dict(), post_scheme.to_dict())
         kernel = _kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()], ort_version)
         rows.append(_row(label, need.layer_weights + need.post_weights, need, ram, bandwidth,
                          own is not None and own[0] == label, kernel))
     if own and not any(r["this_artifact"] for r in rows):
-        need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len)
+        need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len,
+                         cache_type=cache_type)
         need = replace(need, layer_weights=own[1], post_weights=0,
                        kv_cache=need.kv_cache * parallel)
         m = artifact.manifest
@@ -105,8 +109,9 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
 
 
 def table(rows: list[dict], ram: float, bandwidth: float, kv_cache_len: int,
-          parallel: int = 1) -> str:
-    caches = f" x {parallel} (--parallel)" if parallel > 1 else ""
+          parallel: int = 1, cache_type: str = "fp32") -> str:
+    caches = (f" x {parallel} (--parallel)" if parallel > 1 else "") + (
+        f", {cache_type}" if cache_type != "fp32" else "")
     lines = [f"device: {ram / 1e9:.1f} GB RAM, {bandwidth / 1e9:.1f} GB/s; KV cache "
              f"{kv_cache_len} positions{caches}; runtime overhead {RUNTIME_OVERHEAD / 1e9:.2f} GB",
              "",

@@ -33,14 +33,16 @@ def _gen(artifact, engine, slots=1):
 
     qgemm = engine == "ort-qgemm" or None  # the 8-bit weights re-laid as on a Cortex-A53
     return Generator.load(artifact, engine=engine.split("-")[0], threads=1, slots=slots,
-                          kernel="qgemm" if qgemm else "auto")
+                          kernel="qgemm" if qgemm else "auto",
+                          cache_type="int8" if engine == "ort-int8" else "fp32")
 
 
-@pytest.mark.parametrize("engine", ["numpy", "ort", "ort-qgemm"])
+@pytest.mark.parametrize("engine", ["numpy", "ort", "ort-qgemm", "ort-int8"])
 def test_batched_rows_compute_what_each_slot_computes_alone(artifact, engine):
     """decode_rows over slots 0..2 (slot 1 without a request) = one-slot forwards; on QGEMM
     too, whose activation rows are quantized each with its own scale (a batch of rows once
-    failed there: QuantizeLinear took one scale per position of one sequence)."""
+    failed there: QuantizeLinear took one scale per position of one sequence); and with an
+    int8 cache (--cache-type int8)."""
     batched, alone = _gen(artifact, engine, 3).engine, _gen(artifact, engine).engine
     a, b = [5, 6, 7, 8, 9], [20, 21, 22]
     batched.forward(a, 0, slot=0)

@@ -118,10 +118,11 @@ class ModelConfig:
         """Layer `layer`'s sliding window, or None when it attends to the whole context."""
         return self.layer_windows[layer] if self.layer_windows else None
 
-    def kv_bytes_per_position(self) -> int:
+    def kv_bytes_per_position(self, cache_type: str = "fp32") -> int:
         """K and V of every layer for one position in float32 (as both engines hold them at
-        most): what a KV cache costs per position of context."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+        most; int8 with --cache-type int8): what a KV cache costs per position of context."""
+        size = 1 if cache_type == "int8" else 4
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * size
 
     def layer_rope(self, layer: int) -> "ModelConfig":
         """The config whose rope tables layer `layer` uses: Gemma 3's local layers rotate with

@@ -75,10 +75,10 @@ def calibration_bytes(cfg, tokens: int) -> int:
 
 
 def footprint(cfg, scheme, post_scheme, kv_cache_len: int,
-              calibration_tokens: int = 0) -> Footprint:
+              calibration_tokens: int = 0, cache_type: str = "fp32") -> Footprint:
     layers = cfg.num_layers * layer_bytes(cfg, scheme)
     post = matrix_bytes(post_scheme, cfg.vocab_size, cfg.hidden_size) + cfg.hidden_size * 4
-    kv = cfg.kv_bytes_per_position() * kv_cache_len
+    kv = cfg.kv_bytes_per_position(cache_type) * kv_cache_len
     largest = max(cfg.vocab_size * cfg.hidden_size, cfg.intermediate_size * cfg.hidden_size) * 4
     calibration = calibration_bytes(cfg, calibration_tokens) if calibration_tokens else 0
     return Footprint(int(layers), int(post), cfg.vocab_size * cfg.hidden_size * 2, kv,

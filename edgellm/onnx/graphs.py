@@ -273,6 +273,32 @@ def with_context(model: onnx.ModelProto, cfg: ModelConfig, layer: int, context: 
                                                  values.ravel()))
 
 
+K_SCALE_INPUT = 12  # GroupQueryAttention's inputs: ..., head_sink, k_scale, v_scale, ...
+
+
+def with_int8_cache(model: onnx.ModelProto, k_scale: np.ndarray, v_scale: np.ndarray) -> None:
+    """A layer graph changed in place to hold its KV cache as int8 (runtime.kv_quant): the
+    cache's inputs and outputs declared int8, GroupQueryAttention told to quantize per channel
+    with these scales ([kv_heads, head_dim] each)."""
+    g = model.graph
+    cache = [v for v in [*g.input, *g.output] if v.name in CACHE_IO]
+    attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    if len(cache) != len(CACHE_IO) or len(attention) != 1:
+        raise ValueError(f"{g.name}: not a layer graph with a KV cache and one attention")
+    for v in cache:
+        v.type.tensor_type.elem_type = TensorProto.INT8
+    node = attention[0]
+    if len(node.input) > K_SCALE_INPUT:
+        raise ValueError(f"{g.name}: its attention has inputs past head_sink already")
+    node.input.extend([""] * (K_SCALE_INPUT - len(node.input)) + ["kv_k_scale", "kv_v_scale"])
+    node.attribute.extend([helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                           helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                           helper.make_attribute("kv_cache_bit_width", 8)])
+    for name, s in (("kv_k_scale", k_scale), ("kv_v_scale", v_scale)):
+        s = np.asarray(s, np.float32).reshape(1, *s.shape[-2:-1], 1, s.shape[-1])
+        g.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, s.shape, s.ravel()))
+
+
 def supports(scheme: dict) -> bool:
     return scheme.get("kind") == "int"
 
@@ -285,4 +311,5 @@ def unsupported_shape(cfg: ModelConfig) -> str | None:
     return None
 
 
-__all__ = ["layer_graph", "post_graph", "supports", "with_context", "LAYER_LINEARS"]
+__all__ = ["layer_graph", "post_graph", "supports", "with_context", "with_int8_cache",
+           "LAYER_LINEARS"]

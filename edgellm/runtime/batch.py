@@ -193,6 +193,9 @@ class SlotEngine:
         self.row_cost = getattr(engine, "row_cost", lambda: None)  # as the engine measured
         if hasattr(engine, "kernel"):
             self.kernel = engine.kernel
+        self.cache_type = getattr(engine, "cache_type", "fp32")
+        self.key_scale = getattr(engine, "key_scale", None)  # an int8 cache's (kv_quant)
+        self.value_scale = getattr(engine, "value_scale", None)
 
     def drafts_welcome(self) -> bool:
         """Speculative drafts only while this slot decodes alone: a verify of several tokens

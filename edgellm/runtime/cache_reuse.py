@@ -62,12 +62,22 @@ def runs(old: list[int], new: list[int], start: int, min_run: int
     return found
 
 
-def moved_keys(k: np.ndarray, cfg, context: int, delta: int) -> np.ndarray:
+def moved_keys(k: np.ndarray, cfg, context: int, delta: int,
+               scale: np.ndarray | None = None) -> np.ndarray:
     """Keys [layers, ..., head_dim] as rotated at their positions, rotated for positions
     `delta` further on (reference.apply_rope, each layer's own rotary frequencies at `context`):
-    rotary angles add, and the longrope attention factor is in the keys already."""
+    rotary angles add, and the longrope attention factor is in the keys already. An int8 cache's
+    keys (runtime.kv_quant) are dequantized with `scale`, rotated and quantized again (a rotary
+    pair shares its scale, so the rotation keeps its range)."""
     if delta == 0:
         return k
+    if k.dtype == np.int8:
+        from edgellm.runtime.kv_quant import dequantize, quantize
+
+        if scale is None:
+            raise ValueError("int8 keys are moved with their scale")
+        x = dequantize(k, scale)
+        return quantize(moved_keys(x, cfg, context, delta), scale)
     kind = _TYPES[k.dtype]
     x = dtypes.decode(k, kind)
     out = np.empty_like(x)

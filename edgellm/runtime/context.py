@@ -21,16 +21,17 @@ def check_trained(cfg, requested: int) -> None:
 
 
 def context_length(artifact, requested: int | None = None, slots: int = 1,
-                   available: int | None = None) -> int:
+                   available: int | None = None, cache_type: str = "fp32") -> int:
     """The KV cache length to run `artifact` with: `requested` (--ctx-size) checked against
-    the trained context and the memory available (with `slots` caches), else the artifact's."""
+    the trained context and the memory available (with `slots` caches of `cache_type`), else
+    the artifact's."""
     from edgellm.machine import machine_memory
 
     m, cfg = artifact.manifest, artifact.config
     if requested is None:
         return m.kv_cache_len
     check_trained(cfg, requested)
-    per_position = cfg.kv_bytes_per_position() * slots
+    per_position = cfg.kv_bytes_per_position(cache_type) * slots
     weights = sum(info.get("size", 0) for info in m.files.values())
     if available is None:
         available = machine_memory()[1]

@@ -64,15 +64,25 @@ ENGINES = ("auto", "ort", "numpy")
 
 def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = None,
                 providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                kernel: str = "auto", slots: int = 1, ctx_size: int | None = None):
+                kernel: str = "auto", slots: int = 1, ctx_size: int | None = None,
+                cache_type: str = "fp32"):
     """`ort` (ONNX Runtime graphs), `numpy` (the reference), or `auto`: ort when the artifact
-    has graphs. ctx_size: the KV cache's positions (runtime.context; default the artifact's)."""
+    has graphs. ctx_size: the KV cache's positions (runtime.context; default the artifact's).
+    cache_type: fp32, or int8 (runtime.kv_quant; the ort engine's)."""
     from edgellm.runtime.context import context_length
+    from edgellm.runtime.kv_quant import check
 
     if engine not in ENGINES:
         raise EdgeLLMError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    context = context_length(artifact, ctx_size, slots)
+    check(cache_type)
+    context = context_length(artifact, ctx_size, slots, cache_type=cache_type)
     if engine == "numpy" or (engine == "auto" and not artifact.manifest.graphs):
+        if cache_type != "fp32":
+            raise EdgeLLMError(f"--cache-type {cache_type} runs on the ONNX Runtime engine; "
+                               f"the numpy reference holds its cache in "
+                               f"{artifact.manifest.hidden_state_type}"
+                               + ("" if artifact.manifest.graphs else
+                                  f" ({artifact.path} has no ONNX graphs)"))
         if threads:
             _limit_blas_threads(threads)
         numpy_engine = NumpyEngine(artifact, slots, context)
@@ -82,7 +92,7 @@ def make_engine(artifact: Artifact, engine: str = "auto", threads: int | None = 
 
     return OrtEngine(artifact, threads=threads or physical_cores(), providers=providers,
                      allow_slow_kernels=allow_slow_kernels, kernel=kernel, slots=slots,
-                     context=context)
+                     context=context, cache_type=cache_type)
 
 
 def physical_cores() -> int:
@@ -115,13 +125,14 @@ class Generator:
 
     def __init__(self, artifact: Artifact, engine: str = "auto", threads: int | None = None,
                  providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                 kernel: str = "auto", slots: int = 1, ctx_size: int | None = None):
+                 kernel: str = "auto", slots: int = 1, ctx_size: int | None = None,
+                 cache_type: str = "fp32"):
         self.artifact = artifact
         self.text = ModelText.from_artifact(artifact)
         self.tokenizer, self.template = self.text.tokenizer, self.text.template
         self.eos_ids = self.text.eos_ids
         self.engine = make_engine(artifact, engine, threads, providers, allow_slow_kernels, kernel,
-                                  slots, ctx_size)
+                                  slots, ctx_size, cache_type)
         self.cached_ids: list[int] = []  # tokens whose K/V sit at positions 0.. of the cache
 
     def for_engine(self, engine) -> "Generator":

@@ -124,21 +124,24 @@ def _with_memory(choice, artifact: Artifact, int_bits: dict[str, int],
 
 
 def _session(ort, path, so, providers, relaid: bool = False, threads: int | None = None,
-             weights: str = "s8", context=None, bits: tuple[int, ...] = (4, 8)):
+             weights: str = "s8", context=None, bits: tuple[int, ...] = (4, 8), int8_cache=None):
     """A session of the graph at `path`: as built, re-laid for QGEMM (`relaid`), and/or changed
-    for a KV cache of another length (`context`: (config, layer, positions))."""
+    for a KV cache of another length (`context`: (config, layer, positions)) or held as int8
+    (`int8_cache`: the layer's (k, v) scales, runtime.kv_quant)."""
     from edgellm.fileutil import cache_dir
-    from edgellm.onnx.graphs import with_context
+    from edgellm.onnx.graphs import with_context, with_int8_cache
     from edgellm.onnx.qgemm import mapped, relayout
 
     try:
         # (graph, external weights), or None: nothing 8-bit in it
         model = relayout(path, cache_dir() / "tmp", weights, bits) if relaid else None
-        if model is None and context is None:
+        if model is None and context is None and int8_cache is None:
             return ort.InferenceSession(str(path), so, providers=providers)
         graph, external = model or mapped(path)
         if context is not None:
             with_context(graph, *context)
+        if int8_cache is not None:
+            with_int8_cache(graph, *int8_cache)
         own = _session_options(ort, threads)  # these initializers are this graph's alone
         own.add_external_initializers(list(external),
                                       [ort.OrtValue.ortvalue_from_numpy(a)
@@ -158,21 +161,36 @@ def _session(ort, path, so, providers, relaid: bool = False, threads: int | None
                            f"rebuild it") from None
 
 
+def _kv_peaks(artifact: Artifact, ids: list[int], threads: int | None, kernel: str):
+    """Each channel's largest |K| and |V| ([layers, kv_heads, head_dim]) over ids, run through
+    an fp32 cache on `kernel`'s path (the int8 cache's calibration, runtime.kv_quant)."""
+    engine = OrtEngine(artifact, threads=threads, kernel=kernel, allow_slow_kernels=True,
+                       context=max(len(ids) + 1, artifact.manifest.kv_cache_len))
+    for start in range(0, len(ids), engine.prefill_len):
+        engine.forward(ids[start:start + engine.prefill_len], start)
+    n = len(ids)
+    return (np.abs(engine.k_np[:, 0, :, :n]).max(axis=2),
+            np.abs(engine.v_np[:, 0, :, :n]).max(axis=2))
+
+
 class OrtEngine:
     """forward(tokens, pos) -> logits, like NumpyEngine, on ONNX Runtime."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None,
                  providers: list[str] | None = None, allow_slow_kernels: bool = False,
-                 kernel: str = "auto", slots: int = 1, context: int | None = None):
+                 kernel: str = "auto", slots: int = 1, context: int | None = None,
+                 cache_type: str = "fp32"):
         """kernel: the path of the integer weights (runtime.kernels): "matmulnbits" (the graphs
         as built), "qgemm" (re-laid at load for ORT's integer GEMM, edgellm.onnx.qgemm),
         "auto" (the faster, measured at the first load on this CPU, then cached) or "mixed"
         (auto, and prompt chunks on the other path where that was measured faster).
         slots: sequences with a KV cache each. context: its positions (default: the artifact's
-        kv_cache_len; another length changes the layer graphs at load, runtime.context)."""
+        kv_cache_len; another length changes the layer graphs at load, runtime.context).
+        cache_type: "fp32" (as built) or "int8" (runtime.kv_quant; the layer graphs changed at
+        load)."""
         import onnxruntime as ort
 
-        from edgellm.runtime import kernels
+        from edgellm.runtime import kernels, kv_quant
 
         m = artifact.manifest
         if not m.graphs:
@@ -199,12 +217,22 @@ class OrtEngine:
         weights = self.kernel.weights
         resized = self.kv_cache_len != m.kv_cache_len
         layer_of = {name: i for i, name in enumerate(m.graphs["layers"])}
+        self.cache_type = kv_quant.check(cache_type)
+        # int8: the scales (measured once per artifact on an fp32 cache, before these sessions
+        # exist, so that the two engines are never in memory together), broadcast as a slot's
+        # K/V snapshot is laid out [layers, 1, kv_heads, positions, head_dim]
+        scales = kv_quant.scales(artifact, lambda ids: _kv_peaks(
+            artifact, ids, self.threads, self.kernel.path)) if cache_type == "int8" else None
+        self.key_scale = scales[0][:, None, :, None, :] if scales else None
+        self.value_scale = scales[1][:, None, :, None, :] if scales else None
 
         def load(name, qgemm):
             layer = layer_of.get(name)
             return _session(ort, artifact.path / name, so, providers, qgemm, threads, weights,
                             (cfg, layer, self.kv_cache_len) if resized and layer is not None
-                            else None, bits)
+                            else None, bits,
+                            (scales[0][layer], scales[1][layer]) if scales and layer is not None
+                            else None)
 
         on_qgemm = self.kernel.path == "qgemm"
         # the post session first: ORT prepacks the lm_head (136 MB for Qwen2-0.5B) through a
@@ -226,10 +254,11 @@ class OrtEngine:
         self.slots = slots
         self._manifest = m
         shape = (len(self.layers), slots, cfg.num_kv_heads, self.kv_cache_len, cfg.head_dim)
-        # kv: [layers, slots, kv_heads, kv_cache_len, head_dim] fp32; a run of neighbouring
-        # slots of one layer is contiguous and wrapped (not copied) as an OrtValue that GQA
-        # updates in place
-        self.k_np, self.v_np = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        # kv: [layers, slots, kv_heads, kv_cache_len, head_dim] fp32 (or int8); a run of
+        # neighbouring slots of one layer is contiguous and wrapped (not copied) as an OrtValue
+        # that GQA updates in place
+        store = np.int8 if cache_type == "int8" else np.float32
+        self.k_np, self.v_np = np.zeros(shape, store), np.zeros(shape, store)
         # written once now, so that no request pays for the pages: the first write to fresh
         # memory faults each page in, which cost a prefix restored from disk after a restart
         # 0.6-0.8 s of its first token on the AVX2-only host (74 MB into a 400 MB cache; 9 ms
@@ -376,6 +405,8 @@ class OrtEngine:
                    at: int = 0) -> int:
         """Put a snapshot into a slot at positions at..; the position after it."""
         k, v = snapshot
+        if k.dtype != self.k_np.dtype or v.dtype != self.v_np.dtype:
+            raise EdgeLLMError(f"a K/V snapshot of {k.dtype} into a {self.cache_type} cache")
         end = at + k.shape[3]
         self._check(at, k.shape[3])
         self.k_np[:, slot:slot + 1, :, at:end], self.v_np[:, slot:slot + 1, :, at:end] = k, v

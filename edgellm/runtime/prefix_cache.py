@@ -164,7 +164,8 @@ class PrefixCache:
         for new_pos, old_pos, n in found:
             keys, values = (positions(a, old_pos, old_pos + n, axis) for a in (k, v))
             engine.kv_restore((moved_keys(keys, engine.config, engine.kv_cache_len,
-                                          new_pos - old_pos), values), at=new_pos)
+                                          new_pos - old_pos, getattr(engine, "key_scale", None)),
+                               values), at=new_pos)
         end = start
         for new_pos, _, n in found:
             if new_pos > end and self.gen.prefill(target[end:new_pos], end, cancelled) is None:

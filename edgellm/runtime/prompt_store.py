@@ -35,8 +35,9 @@ VERSION = 1
 
 
 def identity(gen) -> str:
-    """What a stored K/V depends on: the artifact's manifest, the engine, the kernel path, and
-    the rotary frequencies at the context it runs with (longrope picks them by the context)."""
+    """What a stored K/V depends on: the artifact's manifest, the engine, the kernel path, the
+    rotary frequencies at the context it runs with (longrope picks them by the context), and the
+    cache's type with its scales (an int8 cache's K/V are stored as int8, runtime.kv_quant)."""
     from edgellm.arch.rope import inv_freq
 
     engine = gen.engine
@@ -49,6 +50,10 @@ def identity(gen) -> str:
              (kernel.path if kernel else "").encode(), (kernel.weights if kernel else "").encode(),
              b"".join(np.asarray(f, np.float64).tobytes() + np.float64(a).tobytes()
                       for f, a in rope)]
+    cache_type = getattr(engine, "cache_type", "fp32")
+    if cache_type != "fp32":  # (an fp32 cache's identity as it was before int8 caches)
+        parts += [cache_type.encode(), *(np.ascontiguousarray(getattr(engine, s)).tobytes()
+                                         for s in ("key_scale", "value_scale"))]
     h = hashlib.sha256()
     for p in parts:
         h.update(len(p).to_bytes(8, "little") + p)

@@ -113,7 +113,7 @@ MAX_PARALLEL = 4
 SERVE_CONTEXT = 4096
 
 
-def serve_context(art) -> int | None:
+def serve_context(art, cache_type: str = "fp32") -> int | None:
     """The context `serve` runs an Artifact with without --ctx-size: SERVE_CONTEXT positions
     (the artifact's if it was built longer; at most the trained context) where one such KV cache
     fits beside the weights; None (the artifact's own) otherwise, said on stderr."""
@@ -124,7 +124,7 @@ def serve_context(art) -> int | None:
     if wanted <= built:
         return None
     try:
-        return context_length(art, wanted)
+        return context_length(art, wanted, cache_type=cache_type)
     except EdgeLLMError as e:  # no memory for it, or a model that cannot run that long
         print(f"edgellm serve: serving the artifact's {built:,}-position context, not "
               f"{wanted:,} ({e})", file=sys.stderr, flush=True)
@@ -132,7 +132,7 @@ def serve_context(art) -> int | None:
 
 
 def slots_for(art, parallel: int | None, engine: str = "auto",
-              context: int | None = None) -> int:
+              context: int | None = None, cache_type: str = "fp32") -> int:
     """--parallel checked against an Artifact and free memory; None: as many as fit, at most
     MAX_PARALLEL (each slot is one more KV cache; the weights are shared)."""
     from edgellm.compiler.memory import footprint, machine_memory
@@ -147,7 +147,8 @@ def slots_for(art, parallel: int | None, engine: str = "auto",
                                f"it serves one request at a time; rebuild it for --parallel "
                                f"{parallel}")
         return 1
-    kv = footprint(cfg, art.weight_scheme, art.post_scheme, context or m.kv_cache_len).kv_cache
+    kv = footprint(cfg, art.weight_scheme, art.post_scheme, context or m.kv_cache_len,
+                   cache_type=cache_type).kv_cache
     _, available = machine_memory()
     weights = sum(m.files[f]["size"] for f in [*m.layers, m.post])
     fit = max(1, int((available - weights) * 0.5 // kv))  # half of what is left, for the rest
@@ -238,10 +239,11 @@ def serve(artifact: str, host: str, port: int, api_key: str | None, model_name: 
     from edgellm.artifact.reader import load_artifact
 
     art = load_artifact(artifact)  # its manifest, for the context and the slots
+    cache_type = engine_opts.get("cache_type", "fp32")
     if engine_opts.get("ctx_size") is None:
-        engine_opts["ctx_size"] = serve_context(art)
+        engine_opts["ctx_size"] = serve_context(art, cache_type)
     slots = slots_for(art, parallel, engine_opts.get("engine", "auto"),
-                      engine_opts.get("ctx_size"))
+                      engine_opts.get("ctx_size"), cache_type)
     sock = bind(host, port)  # before the model loads: a busy port fails at once
     warm_requests = [warm_request(path) for path in warm]  # and a bad --warm file
     warn_if_busy(engine_opts.get("threads"), "serve decodes")
