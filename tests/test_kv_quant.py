@@ -212,3 +212,18 @@ def test_an_int8_cache_on_a_real_model_is_within_its_stated_tolerance(qwen_s8):
                                                          "reverses a string."}])
     assert int8.generate(chat, SamplingConfig(), 12).token_ids == \
         fp32.generate(chat, SamplingConfig(), 12).token_ids
+
+
+def test_serve_and_bench_say_the_cache_is_int8(art):
+    from edgellm.bench import markdown
+    from edgellm.server.serving import banner
+
+    gen = Generator.load(art, threads=1, kernel="matmulnbits", cache_type="int8")
+    assert "-position int8 KV cache" in banner(["http://127.0.0.1:1"], "tiny", gen, None)
+    fp32 = Generator.load(art, threads=1, kernel="matmulnbits")
+    assert "int8" not in banner(["http://127.0.0.1:1"], "tiny", fp32, None)
+    done = edgellm("bench", art, "--cache-type", "int8", "--prompt-tokens", "16",
+                   "--gen-tokens", "4", "--repeats", "1", "--threads", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["cache_type"] == "int8" and "int8 KV cache" in markdown(result)

@@ -45,7 +45,8 @@ def banner(urls: list[str], name: str, gen, api_key: str | None) -> str:
     url = urls[0]
     return "\n".join([
         f"edgellm serve: {name} ({layout_label(m.weight_scheme, m.post_scheme)}, "
-        f"{type(gen.engine).__name__}, {gen.engine.kv_cache_len}-position KV cache, "
+        f"{type(gen.engine).__name__}, {gen.engine.kv_cache_len}-position "
+        f"{'' if getattr(gen.engine, 'cache_type', 'fp32') == 'fp32' else 'int8 '}KV cache, "
         f"{getattr(gen.engine, 'slots', 1)} at once)",
         *([f"  kernel      {gen.engine.kernel.line()}"] if hasattr(gen.engine, "kernel") else []),
         f"  OpenAI API  {url}/v1   model \"{name}\", "
