@@ -184,7 +184,8 @@ def _add_engine(p):
                         "twice their bytes), auto (the faster "
                         "here, measured at the first load on this CPU and cached), mixed (auto, "
                         "and prompt chunks on the other path where it measured faster: the "
-                        "layers' weights loaded twice, perplexity about +0.3%%)")
+                        "layers' weights loaded twice, perplexity about +0.3%%; decode on "
+                        "matmulnbits where it is as fast, as its rounding is the smaller)")
     p.add_argument("--allow-slow-kernels", action="store_true",
                    help="with --kernel matmulnbits: run even where ONNX Runtime has no 8-bit "
                         "kernel on this CPU (it dequantizes every weight per token)")

@@ -242,6 +242,27 @@ def test_auto_keeps_one_path_and_names_the_faster_prefill(arts, cache, monkeypat
     assert _load(arts["s8"], kernel="mixed").kernel.prefill_path == "qgemm"  # the same entry
 
 
+def test_mixed_decodes_on_matmulnbits_where_it_ties_and_rounds_less(arts, cache, monkeypatch):
+    """The AVX2-only Zen 3's case: QGEMM within DECODE_BAND of MatMulNBits at one row, faster on
+    prompts. auto keeps QGEMM alone and names --kernel mixed; mixed decodes on MatMulNBits (the
+    smaller rounding) and reads prompt chunks on QGEMM from where that is faster. Where QGEMM
+    decodes faster by more than DECODE_BAND, mixed keeps it."""
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: {
+        "matmulnbits": {"1": 1.0, "4": 2.0, "16": 8.0, "32": 16.0},
+        "qgemm": {"1": 0.99, "4": 1.5, "16": 4.0, "32": 8.0}})
+    engine = _load(arts["s8"])
+    assert (engine.kernel.path, engine.kernel.prefill_path) == ("qgemm", None)
+    assert "rounds less: --kernel mixed" in engine.kernel.why
+    mixed = _load(arts["s8"], kernel="mixed")
+    assert (mixed.kernel.path, mixed.kernel.prefill_path, mixed.kernel.prefill_rows) == (
+        "matmulnbits", "qgemm", 4)
+    assert mixed.sessions(1) is mixed.layers and mixed.sessions(32) is mixed.prefill_layers
+    assert mixed.sessions(32) is not mixed.layers
+    faster = kernels.Choice("qgemm", "measured", measured={
+        "matmulnbits": {"1": 1.0, "4": 2.0}, "qgemm": {"1": 0.85, "4": 1.5}})
+    assert kernels.decode_rounding_less(faster) is faster
+
+
 def test_the_prefill_path_is_dropped_where_memory_would_not_hold_both(arts, cache, monkeypatch):
     from edgellm import machine
 

@@ -199,8 +199,19 @@ def decide(measured: dict[str, dict], default: str) -> tuple[str, str | None, in
         if max(ratios) <= 1 + NOISE and min(ratios) < 1 - NOISE:
             if best == default or sum(times.values()) < sum(measured[best].values()):
                 best = path
-    prefill, first = None, 0
+    prefill, first = prompt_path(measured, best)
     counts = sorted(base, key=int)
+    figures = "; ".join(
+        f"{rows} row{'s' if int(rows) > 1 else ''}: " + ", ".join(
+            f"{p} {measured[p][rows]:.2f} ms" for p in measured) for rows in counts)
+    return best, prefill, first, f"measured on this CPU, {figures}"
+
+
+def prompt_path(measured: dict[str, dict], best: str) -> tuple[str | None, int]:
+    """(the path faster than `best` by more than NOISE from some row count on, at that count
+    and every larger one measured; that first count), or (None, 0)."""
+    prefill, first = None, 0
+    counts = sorted(measured[best], key=int)
     for path, times in measured.items():
         if path == best:
             continue
@@ -209,10 +220,34 @@ def decide(measured: dict[str, dict], default: str) -> tuple[str, str | None, in
             if all(faster[i:]) and (first == 0 or int(counts[i]) < first):
                 prefill, first = path, int(counts[i])
                 break
-    figures = "; ".join(
-        f"{rows} row{'s' if int(rows) > 1 else ''}: " + ", ".join(
-            f"{p} {measured[p][rows]:.2f} ms" for p in measured) for rows in counts)
-    return best, prefill, first, f"measured on this CPU, {figures}"
+    return prefill, first
+
+
+# how much slower MatMulNBits' one-row layers may time and still decode under `mixed`: the
+# first layers' one-row times overstate QGEMM's lead in a whole decode step (AVX2-only Zen 3,
+# Qwen2.5-Coder-0.5B s8: layers 9.65 ms QGEMM against 10.49 ms, 8%, while `bench` decoded at
+# 34.1 tok/s on either path)
+DECODE_BAND = 0.10
+
+
+def decode_rounding_less(choice: Choice) -> Choice:
+    """`--kernel mixed` where the measurement chose QGEMM though MatMulNBits decodes as fast
+    (within DECODE_BAND at one row): decode on MatMulNBits, whose rounding is the smaller (QGEMM
+    quantizes each activation row with one scale: Qwen2.5-Coder-0.5B s8's KL to the source
+    0.0158 against 0.0026, decoded token by token on the AVX2-only Zen 3, where the two paths'
+    one-row times tie), and prompt chunks on QGEMM from where it is faster (that split: KL
+    0.0065, benchmarks/experiments/decode_quality.py)."""
+    m = choice.measured
+    if choice.path == "matmulnbits" or choice.timed != "layers" or \
+            "matmulnbits" not in m or choice.path not in m:
+        return choice
+    if m["matmulnbits"]["1"] > m[choice.path]["1"] * (1 + DECODE_BAND):
+        return choice  # the other path decodes faster: it stays
+    prefill, rows = prompt_path(m, "matmulnbits")
+    if prefill is None:
+        return choice
+    return replace(choice, path="matmulnbits", prefill_path=prefill, prefill_rows=rows,
+                   why=f"{choice.why}; matmulnbits decodes as fast here and rounds less")
 
 
 def row_counts(prefill_len: int) -> list[int]:
@@ -334,9 +369,14 @@ def choose(artifact, cpu, ort_version: str, threads: int, make_session,
         choice = Choice(path, why + (u8 if "qgemm" in (path, prefill) else ""), weights,
                         measured, prefill, rows, timed)
         write_cached(key, choice)
-    if kernel == "auto" and choice.prefill_path:
+    if kernel == "mixed":
+        return decode_rounding_less(choice)
+    if choice.prefill_path:
         return choice.without_prefill_path(f"{choice.prefill_path} is faster from "
                                            f"{choice.prefill_rows} rows: --kernel mixed")
+    if decode_rounding_less(choice) is not choice:
+        return replace(choice, why=f"{choice.why}; matmulnbits decodes as fast here and rounds "
+                                   f"less: --kernel mixed")
     return choice
 
 
