@@ -85,12 +85,14 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
         m = artifact.manifest
         own = (layout_label(m.weight_scheme, m.post_scheme, bool(m.layer_schemes)),
                sum(m.files[f]["size"] for f in [*m.layers, m.post]))
+    def held(scheme: dict) -> str:  # a layout the numpy engine runs keeps an fp32 cache
+        return cache_type if supports(scheme) else "fp32"
+
     rows = []
     for weights, post, group, symmetric in VARIANTS:
         scheme, post_scheme = layout_schemes(weights, (post,), group, symmetric)
-        # (a layout the numpy engine runs keeps an fp32 cache: int8 is the ONNX graphs')
-        held = cache_type if supports(scheme.to_dict()) else "fp32"
-        need = footprint(cfg, scheme, post_scheme, kv_cache_len, cache_type=held)
+        need = footprint(cfg, scheme, post_scheme, kv_cache_len,
+                         cache_type=held(scheme.to_dict()))
         need = replace(need, kv_cache=need.kv_cache * parallel)  # one cache per request
         label = layout_label(scheme.to_dict(), post_scheme.to_dict())
         kernel = _kernel(cpu, [scheme.to_dict(), post_scheme.to_dict()], ort_version)
@@ -98,7 +100,7 @@ def plan(cfg, kv_cache_len: int, ram: float, bandwidth: float, artifact=None, cp
                          own is not None and own[0] == label, kernel))
     if own and not any(r["this_artifact"] for r in rows):
         need = footprint(cfg, artifact.weight_scheme, artifact.post_scheme, kv_cache_len,
-                         cache_type=cache_type)
+                         cache_type=held(artifact.manifest.weight_scheme))
         need = replace(need, layer_weights=own[1], post_weights=0,
                        kv_cache=need.kv_cache * parallel)
         m = artifact.manifest

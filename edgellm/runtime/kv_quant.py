@@ -26,7 +26,6 @@ import numpy as np
 from edgellm.errors import EdgeLLMError
 
 CACHE_TYPES = ("fp32", "int8")
-BYTES = {"fp32": 4, "int8": 1}  # per element of the cache
 CALIBRATION_TOKENS = 1024
 VERSION = 1  # of the calibration: a change here measures every artifact again
 TEXT = Path(__file__).resolve().parents[1] / "compiler" / "texts" / "mixed.txt"

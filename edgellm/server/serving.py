@@ -40,13 +40,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _cache_type_word(engine) -> str:
+    """"int8 " for an int8 KV cache, nothing for the fp32 one."""
+    cache_type = getattr(engine, "cache_type", "fp32")
+    return "" if cache_type == "fp32" else f"{cache_type} "
+
+
 def banner(urls: list[str], name: str, gen, api_key: str | None) -> str:
     m = gen.artifact.manifest
     url = urls[0]
     return "\n".join([
         f"edgellm serve: {name} ({layout_label(m.weight_scheme, m.post_scheme)}, "
         f"{type(gen.engine).__name__}, {gen.engine.kv_cache_len}-position "
-        f"{'' if getattr(gen.engine, 'cache_type', 'fp32') == 'fp32' else 'int8 '}KV cache, "
+        f"{_cache_type_word(gen.engine)}KV cache, "
         f"{getattr(gen.engine, 'slots', 1)} at once)",
         *([f"  kernel      {gen.engine.kernel.line()}"] if hasattr(gen.engine, "kernel") else []),
         f"  OpenAI API  {url}/v1   model \"{name}\", "
